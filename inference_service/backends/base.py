@@ -1,0 +1,78 @@
+"""The interface every backend implements.
+
+A backend declares its capabilities (tasks x modalities), loads its model from
+a local path (or needs none), and turns a batch of prepared inputs into typed
+results. The server owns queueing, batching, devices and deadlines.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from inference_service.types import AnalysisSpec, ModelIdentity, TaskKind, TaskResult, Volume
+
+ProgressCallback = Callable[[float, str], None]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """One entry of the model registry (``[models.<name>]`` in the config)."""
+
+    name: str
+    backend: str
+    path: Path | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    preprocess: str = ""
+    prompts: dict[str, str] = field(default_factory=dict)
+    labels: dict[str, list[str]] = field(default_factory=dict)  # label -> [code, scheme, meaning]
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One volume and what to do with it: the unit a batch is made of."""
+
+    volume: Volume
+    spec: AnalysisSpec
+
+
+class Backend(abc.ABC):
+    """A model and its pre/post-processing."""
+
+    #: Registry name of the backend type, e.g. "reference".
+    kind: str = ""
+
+    def __init__(self, config: ModelConfig) -> None:
+        self.config = config
+
+    @property
+    @abc.abstractmethod
+    def tasks(self) -> frozenset[TaskKind]:
+        """Tasks this backend can do."""
+
+    @property
+    @abc.abstractmethod
+    def modalities(self) -> frozenset[str]:
+        """DICOM modalities this backend accepts."""
+
+    @property
+    @abc.abstractmethod
+    def identity(self) -> ModelIdentity:
+        """Name, version and weights checksum, carried in every result."""
+
+    def load(self) -> None:  # noqa: B027 - optional hook; weight-free backends need nothing
+        """Load weights from the configured local path; raise CheckpointError if bad."""
+
+    @abc.abstractmethod
+    def run(
+        self,
+        batch: Sequence[WorkItem],
+        task: TaskKind,
+        progress: ProgressCallback | None = None,
+    ) -> list[TaskResult]:
+        """Run one task on a batch; return one result per item, in order."""

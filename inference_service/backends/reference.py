@@ -1,0 +1,255 @@
+"""The weight-free reference backend: deterministic classical image analysis.
+
+It exercises every output type (masks, measurements, boxes, report text) so the
+whole bridge can be run and tested without model weights. It makes no clinical
+claim, and says so in every result it produces.
+
+CT (values in HU): body = largest connected region above -500 HU with holes
+filled per slice; lungs = air below -400 HU inside the filled body, components
+of at least 5 mL; bone = above 250 HU inside the body; soft tissue = body minus
+lungs and bone (segments never overlap). CR/DX: foreground by Otsu threshold,
+largest component, holes filled; intensity statistics inside it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import ndimage
+
+from inference_service.backends.base import Backend, ModelConfig, ProgressCallback, WorkItem
+from inference_service.errors import InvalidInput, UnsupportedTask
+from inference_service.types import (
+    Box,
+    Code,
+    Finding,
+    Mask,
+    Measurement,
+    ModelIdentity,
+    ReportText,
+    TaskKind,
+    TaskResult,
+    Volume,
+)
+
+VERSION = "1.0.0"
+BODY_HU = -500.0
+LUNG_HU = -400.0
+BONE_HU = 250.0
+MIN_LUNG_ML = 5.0
+
+SCT = "SCT"
+ANATOMICAL_STRUCTURE = Code("91723000", SCT, "Anatomical Structure")
+TISSUE = Code("85756007", SCT, "Tissue")
+LUNG = Code("39607008", SCT, "Lung")
+BONE = Code("272673000", SCT, "Bone")
+SOFT_TISSUE = Code("87784001", SCT, "Soft tissue")
+BODY_STRUCTURE = Code("123037004", SCT, "Body structure")
+VOLUME = Code("118565006", SCT, "Volume")
+AREA = Code("42798000", SCT, "Area")
+MEAN = Code("373098007", SCT, "Mean")
+STDDEV = Code("386136009", SCT, "Standard Deviation")
+ML = Code("mL", "UCUM", "milliliter")
+MM2 = Code("mm2", "UCUM", "square millimeter")
+NO_UNITS = Code("1", "UCUM", "no units")
+
+# CIELab (DICOM-scaled) display colours: lungs blue-ish, bone ivory, soft tissue red-ish.
+LAB_LUNG = (39400, 34000, 19000)
+LAB_BONE = (60000, 32896, 38000)
+LAB_SOFT = (40000, 48000, 40000)
+LAB_FOREGROUND = (52000, 28000, 48000)
+
+DISCLAIMER = (
+    "Produced by the RadBridge reference algorithm (fixed thresholds, no trained model). "
+    "Non-clinical output for integration testing only; not for diagnostic use."
+)
+
+CT_MODALITIES = frozenset({"CT"})
+XRAY_MODALITIES = frozenset({"CR", "DX"})
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    labels, n = ndimage.label(mask)
+    if n == 0:
+        return mask
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == int(sizes.argmax())
+
+
+def _fill_per_slice(mask: np.ndarray) -> np.ndarray:
+    out = np.empty_like(mask)
+    for i in range(mask.shape[0]):
+        out[i] = ndimage.binary_fill_holes(mask[i])
+    return out
+
+
+def segment_ct(hu: np.ndarray, voxel_ml: float) -> dict[str, np.ndarray]:
+    """Body, lungs, bone and soft tissue masks of a CT volume in HU."""
+    body = _fill_per_slice(_largest_component(hu > BODY_HU))
+    lungs = body & (hu < LUNG_HU)
+    labels, n = ndimage.label(lungs)
+    if n:
+        sizes = np.bincount(labels.ravel())
+        sizes[0] = 0
+        min_voxels = MIN_LUNG_ML / voxel_ml if voxel_ml > 0 else 1000
+        keep = np.flatnonzero(sizes >= min_voxels)
+        lungs = np.isin(labels, keep)
+    bone = body & (hu > BONE_HU)
+    soft = body & ~lungs & ~bone
+    return {"body": body, "lungs": lungs, "bone": bone, "soft": soft}
+
+
+def _otsu(values: np.ndarray) -> float:
+    hist, edges = np.histogram(values, bins=256)
+    centres = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(hist)
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(hist * centres)
+    mu0 = np.divide(m0, w0, out=np.zeros_like(m0, dtype=float), where=w0 > 0)
+    mu1 = np.divide(m0[-1] - m0, w1, out=np.zeros_like(m0, dtype=float), where=w1 > 0)
+    between = w0 * w1 * (mu0 - mu1) ** 2
+    return float(centres[int(between.argmax())])
+
+
+def segment_xray(image: np.ndarray) -> np.ndarray:
+    """Foreground of a projection image (values MONOCHROME2: brighter = denser)."""
+    threshold = _otsu(image.ravel())
+    fg = _largest_component(image > threshold)
+    return ndimage.binary_fill_holes(fg)
+
+
+def _bbox(mask2d: np.ndarray) -> tuple[int, int, int, int] | None:
+    rows = np.flatnonzero(mask2d.any(axis=1))
+    cols = np.flatnonzero(mask2d.any(axis=0))
+    if rows.size == 0:
+        return None
+    return int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1
+
+
+class ReferenceBackend(Backend):
+    """Threshold-based CT and projection X-ray analysis; needs no weights."""
+
+    kind = "reference"
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        self._memo: tuple[np.ndarray, dict[str, np.ndarray]] | None = None
+
+    def _ct_masks(self, volume: Volume) -> dict[str, np.ndarray]:
+        """segment_ct, computed once per volume even when several tasks ask."""
+        if self._memo is None or self._memo[0] is not volume.voxels:
+            self._memo = (volume.voxels, segment_ct(volume.voxels, volume.geometry.voxel_volume_ml))
+        return self._memo[1]
+
+    @property
+    def tasks(self) -> frozenset[TaskKind]:
+        return frozenset({TaskKind.SEGMENT, TaskKind.REPORT, TaskKind.DETECT})
+
+    @property
+    def modalities(self) -> frozenset[str]:
+        return CT_MODALITIES | XRAY_MODALITIES
+
+    @property
+    def identity(self) -> ModelIdentity:
+        return ModelIdentity(name=self.config.name, backend=self.kind, version=VERSION, non_clinical=True)
+
+    def run(
+        self,
+        batch: Sequence[WorkItem],
+        task: TaskKind,
+        progress: ProgressCallback | None = None,
+    ) -> list[TaskResult]:
+        if task not in self.tasks:
+            raise UnsupportedTask(f"The reference backend cannot do task {task.value!r}.")
+        results = []
+        for i, item in enumerate(batch):
+            results.append(self._run_one(item.volume, task))
+            if progress:
+                progress((i + 1) / len(batch), f"{task.value} {i + 1}/{len(batch)}")
+        return results
+
+    def _run_one(self, volume: Volume, task: TaskKind) -> TaskResult:
+        modality = volume.geometry.modality
+        if modality in CT_MODALITIES:
+            return self._ct(volume, task)
+        if modality in XRAY_MODALITIES:
+            return self._xray(volume, task)
+        raise UnsupportedTask(f"The reference backend does not accept modality {modality!r}.")
+
+    # -- CT ---------------------------------------------------------------
+    def _ct(self, volume: Volume, task: TaskKind) -> TaskResult:
+        g = volume.geometry
+        if not g.rescaled or volume.voxels.ndim != 3:
+            raise InvalidInput("The reference CT analysis needs a grey volume in Hounsfield units.")
+        voxel_ml = g.voxel_volume_ml
+        m = self._ct_masks(volume)
+        ml = {k: float(v.sum()) * voxel_ml for k, v in m.items()}
+        result = TaskResult(task=task, prompt_id=f"reference-ct-{task.value}")
+        if task is TaskKind.SEGMENT:
+            specs = [
+                (1, "Lungs", ANATOMICAL_STRUCTURE, LUNG, LAB_LUNG, "lungs"),
+                (2, "Bone", TISSUE, BONE, LAB_BONE, "bone"),
+                (3, "Soft tissue", TISSUE, SOFT_TISSUE, LAB_SOFT, "soft"),
+            ]
+            for number, label, cat, typ, lab, key in specs:
+                result.masks.append(Mask(number, label, cat, typ, lab, m[key]))
+                result.measurements.append(Measurement(VOLUME, round(ml[key], 1), ML, number))
+        elif task is TaskKind.DETECT:
+            area = m["lungs"].sum(axis=(1, 2))
+            if area.max() > 0:
+                k = int(area.argmax())
+                labels, n = ndimage.label(m["lungs"][k])
+                for j in range(1, n + 1):
+                    comp = labels == j
+                    if comp.sum() * g.spacing_mm[1] * g.spacing_mm[2] < 100.0:
+                        continue
+                    r0, c0, r1, c1 = _bbox(comp)  # type: ignore[misc]
+                    result.boxes.append(Box(k, r0, c0, r1, c1, LUNG, "Lung", -1.0))
+        else:  # REPORT
+            findings = (
+                f"Threshold analysis of {g.shape[0]} slices. Body volume {ml['body']:.0f} mL; "
+                f"aerated lung (< {LUNG_HU:.0f} HU) {ml['lungs']:.0f} mL; "
+                f"bone (> {BONE_HU:.0f} HU) {ml['bone']:.0f} mL; soft tissue {ml['soft']:.0f} mL."
+            )
+            result.report = ReportText(findings=findings, impression=DISCLAIMER, language="en")
+            result.findings.append(Finding(LUNG, -1.0, ml["lungs"] > 0, "Aerated lung"))
+        result.raw_output = result.report.findings if result.report else ""
+        return result
+
+    # -- CR / DX ----------------------------------------------------------
+    def _xray(self, volume: Volume, task: TaskKind) -> TaskResult:
+        g = volume.geometry
+        if volume.voxels.ndim != 3 or g.shape[0] != 1:
+            raise InvalidInput("The reference X-ray analysis needs one grey image.")
+        image = volume.voxels[0].astype(np.float32)
+        fg = segment_xray(image)
+        inside = image[fg]
+        lo, hi = float(image.min()), float(image.max())
+        norm = (inside - lo) / (hi - lo) if hi > lo else np.zeros_like(inside)
+        mean, std = float(norm.mean()) if norm.size else 0.0, float(norm.std()) if norm.size else 0.0
+        pixel_mm2 = g.spacing_mm[1] * g.spacing_mm[2]
+        result = TaskResult(task=task, prompt_id=f"reference-xray-{task.value}")
+        if task is TaskKind.SEGMENT:
+            result.masks.append(
+                Mask(1, "Foreground", ANATOMICAL_STRUCTURE, BODY_STRUCTURE, LAB_FOREGROUND, fg[None])
+            )
+            result.measurements.append(Measurement(MEAN, round(mean, 4), NO_UNITS, 1))
+            result.measurements.append(Measurement(STDDEV, round(std, 4), NO_UNITS, 1))
+            if pixel_mm2 > 0:
+                result.measurements.append(Measurement(AREA, round(fg.sum() * pixel_mm2, 1), MM2, 1))
+        elif task is TaskKind.DETECT:
+            box = _bbox(fg)
+            if box:
+                result.boxes.append(Box(0, *box, BODY_STRUCTURE, "Foreground", -1.0))
+        else:
+            fraction = float(fg.mean())
+            findings = (
+                f"Projection image {g.shape[1]}x{g.shape[2]} pixels. Foreground covers "
+                f"{100 * fraction:.1f}% of the image; normalized mean intensity {mean:.3f} "
+                f"(SD {std:.3f})."
+            )
+            result.report = ReportText(findings=findings, impression=DISCLAIMER, language="en")
+        result.raw_output = result.report.findings if result.report else ""
+        return result

@@ -1,0 +1,72 @@
+"""ServiceSettings: the inference service's typed, frozen configuration.
+
+TOML sections ``[inference_service]`` and ``[models.<name>]``; env overrides as
+``RADBRIDGE_INFERENCE_SERVICE__PORT`` (see radbridge.settings).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from radbridge.settings import build, read_layers
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 50051
+DEFAULT_MAX_VOLUME_BYTES = 4 * 1024**3
+DEFAULT_CHUNK_BYTES = 1024 * 1024  # well under gRPC's 4 MiB message limit
+SECTIONS = ("inference_service", "models")
+
+
+@dataclass(frozen=True)
+class ServiceSection:
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT  # 0 = any free port
+    default_model: str = "reference"
+    max_volume_bytes: int = DEFAULT_MAX_VOLUME_BYTES
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    max_batch: int = 4
+    batch_wait_ms: int = 20
+    queue_size: int = 64
+
+    def __post_init__(self) -> None:
+        if not 0 < self.chunk_bytes <= 3 * 1024 * 1024:
+            raise ValueError("chunk_bytes must be between 1 and 3 MiB (gRPC limit is 4 MiB).")
+        if self.max_batch < 1 or self.queue_size < 1:
+            raise ValueError("max_batch and queue_size must be positive.")
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    backend: str
+    path: Path | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    preprocess: str = ""
+    prompts: dict[str, str] = field(default_factory=dict)
+    labels: dict[str, list[str]] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def _default_models() -> dict[str, ModelSection]:
+    return {"reference": ModelSection(backend="reference")}
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    inference_service: ServiceSection = field(default_factory=ServiceSection)
+    models: dict[str, ModelSection] = field(default_factory=_default_models)
+
+    def __post_init__(self) -> None:
+        if self.inference_service.default_model not in self.models:
+            raise ValueError(f"default_model {self.inference_service.default_model!r} is not in [models].")
+
+
+def settings_from(data: dict[str, Any]) -> ServiceSettings:
+    """Build ServiceSettings from the service's sections of a merged config dict."""
+    return build(ServiceSettings, {k: v for k, v in data.items() if k in SECTIONS})
+
+
+def load_settings(path: str | Path | None = None) -> ServiceSettings:
+    return settings_from(read_layers(path))

@@ -1,0 +1,129 @@
+"""Per-(model, task) queues with micro-batching, deadlines and cancellation.
+
+Requests for the same model and task that arrive within ``batch_wait_ms`` of
+each other run as one batch (up to ``max_batch``). Backends run in one worker
+thread per model so the event loop stays responsive; a request whose caller
+has gone away is dropped before it runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from inference_service.backends.base import Backend, WorkItem
+from inference_service.errors import QueueFull, UnsupportedTask
+from inference_service.types import TaskKind, TaskResult
+
+logger = logging.getLogger(__name__)
+
+ProgressSink = Callable[[float, str], None]
+
+
+@dataclass
+class _Pending:
+    item: WorkItem
+    future: asyncio.Future[TaskResult]
+    progress: ProgressSink | None = None
+
+
+@dataclass
+class _Lane:
+    queue: asyncio.Queue[_Pending]
+    worker: asyncio.Task[None] | None = None
+    batches: list[int] = field(default_factory=list)  # sizes of batches run, for tests/bench
+
+
+class Scheduler:
+    """Routes work items to backends in micro-batches."""
+
+    def __init__(self, max_batch: int = 4, batch_wait_ms: int = 20, queue_size: int = 64) -> None:
+        self.max_batch = max_batch
+        self.batch_wait_s = batch_wait_ms / 1000.0
+        self.queue_size = queue_size
+        self._lanes: dict[tuple[str, TaskKind], _Lane] = {}
+        self._executors: dict[str, ThreadPoolExecutor] = {}
+        self._backends: dict[str, Backend] = {}
+
+    def lane_batches(self, model: str, task: TaskKind) -> list[int]:
+        lane = self._lanes.get((model, task))
+        return list(lane.batches) if lane else []
+
+    async def submit(
+        self, backend: Backend, item: WorkItem, task: TaskKind, progress: ProgressSink | None = None
+    ) -> TaskResult:
+        """Queue one item and wait for its result (cancel the await to withdraw it)."""
+        if task not in backend.tasks:
+            raise UnsupportedTask(f"Model {backend.config.name!r} cannot do task {task.value!r}.")
+        modality = item.volume.geometry.modality
+        if modality not in backend.modalities:
+            raise UnsupportedTask(f"Model {backend.config.name!r} does not accept modality {modality!r}.")
+        name = backend.config.name
+        self._backends[name] = backend
+        lane = self._lane(name, task)
+        future: asyncio.Future[TaskResult] = asyncio.get_running_loop().create_future()
+        try:
+            lane.queue.put_nowait(_Pending(item, future, progress))
+        except asyncio.QueueFull as exc:
+            raise QueueFull(f"The queue of {name}/{task.value} is full ({self.queue_size}).") from exc
+        return await future
+
+    def _lane(self, name: str, task: TaskKind) -> _Lane:
+        key = (name, task)
+        lane = self._lanes.get(key)
+        if lane is None:
+            lane = _Lane(queue=asyncio.Queue(self.queue_size))
+            lane.worker = asyncio.create_task(self._drain(name, task, lane), name=f"lane-{name}-{task.value}")
+            self._lanes[key] = lane
+        return lane
+
+    async def _collect(self, lane: _Lane) -> list[_Pending]:
+        batch = [await lane.queue.get()]
+        deadline = asyncio.get_running_loop().time() + self.batch_wait_s
+        while len(batch) < self.max_batch:
+            timeout = deadline - asyncio.get_running_loop().time()
+            if timeout <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(lane.queue.get(), timeout))
+            except TimeoutError:
+                break
+        return [p for p in batch if not p.future.done()]  # drop cancelled callers
+
+    async def _drain(self, name: str, task: TaskKind, lane: _Lane) -> None:
+        loop = asyncio.get_running_loop()
+        executor = self._executors.setdefault(name, ThreadPoolExecutor(1, thread_name_prefix=f"model-{name}"))
+        while True:
+            batch = await self._collect(lane)
+            if not batch:
+                continue
+            backend = self._backends[name]
+            sinks = [p.progress for p in batch if p.progress]
+
+            def progress(fraction: float, message: str, sinks: list[ProgressSink] = sinks) -> None:
+                for sink in sinks:
+                    loop.call_soon_threadsafe(sink, fraction, message)
+
+            lane.batches.append(len(batch))
+            try:
+                results = await loop.run_in_executor(
+                    executor, backend.run, [p.item for p in batch], task, progress
+                )
+            except Exception as exc:  # handed to each caller, translated at the servicer
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(exc)
+                continue
+            for p, r in zip(batch, results, strict=True):
+                if not p.future.done():
+                    p.future.set_result(r)
+
+    async def close(self) -> None:
+        for lane in self._lanes.values():
+            if lane.worker:
+                lane.worker.cancel()
+        for executor in self._executors.values():
+            executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,70 @@
+"""The asyncio gRPC server: servicer, health service, graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from inference_service.backends.registry import ModelRegistry
+from inference_service.config import ServiceSettings
+from inference_service.scheduler import Scheduler
+from inference_service.servicer import InferenceServicer
+from protos.radbridge.v1 import inference_pb2 as pb
+from protos.radbridge.v1 import inference_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
+
+class RunningServer:
+    """A started server and what it owns; ``stop()`` releases all of it."""
+
+    def __init__(
+        self, server: grpc.aio.Server, port: int, scheduler: Scheduler, registry: ModelRegistry
+    ) -> None:
+        self.server = server
+        self.port = port
+        self.scheduler = scheduler
+        self.registry = registry
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        await self.server.stop(grace_s)
+        await self.scheduler.close()
+
+
+async def run_server(settings: ServiceSettings, registry: ModelRegistry | None = None) -> RunningServer:
+    """Load the models (fail fast), bind, start; returns the bound port."""
+    section = settings.inference_service
+    registry = registry or ModelRegistry.load(settings)
+    scheduler = Scheduler(section.max_batch, section.batch_wait_ms, section.queue_size)
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ]
+    )
+    pb_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(registry, scheduler, section), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port(f"{section.host}:{section.port}")
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    logger.info("inference service listening", extra={"event": "service.start", "port": port})
+    return RunningServer(server, port, scheduler, registry)
+
+
+async def serve_forever(settings: ServiceSettings) -> None:
+    running = await run_server(settings)
+    try:
+        await running.server.wait_for_termination()
+    finally:
+        await running.stop()
+
+
+def main(settings: ServiceSettings) -> None:
+    asyncio.run(serve_forever(settings))

@@ -1,0 +1,117 @@
+"""InferenceServicer: proto <-> domain only; errors become gRPC codes here."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+
+from inference_service.assembly import (
+    TASK_TO_PB,
+    identity_to_pb,
+    mask_chunks,
+    receive_volume,
+    result_to_pb,
+)
+from inference_service.backends.base import WorkItem
+from inference_service.backends.registry import ModelRegistry
+from inference_service.config import ServiceSection
+from inference_service.errors import InferenceError, InvalidInput, to_grpc_status
+from inference_service.scheduler import Scheduler
+from inference_service.types import AnalysisResult, TaskResult
+from protos.radbridge.v1 import inference_pb2 as pb
+from protos.radbridge.v1 import inference_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
+Stage = pb.Progress.Stage
+
+
+def _progress(stage: int, fraction: float, message: str) -> pb.AnalyzeVolumeResponse:
+    return pb.AnalyzeVolumeResponse(progress=pb.Progress(stage=stage, fraction=fraction, message=message))
+
+
+class InferenceServicer(pb_grpc.InferenceServiceServicer):
+    def __init__(self, registry: ModelRegistry, scheduler: Scheduler, section: ServiceSection) -> None:
+        self.registry = registry
+        self.scheduler = scheduler
+        self.section = section
+
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        out = pb.ListModelsResponse()
+        for name, backend in self.registry.models.items():
+            out.models.add(
+                identity=identity_to_pb(backend.identity),
+                tasks=sorted(TASK_TO_PB[t] for t in backend.tasks),
+                modalities=sorted(backend.modalities),
+                ready=True,
+                is_default=name == self.registry.default,
+            )
+        return out
+
+    async def AnalyzeVolume(
+        self, request_iterator: AsyncIterator[pb.AnalyzeVolumeRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.AnalyzeVolumeResponse]:
+        started = time.monotonic()
+        try:
+            spec, volume = await receive_volume(request_iterator, self.section.max_volume_bytes)
+            backend = self.registry.get(spec.model)
+            yield _progress(Stage.RECEIVING, 1.0, f"received {volume.geometry.shape}")
+            events: asyncio.Queue[pb.AnalyzeVolumeResponse] = asyncio.Queue()
+            results: list[TaskResult] = []
+            for i, task in enumerate(spec.tasks):
+                yield _progress(Stage.QUEUED, i / len(spec.tasks), f"{task.value} queued")
+
+                def sink(fraction: float, message: str) -> None:
+                    events.put_nowait(_progress(Stage.RUNNING, fraction, message))
+
+                job = asyncio.ensure_future(
+                    self.scheduler.submit(backend, WorkItem(volume, spec), task, sink)
+                )
+                try:
+                    while not job.done():
+                        getter = asyncio.ensure_future(events.get())
+                        await asyncio.wait({job, getter}, return_when=asyncio.FIRST_COMPLETED)
+                        if getter.done():
+                            yield getter.result()
+                        else:
+                            getter.cancel()
+                    while not events.empty():
+                        yield events.get_nowait()
+                    results.append(job.result())
+                finally:
+                    job.cancel()  # client gone or error: withdraw from the queue
+            numbers = [m.segment_number for r in results for m in r.masks]
+            if len(numbers) != len(set(numbers)):
+                raise InvalidInput("The model returned duplicate segment numbers.")
+            yield _progress(Stage.SENDING, 0.0, "sending results")
+            for chunk in mask_chunks([m for r in results for m in r.masks], self.section.chunk_bytes):
+                yield chunk
+            yield pb.AnalyzeVolumeResponse(result=result_to_pb(AnalysisResult(backend.identity, results)))
+            logger.info(
+                "analysis done",
+                extra={
+                    "event": "analysis.done",
+                    "correlation_id": spec.correlation_id,
+                    "model": backend.config.name,
+                    "duration_ms": round(1000 * (time.monotonic() - started)),
+                },
+            )
+        except InferenceError as exc:
+            code, message = to_grpc_status(exc)
+            logger.warning(
+                "analysis rejected",
+                extra={"event": "analysis.rejected", "status": code.name, "reason": exc.reason},
+            )
+            await context.abort(code, message)
+        except asyncio.CancelledError:
+            logger.info("analysis cancelled", extra={"event": "analysis.cancelled"})
+            raise
+        except Exception:
+            logger.exception("analysis failed", extra={"event": "analysis.failed"})
+            code, message = grpc.StatusCode.INTERNAL, "INTERNAL: unexpected error in the inference service"
+            await context.abort(code, message)
