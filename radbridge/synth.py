@@ -18,7 +18,7 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLi
 ROWS = COLS = 512
 PIXEL_MM = 0.7
 SLICE_MM = 2.5
-UID_ROOT = "1.2.826.0.1.3680043.10.1432."  # RadBridge synthetic data
+UID_ROOT = "1.2.826.0.1.3680043.8.498."  # pydicom's root, with deterministic entropy
 
 
 @dataclass(frozen=True)

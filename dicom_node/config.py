@@ -1,0 +1,167 @@
+"""NodeSettings: the DICOM node's typed, frozen configuration.
+
+Sections: [scp], [spool], [completion], [routing] (+ [[routing.rules]]),
+[inference], [export] (+ [export.targets.<name>]), [worker]. Every key can be
+overridden by RADBRIDGE_<SECTION>__<KEY>; defaults are safe on one machine.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from radbridge.settings import build, read_layers
+
+DEFAULT_AE_TITLE = "RADBRIDGE"
+DEFAULT_SCP_PORT = 11112
+DEFAULT_SPOOL = Path("radbridge-spool")
+DEFAULT_QUIET_WINDOW_S = 30.0
+SECTIONS = ("scp", "spool", "completion", "routing", "inference", "export", "worker", "logging")
+TASKS = ("report", "vqa", "classify", "detect", "segment", "embed")
+
+
+def _check_ae(value: str, what: str) -> None:
+    if not 0 < len(value) <= 16 or "\\" in value or not value.isprintable():
+        raise ValueError(f"{what} {value!r} is not a valid AE title (1-16 printable characters).")
+
+
+@dataclass(frozen=True)
+class ScpSection:
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_SCP_PORT  # 0 = any free port
+    ae_title: str = DEFAULT_AE_TITLE
+    allowed_calling_aets: list[str] = field(default_factory=list)  # empty = any
+    max_pdu: int = 0  # 0 = unlimited
+
+    def __post_init__(self) -> None:
+        _check_ae(self.ae_title, "scp.ae_title")
+
+
+@dataclass(frozen=True)
+class SpoolSection:
+    directory: Path = DEFAULT_SPOOL
+
+
+@dataclass(frozen=True)
+class CompletionSection:
+    quiet_window_s: float = DEFAULT_QUIET_WINDOW_S
+
+    def __post_init__(self) -> None:
+        if self.quiet_window_s < 0:
+            raise ValueError("completion.quiet_window_s must not be negative.")
+
+
+@dataclass(frozen=True)
+class RuleMatch:
+    """All given fields must match; strings are case-insensitive regular expressions."""
+
+    modality: list[str] = field(default_factory=list)
+    body_part: str = ""
+    series_description: str = ""
+    calling_aet: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for pattern in (self.body_part, self.series_description):
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"Invalid regular expression {pattern!r}: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class RoutingRule:
+    name: str
+    model: str = ""  # empty = the inference service's default model
+    tasks: list[str] = field(default_factory=lambda: ["segment", "report"])
+    match: RuleMatch = field(default_factory=RuleMatch)
+    question: str = ""
+    labels: list[str] = field(default_factory=list)
+    language: str = "en"
+
+    def __post_init__(self) -> None:
+        bad = [t for t in self.tasks if t not in TASKS]
+        if bad or not self.tasks:
+            raise ValueError(f"Rule {self.name!r}: unknown task(s) {bad}; known: {', '.join(TASKS)}.")
+
+
+def _default_rules() -> list[RoutingRule]:
+    return [
+        RoutingRule(name="ct-reference", match=RuleMatch(modality=["CT"]), tasks=["segment", "report"]),
+        RoutingRule(
+            name="xray-reference", match=RuleMatch(modality=["CR", "DX"]), tasks=["segment", "report"]
+        ),
+    ]
+
+
+@dataclass(frozen=True)
+class RoutingSection:
+    rules: list[RoutingRule] = field(default_factory=_default_rules)
+    min_instances: int = 1
+
+
+@dataclass(frozen=True)
+class InferenceSection:
+    address: str = ""  # host:port; empty = the embedded service started by `radbridge serve`
+    deadline_s: float = 600.0
+    connect_retries: int = 3
+    chunk_bytes: int = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ExportTarget:
+    type: str = "dicom"
+    host: str = "127.0.0.1"
+    port: int = 104
+    ae_title: str = "PACS"
+    calling_ae_title: str = ""  # empty = scp.ae_title
+
+    def __post_init__(self) -> None:
+        if self.type != "dicom":
+            raise ValueError(f"Export target type {self.type!r} is not supported (known: dicom).")
+        _check_ae(self.ae_title, "export target ae_title")
+
+
+@dataclass(frozen=True)
+class ExportSection:
+    targets: dict[str, ExportTarget] = field(default_factory=dict)
+    max_attempts: int = 6
+    backoff_s: float = 2.0
+    max_backoff_s: float = 300.0
+
+
+@dataclass(frozen=True)
+class WorkerSection:
+    threads: int = 2
+    poll_interval_s: float = 0.5
+    max_attempts: int = 5
+    backoff_s: float = 5.0
+    uid_root: str = "1.2.826.0.1.3680043.8.498."
+
+
+@dataclass(frozen=True)
+class LoggingSection:
+    level: str = "INFO"
+    json: bool = True
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    scp: ScpSection = field(default_factory=ScpSection)
+    spool: SpoolSection = field(default_factory=SpoolSection)
+    completion: CompletionSection = field(default_factory=CompletionSection)
+    routing: RoutingSection = field(default_factory=RoutingSection)
+    inference: InferenceSection = field(default_factory=InferenceSection)
+    export: ExportSection = field(default_factory=ExportSection)
+    worker: WorkerSection = field(default_factory=WorkerSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+
+
+def settings_from(data: dict[str, Any]) -> NodeSettings:
+    """Build NodeSettings from the node's sections of a merged config dict."""
+    return build(NodeSettings, {k: v for k, v in data.items() if k in SECTIONS})
+
+
+def load_settings(path: str | Path | None = None) -> NodeSettings:
+    return settings_from(read_layers(path))

@@ -1,0 +1,302 @@
+"""The SQLite index: instances, studies and jobs. The only SQL in the node.
+
+WAL mode, one connection per thread, short transactions. A job has a kind, a
+state, an attempt count and a next-try time; a restart turns RUNNING jobs back
+into PENDING so nothing is left half done.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dicom_node.spool import InstanceRef
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS instances (
+    sop_instance_uid TEXT PRIMARY KEY,
+    sop_class_uid TEXT NOT NULL,
+    study_instance_uid TEXT NOT NULL,
+    series_instance_uid TEXT NOT NULL,
+    transfer_syntax_uid TEXT NOT NULL,
+    modality TEXT NOT NULL DEFAULT '',
+    calling_aet TEXT NOT NULL DEFAULT '',
+    path TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    received_time REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS instances_study ON instances(study_instance_uid);
+CREATE TABLE IF NOT EXISTS studies (
+    study_instance_uid TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    last_received_time REAL NOT NULL,
+    updated_time REAL NOT NULL,
+    reason TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,
+    dedupe_key TEXT NOT NULL,
+    study_instance_uid TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_try_time REAL NOT NULL,
+    last_error TEXT NOT NULL DEFAULT '',
+    created_time REAL NOT NULL,
+    updated_time REAL NOT NULL,
+    UNIQUE(kind, dedupe_key)
+);
+CREATE INDEX IF NOT EXISTS jobs_due ON jobs(state, next_try_time);
+"""
+
+
+class StudyState(enum.StrEnum):
+    RECEIVING = "RECEIVING"
+    COMPLETE = "COMPLETE"  # quiet window passed; routed
+    UNROUTED = "UNROUTED"  # no rule matched any series
+
+
+class JobState(enum.StrEnum):
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"  # not retryable; reason in last_error
+    DEAD_LETTER = "DEAD_LETTER"  # retries exhausted
+
+
+class JobKind(enum.StrEnum):
+    ROUTE = "route"
+    ANALYZE = "analyze"
+    EXPORT = "export"
+
+
+ACTIVE = (JobState.PENDING, JobState.RUNNING)
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    kind: JobKind
+    dedupe_key: str
+    study_instance_uid: str
+    payload: dict[str, Any]
+    state: JobState
+    attempts: int
+    next_try_time: float
+    last_error: str
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> Job:
+        return cls(
+            id=row["id"],
+            kind=JobKind(row["kind"]),
+            dedupe_key=row["dedupe_key"],
+            study_instance_uid=row["study_instance_uid"],
+            payload=json.loads(row["payload"]),
+            state=JobState(row["state"]),
+            attempts=row["attempts"],
+            next_try_time=row["next_try_time"],
+            last_error=row["last_error"],
+        )
+
+
+@dataclass(frozen=True)
+class InstanceRow:
+    sop_instance_uid: str
+    sop_class_uid: str
+    series_instance_uid: str
+    modality: str
+    calling_aet: str
+    path: Path
+
+
+class Index:
+    """Thread-safe access to the SQLite index (one connection per thread)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._local = threading.local()
+        with self._tx() as db:
+            db.executescript(SCHEMA)
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            self._local.conn = conn
+        return conn
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    # -- instances and studies ------------------------------------------------
+    def add_instance(
+        self, ref: InstanceRef, modality: str, calling_aet: str, now: float | None = None
+    ) -> None:
+        """Record a spooled instance; a late instance reopens a completed study."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO instances VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (
+                    ref.sop_instance_uid,
+                    ref.sop_class_uid,
+                    ref.study_instance_uid,
+                    ref.series_instance_uid,
+                    ref.transfer_syntax_uid,
+                    modality,
+                    calling_aet,
+                    str(ref.path),
+                    ref.size,
+                    now,
+                ),
+            )
+            db.execute(
+                "INSERT INTO studies VALUES (?,?,?,?,'') ON CONFLICT(study_instance_uid) DO UPDATE SET "
+                "state=excluded.state, last_received_time=excluded.last_received_time, "
+                "updated_time=excluded.updated_time, reason=''",
+                (ref.study_instance_uid, StudyState.RECEIVING, now, now),
+            )
+
+    def study_instances(self, study_uid: str) -> list[InstanceRow]:
+        rows = self._conn().execute(
+            "SELECT sop_instance_uid, sop_class_uid, series_instance_uid, modality, calling_aet, path "
+            "FROM instances WHERE study_instance_uid=? ORDER BY series_instance_uid, sop_instance_uid",
+            (study_uid,),
+        )
+        return [InstanceRow(r[0], r[1], r[2], r[3], r[4], Path(r[5])) for r in rows.fetchall()]
+
+    def count_instances(self) -> int:
+        return int(self._conn().execute("SELECT COUNT(*) FROM instances").fetchone()[0])
+
+    def quiet_studies(self, quiet_window_s: float, now: float | None = None) -> list[str]:
+        now = time.time() if now is None else now
+        rows = self._conn().execute(
+            "SELECT study_instance_uid FROM studies WHERE state=? AND last_received_time<=?",
+            (StudyState.RECEIVING, now - quiet_window_s),
+        )
+        return [r[0] for r in rows.fetchall()]
+
+    def complete_study(self, study_uid: str, quiet_window_s: float, now: float | None = None) -> bool:
+        """RECEIVING -> COMPLETE and queue its route job, atomically, if still quiet."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE studies SET state=?, updated_time=? WHERE study_instance_uid=? AND state=? "
+                "AND last_received_time<=?",
+                (StudyState.COMPLETE, now, study_uid, StudyState.RECEIVING, now - quiet_window_s),
+            )
+            if cur.rowcount != 1:
+                return False
+            last = db.execute(
+                "SELECT last_received_time FROM studies WHERE study_instance_uid=?", (study_uid,)
+            ).fetchone()[0]
+            self._put_job(db, JobKind.ROUTE, f"{study_uid}@{last}", study_uid, {}, now)
+            return True
+
+    def set_study_state(self, study_uid: str, state: StudyState, reason: str = "") -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE studies SET state=?, reason=?, updated_time=? WHERE study_instance_uid=?",
+                (state, reason, time.time(), study_uid),
+            )
+
+    def study(self, study_uid: str) -> dict[str, Any] | None:
+        row = (
+            self._conn().execute("SELECT * FROM studies WHERE study_instance_uid=?", (study_uid,)).fetchone()
+        )
+        return dict(row) if row else None
+
+    # -- jobs --------------------------------------------------------------------
+    @staticmethod
+    def _put_job(
+        db: sqlite3.Connection, kind: JobKind, key: str, study_uid: str, payload: dict[str, Any], now: float
+    ) -> None:
+        """Insert a job, or re-arm a finished one with the same key (a re-run replaces)."""
+        db.execute(
+            "INSERT INTO jobs (kind, dedupe_key, study_instance_uid, payload, state, attempts, next_try_time, "
+            "last_error, created_time, updated_time) VALUES (?,?,?,?,?,0,?,'',?,?) "
+            "ON CONFLICT(kind, dedupe_key) DO UPDATE SET payload=excluded.payload, state=excluded.state, "
+            "attempts=0, next_try_time=excluded.next_try_time, last_error='', updated_time=excluded.updated_time "
+            "WHERE jobs.state NOT IN ('PENDING', 'RUNNING')",
+            (kind, key, study_uid, json.dumps(payload, sort_keys=True), JobState.PENDING, now, now, now),
+        )
+
+    def add_job(self, kind: JobKind, key: str, study_uid: str, payload: dict[str, Any]) -> None:
+        with self._tx() as db:
+            self._put_job(db, kind, key, study_uid, payload, time.time())
+
+    def claim_job(self, now: float | None = None, kinds: tuple[JobKind, ...] | None = None) -> Job | None:
+        """Atomically take the oldest due job and mark it RUNNING."""
+        now = time.time() if now is None else now
+        kinds = kinds or tuple(JobKind)
+        marks = ",".join("?" * len(kinds))
+        with self._tx() as db:
+            row = db.execute(
+                f"SELECT * FROM jobs WHERE state=? AND next_try_time<=? AND kind IN ({marks}) "
+                "ORDER BY next_try_time, id LIMIT 1",
+                (JobState.PENDING, now, *kinds),
+            ).fetchone()
+            if row is None:
+                return None
+            db.execute(
+                "UPDATE jobs SET state=?, attempts=attempts+1, updated_time=? WHERE id=?",
+                (JobState.RUNNING, now, row["id"]),
+            )
+        job = Job.from_row(row)
+        return Job(**{**job.__dict__, "state": JobState.RUNNING, "attempts": job.attempts + 1})
+
+    def finish_job(self, job_id: int, state: JobState, error: str = "", next_try_time: float = 0.0) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE jobs SET state=?, last_error=?, next_try_time=?, updated_time=? WHERE id=?",
+                (state, error[:500], next_try_time, time.time(), job_id),
+            )
+
+    def resume_interrupted(self) -> int:
+        """After a restart: RUNNING jobs were cut off; make them PENDING again."""
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE jobs SET state=?, next_try_time=? WHERE state=?",
+                (JobState.PENDING, time.time(), JobState.RUNNING),
+            )
+            return cur.rowcount
+
+    def jobs(self, study_uid: str | None = None, kind: JobKind | None = None) -> list[Job]:
+        sql, args = "SELECT * FROM jobs WHERE 1=1", []
+        if study_uid is not None:
+            sql, args = sql + " AND study_instance_uid=?", [*args, study_uid]
+        if kind is not None:
+            sql, args = sql + " AND kind=?", [*args, kind]
+        return [Job.from_row(r) for r in self._conn().execute(sql + " ORDER BY id", args).fetchall()]
+
+    def pending_count(self) -> int:
+        return int(
+            self._conn().execute("SELECT COUNT(*) FROM jobs WHERE state IN (?,?)", ACTIVE).fetchone()[0]
+        )

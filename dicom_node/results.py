@@ -1,0 +1,369 @@
+"""Index-space results -> DICOM SEG, TID 1500 SR and TID 2000 narrative SR (highdicom).
+
+Pure functions of (sorted source headers, result, masks): no spool, no jobs,
+so the Slicer module can write the same objects. UIDs are derived from
+(source series, model, model version, object kind): a re-run replaces the
+earlier objects in the PACS instead of duplicating them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import generate_uid
+
+from protos.radbridge.v1 import inference_pb2 as pb
+
+MANUFACTURER = "RadBridge"
+DEFAULT_UID_ROOT = "1.2.826.0.1.3680043.8.498."
+SERIES_NUMBERS = {"seg": 9701, "measurements": 9702, "narrative": 9703}
+TITLE = hd.sr.CodedConcept("18748-4", "LN", "Diagnostic Imaging Report")
+FINDINGS_SECTION = hd.sr.CodedConcept("59776-5", "LN", "Findings")
+IMPRESSIONS_SECTION = hd.sr.CodedConcept("19005-8", "LN", "Impressions")
+LANGUAGE = hd.sr.CodedConcept("121049", "DCM", "Language of Content Item and Descendants")
+NO_UNITS = hd.sr.CodedConcept("1", "UCUM", "no units")
+PROBABILITY = hd.sr.CodedConcept("C0033204", "UMLS", "Probability")
+LANGUAGES = {
+    "en": hd.sr.CodedConcept("en", "RFC5646", "English"),
+    "zh": hd.sr.CodedConcept("zh", "RFC5646", "Chinese"),
+}
+PROJECTION = frozenset({"CR", "DX", "MG", "XA", "RF", "IO", "PX"})
+
+
+@dataclass(frozen=True)
+class OutputObject:
+    """One produced DICOM object and what it is."""
+
+    kind: str  # "seg" | "measurements" | "narrative"
+    dataset: Dataset
+
+    @property
+    def sop_instance_uid(self) -> str:
+        return str(self.dataset.SOPInstanceUID)
+
+
+def derive_uid(uid_root: str, *parts: object) -> str:
+    """A UID that depends only on parts (pydicom's hash-based generator)."""
+    return generate_uid(prefix=uid_root, entropy_srcs=[str(p) for p in parts])
+
+
+def _code(c: pb.Code) -> hd.sr.CodedConcept:
+    return hd.sr.CodedConcept(c.value, c.scheme, c.meaning)
+
+
+def _lab(values: Sequence[int]) -> hd.color.CIELabColor | None:
+    if len(values) != 3:
+        return None
+    return hd.color.CIELabColor(
+        values[0] / 65535 * 100, values[1] / 65535 * 255 - 128, values[2] / 65535 * 255 - 128
+    )
+
+
+def _drop_unknown_pixel_spacing(seg: Dataset) -> None:
+    """A zero Pixel Spacing (e.g. a CR without calibration) is invalid; omit the macro instead."""
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    measures = shared.get("PixelMeasuresSequence")
+    if measures and any(float(v) <= 0 for v in measures[0].get("PixelSpacing", [1, 1])):
+        del shared.PixelMeasuresSequence
+
+
+class ResultWriter:
+    """Builds the output objects of one analysis of one series."""
+
+    def __init__(
+        self,
+        sources: Sequence[Dataset],
+        result: pb.AnalysisResult,
+        masks: dict[int, np.ndarray],
+        uid_root: str = DEFAULT_UID_ROOT,
+    ) -> None:
+        if not sources:
+            raise ValueError("At least one source image is needed.")
+        self.sources = list(sources)
+        self.result = result
+        self.masks = masks
+        self.uid_root = uid_root
+        self.model = result.model
+        self.series_uid = str(sources[0].SeriesInstanceUID)
+        self.modality = str(sources[0].get("Modality", ""))
+        self.algorithm = hd.AlgorithmIdentificationSequence(
+            name=self.model.name,
+            family=codes.cid7162.ArtificialIntelligence,
+            version=self.model.version or "unknown",
+        )
+        self.algorithm_id = hd.sr.AlgorithmIdentification(
+            name=self.model.name, version=self.model.version or "unknown"
+        )
+
+    # -- identities ------------------------------------------------------------
+    def uid(self, *parts: object) -> str:
+        return derive_uid(self.uid_root, self.series_uid, self.model.name, self.model.version, *parts)
+
+    def _description(self, what: str) -> str:
+        tag = " (non-clinical reference)" if self.model.non_clinical else " (AI draft, unverified)"
+        return f"{what} {self.model.name}{tag}"[:64]
+
+    def build_all(self) -> list[OutputObject]:
+        """SEG (if any mask), TID 1500 SR (if anything to measure), narrative SR (if text)."""
+        outputs: list[OutputObject] = []
+        infos = [m for t in self.result.tasks for m in t.masks]
+        seg = self.build_seg() if infos else None
+        if seg is not None:
+            outputs.append(OutputObject("seg", seg))
+        if any(t.measurements or t.boxes or t.findings for t in self.result.tasks):
+            outputs.append(OutputObject("measurements", self.build_measurement_report(seg)))
+        if any(t.HasField("report") or t.answer for t in self.result.tasks):
+            outputs.append(OutputObject("narrative", self.build_narrative()))
+        return outputs
+
+    # -- SEG ---------------------------------------------------------------------
+    def build_seg(self) -> hd.seg.Segmentation:
+        infos = sorted((m for t in self.result.tasks for m in t.masks), key=lambda m: m.segment_number)
+        if [m.segment_number for m in infos] != list(range(1, len(infos) + 1)):
+            raise ValueError("Segment numbers must be 1..n without gaps.")
+        descriptions = [
+            hd.seg.SegmentDescription(
+                segment_number=m.segment_number,
+                segment_label=m.label[:64],
+                segmented_property_category=_code(m.category),
+                segmented_property_type=_code(m.type),
+                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+                algorithm_identification=self.algorithm,
+                tracking_uid=self.uid("segment", m.segment_number),
+                tracking_id=m.label[:64],
+                display_color=_lab(m.cielab),
+            )
+            for m in infos
+        ]
+        stack = np.stack([self.masks[m.segment_number] for m in infos], axis=-1)
+        if stack.shape[0] != len(self.sources):
+            raise ValueError(f"Masks have {stack.shape[0]} slices for {len(self.sources)} source images.")
+        seg = hd.seg.Segmentation(
+            source_images=self.sources,
+            pixel_array=stack,
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=descriptions,
+            series_instance_uid=self.uid("seg", "series"),
+            series_number=SERIES_NUMBERS["seg"],
+            sop_instance_uid=self.uid("seg", "instance"),
+            instance_number=1,
+            manufacturer=MANUFACTURER,
+            manufacturer_model_name=self.model.name[:64],
+            software_versions=self.model.version or "unknown",
+            device_serial_number="0",
+            content_description=self._description("SEG")[:64],
+            content_label="RADBRIDGE",
+            series_description=self._description("SEG"),
+        )
+        if self.modality in PROJECTION and "PatientOrientation" in self.sources[0]:
+            seg.PatientOrientation = self.sources[0].PatientOrientation
+        _drop_unknown_pixel_spacing(seg)
+        return seg
+
+    # -- TID 1500 ----------------------------------------------------------------
+    def _observation_context(self) -> hd.sr.ObservationContext:
+        device = hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=self.uid("device"),
+            name=self.model.name[:64],
+            manufacturer_name=MANUFACTURER,
+            model_name=f"{self.model.backend} {self.model.version}"[:64],
+        )
+        return hd.sr.ObservationContext(
+            observer_device_context=hd.sr.ObserverContext(
+                observer_type=codes.DCM.Device, observer_identifying_attributes=device
+            )
+        )
+
+    def _tracking(self, *parts: object, label: str) -> hd.sr.TrackingIdentifier:
+        return hd.sr.TrackingIdentifier(uid=self.uid("tracking", *parts), identifier=label[:64])
+
+    def _source_for(self, slice_index: int) -> Dataset:
+        if not 0 <= slice_index < len(self.sources):
+            raise ValueError(f"Slice index {slice_index} is outside the series ({len(self.sources)}).")
+        return self.sources[slice_index]
+
+    def build_measurement_report(self, seg: hd.seg.Segmentation | None) -> hd.sr.Comprehensive3DSR:
+        groups: list[object] = []
+        infos = {m.segment_number: m for t in self.result.tasks for m in t.masks}
+        measurements: dict[int, list[hd.sr.Measurement]] = {}
+        loose: list[pb.Measurement] = []
+        for task in self.result.tasks:
+            for m in task.measurements:
+                if m.segment_number and m.segment_number in infos and seg is not None:
+                    measurements.setdefault(m.segment_number, []).append(
+                        hd.sr.Measurement(name=_code(m.concept), value=m.value, unit=_code(m.unit))
+                    )
+                else:
+                    loose.append(m)
+        for number in sorted(measurements):
+            info = infos[number]
+            tracking = self._tracking("segment", number, label=info.label)
+            # TID 1411 with a Referenced Segment (no frame numbers): valid for one image too.
+            single = len(self.sources) == 1
+            ref = hd.sr.ReferencedSegment(
+                sop_class_uid=seg.SOPClassUID,  # type: ignore[union-attr]
+                sop_instance_uid=seg.SOPInstanceUID,  # type: ignore[union-attr]
+                segment_number=number,
+                source_images=(
+                    [
+                        hd.sr.SourceImageForSegmentation(
+                            self.sources[0].SOPClassUID, self.sources[0].SOPInstanceUID
+                        )
+                    ]
+                    if single
+                    else None
+                ),
+                source_series=None if single else hd.sr.SourceSeriesForSegmentation(self.series_uid),
+            )
+            groups.append(
+                hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+                    tracking_identifier=tracking,
+                    referenced_segment=ref,
+                    finding_type=_code(info.type),
+                    algorithm_id=self.algorithm_id,
+                    measurements=measurements[number],
+                )
+            )
+        for i, task in enumerate(self.result.tasks):
+            for j, box in enumerate(task.boxes):
+                src = self._source_for(box.slice_index)
+                r0, c0, r1, c1 = box.row_min, box.column_min, box.row_max, box.column_max
+                # SCOORD column/row pixel coordinates; a closed 5-point polyline.
+                points = np.array([[c0, r0], [c1, r0], [c1, r1], [c0, r1], [c0, r0]], dtype=np.float32)
+                region = hd.sr.ImageRegion(
+                    graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+                    graphic_data=points,
+                    source_image=hd.sr.SourceImageForRegion(src.SOPClassUID, src.SOPInstanceUID),
+                )
+                groups.append(
+                    hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                        tracking_identifier=self._tracking(
+                            "box", i, j, label=box.label or box.finding.meaning
+                        ),
+                        referenced_region=region,
+                        finding_type=_code(box.finding),
+                        geometric_purpose=codes.SCT.BoundedBy,
+                        algorithm_id=self.algorithm_id,
+                        measurements=self._score(box.score),
+                    )
+                )
+            for j, finding in enumerate(task.findings):
+                groups.append(
+                    hd.sr.MeasurementsAndQualitativeEvaluations(
+                        tracking_identifier=self._tracking(
+                            "finding", i, j, label=finding.label or finding.finding.meaning
+                        ),
+                        finding_type=_code(finding.finding),
+                        algorithm_id=self.algorithm_id,
+                        qualitative_evaluations=[
+                            hd.sr.QualitativeEvaluation(
+                                name=_code(finding.finding),
+                                value=codes.SCT.Present if finding.present else codes.SCT.Absent,
+                            )
+                        ],
+                        measurements=self._score(finding.score),
+                    )
+                )
+        for k, m in enumerate(loose):
+            groups.append(
+                hd.sr.MeasurementsAndQualitativeEvaluations(
+                    tracking_identifier=self._tracking("measurement", k, label=m.concept.meaning),
+                    algorithm_id=self.algorithm_id,
+                    measurements=[
+                        hd.sr.Measurement(name=_code(m.concept), value=m.value, unit=_code(m.unit))
+                    ],
+                )
+            )
+        procedure = (
+            codes.SCT.ComputedTomography
+            if self.modality == "CT"
+            else hd.sr.CodedConcept("363680008", "SCT", "Radiographic imaging procedure")
+        )
+        report = hd.sr.MeasurementReport(
+            observation_context=self._observation_context(),
+            procedure_reported=procedure,
+            imaging_measurements=groups,  # type: ignore[arg-type]
+            title=codes.cid7021.ImagingMeasurementReport,
+        )
+        evidence = [*self.sources, *([seg] if seg is not None else [])]
+        sr = hd.sr.Comprehensive3DSR(
+            evidence=evidence,
+            content=report,
+            series_instance_uid=self.uid("measurements", "series"),
+            series_number=SERIES_NUMBERS["measurements"],
+            sop_instance_uid=self.uid("measurements", "instance"),
+            instance_number=1,
+            manufacturer=MANUFACTURER,
+            is_complete=True,
+            is_verified=False,
+            series_description=self._description("Measurements"),
+        )
+        return sr
+
+    @staticmethod
+    def _score(score: float) -> list[hd.sr.Measurement] | None:
+        if score < 0:
+            return None
+        return [hd.sr.Measurement(name=PROBABILITY, value=float(score), unit=NO_UNITS)]
+
+    # -- TID 2000 narrative ----------------------------------------------------------
+    def build_narrative(self) -> hd.sr.EnhancedSR:
+        root = hd.sr.ContainerContentItem(name=TITLE, template_id="2000")
+        items: list[hd.sr.ContentItem] = []
+        language = next((t.report.language for t in self.result.tasks if t.HasField("report")), "en") or "en"
+        lang = LANGUAGES.get(language.split("-")[0], hd.sr.CodedConcept(language, "RFC5646", language))
+        items.append(
+            hd.sr.CodeContentItem(
+                name=LANGUAGE, value=lang, relationship_type=hd.sr.RelationshipTypeValues.HAS_CONCEPT_MOD
+            )
+        )
+        items.extend(self._observation_context())
+        findings, impressions = [], []
+        for task in self.result.tasks:
+            if task.HasField("report"):
+                if task.report.findings:
+                    findings.append(task.report.findings)
+                if task.report.impression:
+                    impressions.append(task.report.impression)
+            if task.answer:
+                findings.append(task.answer)
+        if self.model.non_clinical:
+            impressions.append("Non-clinical reference output; not for diagnostic use.")
+        for section, concept, texts in (
+            (FINDINGS_SECTION, codes.DCM.Finding, findings),
+            (IMPRESSIONS_SECTION, codes.DCM.Impression, impressions),
+        ):
+            if not texts:
+                continue
+            container = hd.sr.ContainerContentItem(
+                name=section, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+            )
+            container.ContentSequence = hd.sr.ContentSequence(
+                [
+                    hd.sr.TextContentItem(
+                        name=concept, value=text, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+                    )
+                    for text in texts
+                ]
+            )
+            items.append(container)
+        root.ContentSequence = hd.sr.ContentSequence(items)
+        sr = hd.sr.EnhancedSR(
+            evidence=self.sources,
+            content=root,
+            series_instance_uid=self.uid("narrative", "series"),
+            series_number=SERIES_NUMBERS["narrative"],
+            sop_instance_uid=self.uid("narrative", "instance"),
+            instance_number=1,
+            manufacturer=MANUFACTURER,
+            is_complete=True,
+            is_verified=False,
+            series_description=self._description("Report"),
+        )
+        sr.SpecificCharacterSet = "ISO_IR 192"
+        return sr

@@ -1,0 +1,115 @@
+"""The durable spool: instance bytes on disk before anyone is told "stored".
+
+Write to a temporary file, fsync it, rename it into place, fsync the directory.
+Only then may the index record it and the SCP answer success.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from dicom_node.errors import StorageError
+
+INSTANCES = "instances"
+OUTPUTS = "outputs"
+INDEX_DB = "index.sqlite3"
+TMP_SUFFIX = ".partial"
+
+
+def uid_key(uid: str, length: int = 16) -> str:
+    """A stable, non-identifying key for a UID (for paths and logs)."""
+    return hashlib.sha256(uid.encode("ascii", "replace")).hexdigest()[:length]
+
+
+@dataclass(frozen=True)
+class InstanceRef:
+    """Where a spooled instance lives and what identifies it."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    transfer_syntax_uid: str
+    path: Path
+    size: int
+
+
+def fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durably(path: Path, data: bytes) -> None:
+    """tmp -> fsync -> rename -> fsync(dir). Raises StorageError on any failure."""
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as exc:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise StorageError(f"Out of resources: cannot write spool ({exc.strerror})") from exc
+
+
+class Spool:
+    """The spool directory tree: instances/<study>/<series>/<sop>.dcm, outputs/<study>/."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        (self.root / INSTANCES).mkdir(parents=True, exist_ok=True)
+        (self.root / OUTPUTS).mkdir(parents=True, exist_ok=True)
+
+    @property
+    def index_path(self) -> Path:
+        return self.root / INDEX_DB
+
+    def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+        return (
+            self.root / INSTANCES / uid_key(study_uid) / uid_key(series_uid) / f"{uid_key(sop_uid, 32)}.dcm"
+        )
+
+    def output_dir(self, study_uid: str) -> Path:
+        return self.root / OUTPUTS / uid_key(study_uid)
+
+    def store(
+        self,
+        data: bytes,
+        *,
+        sop_instance_uid: str,
+        sop_class_uid: str,
+        study_instance_uid: str,
+        series_instance_uid: str,
+        transfer_syntax_uid: str,
+    ) -> InstanceRef:
+        path = self.instance_path(study_instance_uid, series_instance_uid, sop_instance_uid)
+        write_durably(path, data)
+        return InstanceRef(
+            sop_instance_uid=sop_instance_uid,
+            sop_class_uid=sop_class_uid,
+            study_instance_uid=study_instance_uid,
+            series_instance_uid=series_instance_uid,
+            transfer_syntax_uid=transfer_syntax_uid,
+            path=path,
+            size=len(data),
+        )
+
+    def remove_partials(self) -> int:
+        """Delete leftovers of writes interrupted by a crash (never acknowledged)."""
+        count = 0
+        for tmp in self.root.rglob(f"*{TMP_SUFFIX}"):
+            tmp.unlink(missing_ok=True)
+            count += 1
+        return count

@@ -1,0 +1,188 @@
+"""Series -> volume: the last place pixels are read from DICOM.
+
+Instances are split into stacks by orientation and matrix size (localizers
+left out), sorted by their position along the slice normal (never by
+InstanceNumber), checked for even spacing, rescaled to modality units, and
+MONOCHROME1 is inverted so that brighter always means denser.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+
+from dicom_node.errors import VolumeError
+
+PROJECTION_MODALITIES = frozenset({"CR", "DX", "MG", "XA", "RF", "IO", "PX"})
+SPACING_TOLERANCE = 0.05  # relative deviation allowed between slice gaps
+DEFAULT_ORIENTATION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+
+
+@dataclass(frozen=True)
+class SeriesVolume:
+    """Voxels (slices, rows, columns) plus geometry and the sorted source headers."""
+
+    voxels: np.ndarray
+    spacing_mm: tuple[float, float, float]  # slice, row, column
+    orientation: tuple[float, ...]
+    position: tuple[float, float, float]
+    modality: str
+    rescaled: bool
+    body_part: str
+    window: tuple[float, float] | None
+    sources: list[Dataset]  # header-only, in slice order; index i = slice i
+    skipped: int = 0  # instances left out (other stacks, localizers)
+
+
+def _float_tuple(value: Sequence[object] | None, n: int) -> tuple[float, ...] | None:
+    if value is None or len(value) != n:
+        return None
+    return tuple(float(v) for v in value)  # type: ignore[arg-type]
+
+
+def _stack_key(ds: Dataset) -> tuple[object, ...]:
+    iop = _float_tuple(ds.get("ImageOrientationPatient"), 6)
+    return (tuple(round(v, 3) for v in iop) if iop else None, int(ds.Rows), int(ds.Columns))
+
+
+def _is_localizer(ds: Dataset) -> bool:
+    return "LOCALIZER" in [str(v).upper() for v in (ds.get("ImageType") or [])]
+
+
+def _window(ds: Dataset) -> tuple[float, float] | None:
+    c, w = ds.get("WindowCenter"), ds.get("WindowWidth")
+    if c is None or w is None:
+        return None
+    first = lambda v: float(v[0]) if isinstance(v, pydicom.multival.MultiValue) else float(v)  # noqa: E731
+    return first(c), first(w)
+
+
+def _pixel_spacing(ds: Dataset) -> tuple[float, float]:
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        value = _float_tuple(ds.get(keyword), 2)
+        if value and all(v > 0 for v in value):
+            return value  # type: ignore[return-value]
+    return 0.0, 0.0
+
+
+def _modality_values(ds: Dataset) -> tuple[np.ndarray, bool]:
+    """Decoded pixels in modality units (rescaled) as float32 or raw."""
+    try:
+        arr = ds.pixel_array
+    except Exception as exc:  # unsupported or corrupt compression
+        ts = ds.file_meta.get("TransferSyntaxUID", "unknown") if hasattr(ds, "file_meta") else "unknown"
+        raise VolumeError(f"Pixel data cannot be decoded (transfer syntax {ts}): {exc}") from exc
+    if int(ds.get("SamplesPerPixel", 1)) != 1:
+        raise VolumeError("Only single-sample (grey) images are supported for volumes.")
+    slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+    if slope is not None and intercept is not None:
+        return arr.astype(np.float32) * float(slope) + float(intercept), True
+    if ds.get("PhotometricInterpretation") == "MONOCHROME1":
+        top = float(2 ** int(ds.BitsStored) - 1)
+        return (top - arr.astype(np.float32)).astype(np.float32), False
+    return arr.astype(np.float32), False
+
+
+def read_series(paths: Sequence[Path]) -> SeriesVolume:
+    """Read and assemble one series; raises VolumeError with the reason if it cannot."""
+    if not paths:
+        raise VolumeError("The series has no instances.")
+    datasets = []
+    for path in paths:
+        try:
+            ds = pydicom.dcmread(path)
+        except Exception as exc:
+            raise VolumeError(f"An instance of the series cannot be read: {exc}") from exc
+        if "PixelData" not in ds:
+            continue
+        datasets.append(ds)
+    if not datasets:
+        raise VolumeError("No instance of the series has pixel data.")
+    if any(int(ds.get("NumberOfFrames", 1) or 1) > 1 for ds in datasets):
+        raise VolumeError("Multi-frame instances are not supported yet.")
+    modality = str(datasets[0].get("Modality", ""))
+    if not modality:
+        raise VolumeError("The series has no Modality.")
+    if modality in PROJECTION_MODALITIES or len(datasets) == 1:
+        return _single_image(datasets, modality)
+    return _stack(datasets, modality)
+
+
+def _single_image(datasets: list[Dataset], modality: str) -> SeriesVolume:
+    ds = datasets[0]
+    values, rescaled = _modality_values(ds)
+    if ds.get("PhotometricInterpretation") == "MONOCHROME1" and rescaled:
+        values = values.max() + values.min() - values
+    iop = _float_tuple(ds.get("ImageOrientationPatient"), 6) or DEFAULT_ORIENTATION
+    ipp = _float_tuple(ds.get("ImagePositionPatient"), 3) or (0.0, 0.0, 0.0)
+    thickness = float(ds.get("SliceThickness") or 0.0)
+    del ds.PixelData
+    return SeriesVolume(
+        voxels=values[None].astype(np.float32),
+        spacing_mm=(thickness, *_pixel_spacing(ds)),
+        orientation=iop,
+        position=ipp,  # type: ignore[arg-type]
+        modality=modality,
+        rescaled=rescaled,
+        body_part=str(ds.get("BodyPartExamined", "")),
+        window=_window(ds),
+        sources=[ds],
+        skipped=len(datasets) - 1,
+    )
+
+
+def _stack(datasets: list[Dataset], modality: str) -> SeriesVolume:
+    candidates = [ds for ds in datasets if not _is_localizer(ds)]
+    stacks: dict[tuple[object, ...], list[Dataset]] = defaultdict(list)
+    for ds in candidates:
+        stacks[_stack_key(ds)].append(ds)
+    key, stack = max(stacks.items(), key=lambda kv: len(kv[1])) if stacks else (None, [])
+    if key is None or key[0] is None:
+        raise VolumeError("The instances have no Image Orientation (Patient); cannot order slices.")
+    iop = np.array(_float_tuple(stack[0].ImageOrientationPatient, 6))
+    normal = np.cross(iop[:3], iop[3:])
+    positions = []
+    for ds in stack:
+        ipp = _float_tuple(ds.get("ImagePositionPatient"), 3)
+        if ipp is None:
+            raise VolumeError("An instance has no Image Position (Patient); cannot order slices.")
+        positions.append(float(np.dot(normal, ipp)))
+    order = np.argsort(positions, kind="stable")
+    stack = [stack[i] for i in order]
+    pos = np.array(positions)[order]
+    gaps = np.diff(pos)
+    if len(stack) > 1:
+        if np.any(np.abs(gaps) < 1e-3):
+            raise VolumeError("Two or more instances share one slice position.")
+        mean_gap = float(gaps.mean())
+        if np.any(np.abs(gaps - mean_gap) > SPACING_TOLERANCE * abs(mean_gap)):
+            raise VolumeError(f"Slice spacing is not uniform (gaps {gaps.min():.2f}..{gaps.max():.2f} mm).")
+    else:
+        mean_gap = float(stack[0].get("SliceThickness") or 0.0)
+    slices, rescaled_all = [], []
+    for ds in stack:
+        values, rescaled = _modality_values(ds)
+        slices.append(values)
+        rescaled_all.append(rescaled)
+        del ds.PixelData
+    if len(set(rescaled_all)) != 1:
+        raise VolumeError("Some instances have a rescale and others do not.")
+    first = stack[0]
+    return SeriesVolume(
+        voxels=np.stack(slices).astype(np.float32),
+        spacing_mm=(abs(mean_gap), *_pixel_spacing(first)),
+        orientation=tuple(float(v) for v in iop),
+        position=_float_tuple(first.ImagePositionPatient, 3),  # type: ignore[arg-type]
+        modality=modality,
+        rescaled=rescaled_all[0],
+        body_part=str(first.get("BodyPartExamined", "")),
+        window=_window(first),
+        sources=stack,
+        skipped=len(datasets) - len(stack),
+    )
