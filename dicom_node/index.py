@@ -125,8 +125,7 @@ class Index:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self._local = threading.local()
-        with self._tx() as db:
-            db.executescript(SCHEMA)
+        self._conn().executescript(SCHEMA)  # executescript manages its own transaction
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -240,11 +239,11 @@ class Index:
     ) -> None:
         """Insert a job, or re-arm a finished one with the same key (a re-run replaces)."""
         db.execute(
-            "INSERT INTO jobs (kind, dedupe_key, study_instance_uid, payload, state, attempts, next_try_time, "
-            "last_error, created_time, updated_time) VALUES (?,?,?,?,?,0,?,'',?,?) "
-            "ON CONFLICT(kind, dedupe_key) DO UPDATE SET payload=excluded.payload, state=excluded.state, "
-            "attempts=0, next_try_time=excluded.next_try_time, last_error='', updated_time=excluded.updated_time "
-            "WHERE jobs.state NOT IN ('PENDING', 'RUNNING')",
+            "INSERT INTO jobs (kind, dedupe_key, study_instance_uid, payload, state, attempts, "
+            "next_try_time, last_error, created_time, updated_time) VALUES (?,?,?,?,?,0,?,'',?,?) "
+            "ON CONFLICT(kind, dedupe_key) DO UPDATE SET payload=excluded.payload, "
+            "state=excluded.state, attempts=0, next_try_time=excluded.next_try_time, last_error='', "
+            "updated_time=excluded.updated_time WHERE jobs.state NOT IN ('PENDING', 'RUNNING')",
             (kind, key, study_uid, json.dumps(payload, sort_keys=True), JobState.PENDING, now, now, now),
         )
 

@@ -105,8 +105,8 @@ class ResultWriter:
         return derive_uid(self.uid_root, self.series_uid, self.model.name, self.model.version, *parts)
 
     def _description(self, what: str) -> str:
-        tag = " (non-clinical reference)" if self.model.non_clinical else " (AI draft, unverified)"
-        return f"{what} {self.model.name}{tag}"[:64]
+        tag = " (non-clinical)" if self.model.non_clinical else " (AI draft, unverified)"
+        return f"{what} by {self.model.name}{tag}"[:64]
 
     def build_all(self) -> list[OutputObject]:
         """SEG (if any mask), TID 1500 SR (if anything to measure), narrative SR (if text)."""

@@ -6,6 +6,7 @@ Only then may the index record it and the SCP answer success.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from dataclasses import dataclass
@@ -57,10 +58,8 @@ def write_durably(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except OSError as exc:
-        try:
+        with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
         raise StorageError(f"Out of resources: cannot write spool ({exc.strerror})") from exc
 
 

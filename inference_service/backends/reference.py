@@ -61,8 +61,8 @@ LAB_SOFT = (40000, 48000, 40000)
 LAB_FOREGROUND = (52000, 28000, 48000)
 
 DISCLAIMER = (
-    "Produced by the RadBridge reference algorithm (fixed thresholds, no trained model). "
-    "Non-clinical output for integration testing only; not for diagnostic use."
+    "Produced by the RadBridge reference algorithm (fixed thresholds, no trained model); "
+    "no diagnostic interpretation is made."
 )
 
 CT_MODALITIES = frozenset({"CT"})

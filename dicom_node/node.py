@@ -1,0 +1,67 @@
+"""The running node: spool + index + SCP + worker threads, started and stopped together."""
+
+from __future__ import annotations
+
+import logging
+
+from dicom_node.client import InferenceClient
+from dicom_node.config import NodeSettings
+from dicom_node.index import Index
+from dicom_node.scp import start_scp
+from dicom_node.spool import Spool
+from dicom_node.worker import ProgressHook, StepContext, Worker
+
+logger = logging.getLogger(__name__)
+
+
+class Node:
+    """Owns every resource of one DICOM node; ``stop()`` releases them."""
+
+    def __init__(
+        self, settings: NodeSettings, inference_address: str, progress: ProgressHook | None = None
+    ) -> None:
+        if not inference_address:
+            raise ValueError("An inference service address (host:port) is required.")
+        self.settings = settings
+        self.inference_address = inference_address
+        self.spool = Spool(settings.spool.directory)
+        removed = self.spool.remove_partials()
+        if removed:
+            logger.info("removed partial writes", extra={"event": "spool.partials", "count": removed})
+        self.index = Index(self.spool.index_path)
+        inf = settings.inference
+        self.ctx = StepContext(
+            settings=settings,
+            spool=self.spool,
+            index=self.index,
+            client_factory=lambda: InferenceClient(
+                inference_address, inf.deadline_s, inf.connect_retries, inf.chunk_bytes
+            ),
+            progress=progress,
+        )
+        self.worker = Worker(self.ctx)
+        self._server = None
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("The node is not started.")
+        return int(self._server.server_address[1])
+
+    def start(self) -> Node:
+        self._server = start_scp(self.settings.scp, self.spool, self.index)
+        self.worker.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+        self.worker.stop()
+        self.index.close()
+
+    def __enter__(self) -> Node:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

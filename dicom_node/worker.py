@@ -1,0 +1,232 @@
+"""The job loop: claim a due job, run its step, record the new state.
+
+Steps: route (study -> analyze jobs), analyze (series -> volume -> gRPC ->
+SR/SEG written to the spool's outputs -> export jobs), export (C-STORE).
+Every step is idempotent, so a job cut off by a crash simply runs again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+
+from dicom_node.client import InferenceClient, make_spec
+from dicom_node.completion import complete_quiet_studies
+from dicom_node.config import NodeSettings, RoutingRule
+from dicom_node.errors import RadBridgeError
+from dicom_node.export import export
+from dicom_node.index import Index, Job, JobKind, JobState, StudyState
+from dicom_node.results import ResultWriter
+from dicom_node.routing import group_series, route
+from dicom_node.spool import Spool, uid_key, write_durably
+from dicom_node.volume import read_series
+
+logger = logging.getLogger(__name__)
+ProgressHook = Callable[[Job, float, str], None]
+
+
+@dataclass
+class StepContext:
+    settings: NodeSettings
+    spool: Spool
+    index: Index
+    client_factory: Callable[[], InferenceClient]
+    progress: ProgressHook | None = None
+
+
+def run_route(job: Job, ctx: StepContext) -> None:
+    series = group_series(ctx.index.study_instances(job.study_instance_uid))
+    pairs = route(series, ctx.settings.routing.rules)
+    for s, rule in pairs:
+        ctx.index.add_job(
+            JobKind.ANALYZE,
+            f"{s.series_instance_uid}|{rule.name}",
+            job.study_instance_uid,
+            {"series_instance_uid": s.series_instance_uid, "rule": rule.name},
+        )
+    if not pairs:
+        modalities = ",".join(sorted({s.modality for s in series})) or "none"
+        ctx.index.set_study_state(
+            job.study_instance_uid, StudyState.UNROUTED, f"no rule matched (modalities {modalities})"
+        )
+        logger.info(
+            "study unrouted", extra={"event": "study.unrouted", "study_key": uid_key(job.study_instance_uid)}
+        )
+
+
+def _rule(settings: NodeSettings, name: str) -> RoutingRule:
+    for rule in settings.routing.rules:
+        if rule.name == name:
+            return rule
+    raise RadBridgeError(f"Routing rule {name!r} no longer exists in the config.")
+
+
+def run_analyze(job: Job, ctx: StepContext) -> None:
+    series_uid = job.payload["series_instance_uid"]
+    rule = _rule(ctx.settings, job.payload["rule"])
+    paths = [
+        r.path
+        for r in ctx.index.study_instances(job.study_instance_uid)
+        if r.series_instance_uid == series_uid
+    ]
+    volume = read_series(paths)
+    spec = make_spec(
+        rule.tasks,
+        model=rule.model,
+        question=rule.question,
+        labels=rule.labels,
+        language=rule.language,
+        correlation_id=f"job-{job.id}",
+    )
+    client = ctx.client_factory()
+    try:
+        outcome = client.analyze(
+            volume, spec, lambda p: ctx.progress(job, p.fraction, p.message) if ctx.progress else None
+        )
+    finally:
+        client.close()
+    objects = ResultWriter(
+        volume.sources, outcome.result, outcome.masks, ctx.settings.worker.uid_root
+    ).build_all()
+    out_dir = ctx.spool.output_dir(job.study_instance_uid)
+    written: list[Path] = []
+    for obj in objects:
+        path = out_dir / f"{obj.kind}-{uid_key(obj.sop_instance_uid, 24)}.dcm"
+        buffer = BytesIO()
+        obj.dataset.save_as(buffer, enforce_file_format=True)
+        write_durably(path, buffer.getvalue())
+        written.append(path)
+    for name in ctx.settings.export.targets:
+        for path in written:
+            ctx.index.add_job(
+                JobKind.EXPORT,
+                f"{path.name}->{name}",
+                job.study_instance_uid,
+                {"path": str(path), "target": name},
+            )
+    logger.info(
+        "analysis written",
+        extra={
+            "event": "analyze.written",
+            "job_id": job.id,
+            "objects": len(written),
+            "study_key": uid_key(job.study_instance_uid),
+        },
+    )
+
+
+def run_export(job: Job, ctx: StepContext) -> None:
+    target = ctx.settings.export.targets.get(job.payload["target"])
+    if target is None:
+        raise RadBridgeError(f"Export target {job.payload['target']!r} no longer exists in the config.")
+    export([Path(job.payload["path"])], target, ctx.settings.scp.ae_title)
+
+
+STEPS: dict[JobKind, Callable[[Job, StepContext], None]] = {
+    JobKind.ROUTE: run_route,
+    JobKind.ANALYZE: run_analyze,
+    JobKind.EXPORT: run_export,
+}
+
+
+def _policy(ctx: StepContext, kind: JobKind) -> tuple[int, float, float]:
+    if kind is JobKind.EXPORT:
+        e = ctx.settings.export
+        return e.max_attempts, e.backoff_s, e.max_backoff_s
+    w = ctx.settings.worker
+    return w.max_attempts, w.backoff_s, 300.0
+
+
+def run_job(job: Job, ctx: StepContext) -> JobState:
+    """Run one claimed job and record its outcome; returns the new state."""
+    started = time.monotonic()
+    try:
+        STEPS[job.kind](job, ctx)
+    except Exception as exc:
+        retryable = isinstance(exc, RadBridgeError) and exc.retryable
+        max_attempts, backoff, cap = _policy(ctx, job.kind)
+        message = (
+            f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, RadBridgeError)
+            else f"{type(exc).__name__}: internal error"
+        )
+        if not isinstance(exc, RadBridgeError):
+            logger.error(
+                "job crashed", exc_info=True, extra={"event": "job.error", "job_id": job.id, "kind": job.kind}
+            )
+        if retryable and job.attempts < max_attempts:
+            delay = min(backoff * 2 ** (job.attempts - 1), cap)
+            ctx.index.finish_job(job.id, JobState.PENDING, message, time.time() + delay)
+            state = JobState.PENDING
+        else:
+            state = JobState.DEAD_LETTER if retryable else JobState.FAILED
+            ctx.index.finish_job(job.id, state, message)
+        logger.warning(
+            "job state",
+            extra={
+                "event": "job.state",
+                "job_id": job.id,
+                "kind": job.kind,
+                "to": state,
+                "attempt": job.attempts,
+                "reason": message,
+            },
+        )
+        return state
+    ctx.index.finish_job(job.id, JobState.SUCCEEDED)
+    logger.info(
+        "job state",
+        extra={
+            "event": "job.state",
+            "job_id": job.id,
+            "kind": job.kind,
+            "to": JobState.SUCCEEDED,
+            "attempt": job.attempts,
+            "duration_ms": round(1000 * (time.monotonic() - started)),
+        },
+    )
+    return JobState.SUCCEEDED
+
+
+class Worker:
+    """Background threads that promote quiet studies and run due jobs."""
+
+    def __init__(self, ctx: StepContext) -> None:
+        self.ctx = ctx
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        resumed = self.ctx.index.resume_interrupted()
+        if resumed:
+            logger.info("jobs resumed", extra={"event": "jobs.resumed", "count": resumed})
+        for i in range(max(1, self.ctx.settings.worker.threads)):
+            t = threading.Thread(target=self._loop, args=(i,), name=f"radbridge-worker-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Finish the current job, then stop (the job table holds the rest)."""
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout_s)
+
+    def _loop(self, number: int) -> None:
+        poll = self.ctx.settings.worker.poll_interval_s
+        while not self._stop.is_set():
+            try:
+                if number == 0:
+                    complete_quiet_studies(self.ctx.index, self.ctx.settings.completion.quiet_window_s)
+                job = self.ctx.index.claim_job()
+            except Exception:
+                logger.error("worker loop error", exc_info=True, extra={"event": "worker.error"})
+                job = None
+            if job is None:
+                self._stop.wait(poll)
+                continue
+            run_job(job, self.ctx)

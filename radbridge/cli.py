@@ -1,0 +1,204 @@
+"""The `radbridge` command line: serve, demo, models, status, config show."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from radbridge import __version__
+from radbridge.settings import ConfigError, read_layers, redacted
+
+DESCRIPTION = """\
+RadBridge connects a PACS to medical vision-language models.
+
+A DICOM node (C-STORE SCP) spools incoming studies durably, waits until a study
+is quiet, routes its series to models by rules, streams each series over gRPC
+to the inference service, and sends the answers back as DICOM SEG and SR
+(TID 1500 measurements, TID 2000 narrative) to the configured destinations.
+The default model is the weight-free 'reference' backend (non-clinical).
+"""
+
+EPILOG = """\
+examples:
+  radbridge demo --out out/           synthetic CT in, SEG + SRs out, on loopback
+  radbridge serve --config node.toml  run the node and the inference service
+  radbridge status --config node.toml studies and jobs in the spool index
+  radbridge models                    models the inference service offers
+
+configuration: a TOML file (--config or $RADBRIDGE_CONFIG); every key can be
+overridden by RADBRIDGE_<SECTION>__<KEY>, e.g. RADBRIDGE_SCP__PORT=11112.
+"""
+
+
+def _load(path: str | None) -> tuple[object, object, dict]:
+    from dicom_node.config import SECTIONS as NODE_SECTIONS
+    from dicom_node.config import settings_from as node_settings
+    from inference_service.config import SECTIONS as SERVICE_SECTIONS
+    from inference_service.config import settings_from as service_settings
+
+    data = read_layers(path)
+    unknown = sorted(set(data) - set(NODE_SECTIONS) - set(SERVICE_SECTIONS))
+    if unknown:
+        raise ConfigError(f"Unknown config section(s): {', '.join(unknown)}.")
+    return node_settings(data), service_settings(data), data
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from dicom_node.node import Node
+    from radbridge import logs
+    from radbridge.embedded import EmbeddedInferenceService
+
+    node_settings, service_settings, _ = _load(args.config)
+    logs.configure(node_settings.logging.level, node_settings.logging.json)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    service = None
+    address = node_settings.inference.address
+    if not address:
+        service = EmbeddedInferenceService(service_settings).start()
+        address = service.address
+    node = Node(node_settings, address).start()
+    print(
+        f"radbridge: AE {node_settings.scp.ae_title} listening on {node_settings.scp.host}:{node.port}; "
+        f"inference at {address}",
+        flush=True,
+    )
+    try:
+        stop.wait()
+    finally:
+        node.stop()
+        if service is not None:
+            service.stop()
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from radbridge import logs
+    from radbridge.demo import run_demo
+    from radbridge.summary import summarize
+
+    logs.configure("WARNING", json_lines=True)
+    outcome = run_demo(
+        Path(args.out), slices=args.slices, quiet_window_s=args.quiet_window, progress=not args.no_progress
+    )
+    print(summarize(outcome.files))
+    print(f"study complete in {outcome.seconds:.1f} s; {len(outcome.files)} object(s) written to {args.out}")
+    failed = {k: v for k, v in outcome.job_states.items() if not v.startswith("SUCCEEDED")}
+    for key, value in failed.items():
+        print(f"job {key}: {value}", file=sys.stderr)
+    return 0 if outcome.files and not failed else 1
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from dicom_node.client import InferenceClient
+    from protos.radbridge.v1 import inference_pb2 as pb
+
+    node_settings, service_settings, _ = _load(args.config)
+    address = args.address or node_settings.inference.address
+    service = None
+    if not address:
+        from radbridge.embedded import EmbeddedInferenceService
+
+        service = EmbeddedInferenceService(service_settings).start()
+        address = service.address
+    try:
+        client = InferenceClient(address)
+        response = client.list_models()
+        client.close()
+    finally:
+        if service is not None:
+            service.stop()
+    for m in response.models:
+        tasks = ",".join(pb.TaskKind.Name(t).removeprefix("TASK_KIND_").lower() for t in m.tasks)
+        flags = " (default)" if m.is_default else ""
+        flags += " [non-clinical]" if m.identity.non_clinical else ""
+        print(
+            f"{m.identity.name}{flags}: backend={m.identity.backend} version={m.identity.version} "
+            f"tasks={tasks} modalities={','.join(m.modalities)} ready={m.ready}"
+        )
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from dicom_node.index import Index
+    from dicom_node.spool import Spool, uid_key
+
+    node_settings, _, _ = _load(args.config)
+    index = Index(Spool(node_settings.spool.directory).index_path)
+    doc = {"instances": index.count_instances(), "jobs": []}
+    for job in index.jobs():
+        doc["jobs"].append(
+            {
+                "id": job.id,
+                "kind": str(job.kind),
+                "state": str(job.state),
+                "attempts": job.attempts,
+                "study_key": uid_key(job.study_instance_uid),
+                "error": job.last_error,
+            }
+        )
+    print(json.dumps(doc, indent=2))
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    node_settings, service_settings, _ = _load(args.config)
+    print(json.dumps({"node": redacted(node_settings), "inference": redacted(service_settings)}, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="radbridge",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"radbridge {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("serve", help="run the DICOM node and the inference service")
+    p.add_argument("--config", help="TOML config file (default: $RADBRIDGE_CONFIG or built-in defaults)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("demo", help="synthetic CT in over C-STORE, SEG + SRs out, all on loopback")
+    p.add_argument("--out", required=True, help="directory for the received SEG and SR files")
+    p.add_argument("--slices", type=int, default=120, help="number of CT slices (default 120)")
+    p.add_argument(
+        "--quiet-window", type=float, default=2.0, help="study quiet window in seconds (default 2)"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("models", help="list the models the inference service offers")
+    p.add_argument("--config")
+    p.add_argument("--address", help="host:port of a running inference service")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("status", help="instances and jobs recorded in the spool index")
+    p.add_argument("--config")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("config", help="print the merged configuration (secrets redacted)")
+    p.add_argument("action", choices=["show"])
+    p.add_argument("--config")
+    p.set_defaults(func=cmd_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"radbridge: configuration error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
