@@ -1,0 +1,114 @@
+"""The gRPC server on a real loopback port: contract, errors, health, streaming."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from inference_service.config import ServiceSection, ServiceSettings
+from inference_service.server import SERVICE_NAME, RunningServer, run_server
+from protos.radbridge.v1 import inference_pb2 as pb
+from protos.radbridge.v1 import inference_pb2_grpc as pb_grpc
+from radbridge.synth import phantom_hu
+
+CHUNK = 256 * 1024
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[RunningServer]:
+    running = await run_server(ServiceSettings(inference_service=ServiceSection(port=0, chunk_bytes=CHUNK)))
+    yield running
+    await running.stop(0)
+
+
+def _requests(voxels: np.ndarray, tasks: list[int], modality: str = "CT", total: int | None = None):
+    data = voxels.astype("<i2").tobytes()
+    s, r, c = voxels.shape
+    header = pb.VolumeHeader(
+        spec=pb.AnalysisSpec(tasks=tasks, correlation_id="t1"),
+        geometry=pb.Geometry(
+            slices=s, rows=r, columns=c, samples_per_pixel=1, slice_spacing_mm=2.5, row_spacing_mm=0.7,
+            column_spacing_mm=0.7, image_orientation_patient=[1, 0, 0, 0, 1, 0], image_position_patient=[0, 0, 0],
+            modality=modality, pixel_type=pb.PIXEL_TYPE_INT16, rescaled=True,
+        ),
+        total_bytes=len(data) if total is None else total,
+    )
+    yield pb.AnalyzeVolumeRequest(header=header)
+    for off in range(0, len(data), CHUNK):
+        yield pb.AnalyzeVolumeRequest(chunk=pb.PixelChunk(offset=off, data=data[off : off + CHUNK]))
+
+
+async def test_analyze_streams_progress_masks_then_result(server: RunningServer) -> None:
+    hu = phantom_hu(8)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = pb_grpc.InferenceServiceStub(channel)
+        kinds, chunks, result = [], {}, None
+        async for msg in stub.AnalyzeVolume(_requests(hu, [pb.TASK_KIND_SEGMENT, pb.TASK_KIND_REPORT])):
+            kind = msg.WhichOneof("payload")
+            kinds.append(kind)
+            if kind == "mask_chunk":
+                assert len(msg.mask_chunk.data) <= CHUNK
+                chunks.setdefault(msg.mask_chunk.segment_number, bytearray()).extend(msg.mask_chunk.data)
+            elif kind == "result":
+                result = msg.result
+    assert kinds[0] == "progress" and kinds[-1] == "result"
+    assert result.model.name == "reference" and result.model.non_clinical
+    seg, report = result.tasks
+    assert report.report.findings.startswith("Threshold analysis")
+    for info in seg.masks:
+        packed = bytes(chunks[info.segment_number])
+        assert len(packed) == info.packed_bytes
+        bits = np.unpackbits(np.frombuffer(packed, np.uint8), count=hu.size)
+        assert int(bits.sum()) == info.voxel_count
+
+
+@pytest.mark.parametrize(
+    ("requests_factory", "code", "text"),
+    [
+        (lambda hu: _requests(hu, []), grpc.StatusCode.INVALID_ARGUMENT, "names no task"),
+        (lambda hu: _requests(hu, [pb.TASK_KIND_SEGMENT], total=5), grpc.StatusCode.INVALID_ARGUMENT, "total_bytes"),
+        (lambda hu: _requests(hu, [pb.TASK_KIND_VQA]), grpc.StatusCode.FAILED_PRECONDITION, "cannot do task"),
+        (lambda hu: _requests(hu, [pb.TASK_KIND_SEGMENT], modality="MR"), grpc.StatusCode.FAILED_PRECONDITION, "modality"),
+        (lambda hu: iter([pb.AnalyzeVolumeRequest(chunk=pb.PixelChunk())]), grpc.StatusCode.INVALID_ARGUMENT, "header"),
+        (lambda hu: list(_requests(hu, [pb.TASK_KIND_SEGMENT]))[:-1], grpc.StatusCode.INVALID_ARGUMENT, "Stream ended"),
+    ],
+)
+async def test_bad_requests_get_specific_codes(server: RunningServer, requests_factory, code, text) -> None:  # noqa: ANN001
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = pb_grpc.InferenceServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            async for _ in stub.AnalyzeVolume(iter(requests_factory(phantom_hu(2)))):
+                pass
+    assert info.value.code() == code
+    assert text in info.value.details()
+
+
+async def test_unknown_model_is_not_found(server: RunningServer) -> None:
+    def reqs():
+        messages = list(_requests(phantom_hu(2), [pb.TASK_KIND_SEGMENT]))
+        messages[0].header.spec.model = "ghost"
+        yield from messages
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = pb_grpc.InferenceServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            async for _ in stub.AnalyzeVolume(reqs()):
+                pass
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "ghost" in info.value.details()
+
+
+async def test_list_models_and_health(server: RunningServer) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        models = await pb_grpc.InferenceServiceStub(channel).ListModels(pb.ListModelsRequest())
+        health = health_pb2_grpc.HealthStub(channel)
+        status = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME))
+    (m,) = models.models
+    assert m.identity.name == "reference" and m.is_default and m.ready
+    assert set(m.modalities) == {"CT", "CR", "DX"}
+    assert pb.TASK_KIND_SEGMENT in m.tasks
+    assert status.status == health_pb2.HealthCheckResponse.SERVING
