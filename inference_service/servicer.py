@@ -33,6 +33,19 @@ def _progress(stage: int, fraction: float, message: str) -> pb.AnalyzeVolumeResp
     return pb.AnalyzeVolumeResponse(progress=pb.Progress(stage=stage, fraction=fraction, message=message))
 
 
+async def _drain(requests: AsyncIterator[pb.AnalyzeVolumeRequest], limit_s: float = 10.0) -> None:
+    """Read what the client is still sending, so it sees our status, not a broken stream."""
+
+    async def consume() -> None:
+        async for _ in requests:
+            pass
+
+    try:
+        await asyncio.wait_for(consume(), limit_s)
+    except (TimeoutError, grpc.RpcError, StopAsyncIteration):
+        pass
+
+
 class InferenceServicer(pb_grpc.InferenceServiceServicer):
     def __init__(self, registry: ModelRegistry, scheduler: Scheduler, section: ServiceSection) -> None:
         self.registry = registry
@@ -102,6 +115,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 },
             )
         except InferenceError as exc:
+            await _drain(request_iterator)
             code, message = to_grpc_status(exc)
             logger.warning(
                 "analysis rejected",
