@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -40,10 +41,8 @@ async def _drain(requests: AsyncIterator[pb.AnalyzeVolumeRequest], limit_s: floa
         async for _ in requests:
             pass
 
-    try:
+    with contextlib.suppress(TimeoutError, grpc.RpcError, StopAsyncIteration):
         await asyncio.wait_for(consume(), limit_s)
-    except (TimeoutError, grpc.RpcError, StopAsyncIteration):
-        pass
 
 
 class InferenceServicer(pb_grpc.InferenceServiceServicer):

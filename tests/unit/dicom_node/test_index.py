@@ -8,7 +8,9 @@ from dicom_node.spool import InstanceRef
 
 
 def _ref(tmp_path: Path, sop: str, study: str = "1.2.3", series: str = "1.2.3.1") -> InstanceRef:
-    return InstanceRef(sop, "1.2.840.10008.5.1.4.1.1.2", study, series, "1.2.840.10008.1.2.1", tmp_path / sop, 10)
+    return InstanceRef(
+        sop, "1.2.840.10008.5.1.4.1.1.2", study, series, "1.2.840.10008.1.2.1", tmp_path / sop, 10
+    )
 
 
 def test_quiet_window_completes_once_and_queues_route(tmp_path: Path) -> None:

@@ -13,7 +13,9 @@ def _series(modality: str = "CT", body: str = "CHEST", desc: str = "Axial", aet:
 def test_match_fields() -> None:
     rule = RoutingRule(
         name="r",
-        match=RuleMatch(modality=["ct"], body_part="chest|thorax", series_description="^ax", calling_aet=["CT1"]),
+        match=RuleMatch(
+            modality=["ct"], body_part="chest|thorax", series_description="^ax", calling_aet=["CT1"]
+        ),
     )
     assert rule_matches(rule, _series())
     assert not rule_matches(rule, _series(modality="MR"))

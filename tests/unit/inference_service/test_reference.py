@@ -77,7 +77,10 @@ def test_refuses_what_it_cannot_do(backend: ReferenceBackend) -> None:
     mr = Volume(vol.voxels, Geometry(vol.geometry.shape, (1, 1, 1), (1, 0, 0, 0, 1, 0), (0, 0, 0), "MR"))
     with pytest.raises(UnsupportedTask, match="modality"):
         backend.run([WorkItem(mr, AnalysisSpec("", (TaskKind.SEGMENT,)))], TaskKind.SEGMENT)
-    raw = Volume(vol.voxels, Geometry(vol.geometry.shape, (1, 1, 1), (1, 0, 0, 0, 1, 0), (0, 0, 0), "CT", rescaled=False))
+    raw = Volume(
+        vol.voxels,
+        Geometry(vol.geometry.shape, (1, 1, 1), (1, 0, 0, 0, 1, 0), (0, 0, 0), "CT", rescaled=False),
+    )
     with pytest.raises(InvalidInput, match="Hounsfield"):
         backend.run([WorkItem(raw, AnalysisSpec("", (TaskKind.SEGMENT,)))], TaskKind.SEGMENT)
 

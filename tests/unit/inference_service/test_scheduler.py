@@ -28,7 +28,9 @@ class EchoBackend(Backend):
     modalities = frozenset({"CT"})  # type: ignore[assignment]
     identity = ModelIdentity("echo", "echo", "1")  # type: ignore[assignment]
 
-    def run(self, batch: Sequence[WorkItem], task: TaskKind, progress: ProgressCallback | None = None) -> list[TaskResult]:
+    def run(
+        self, batch: Sequence[WorkItem], task: TaskKind, progress: ProgressCallback | None = None
+    ) -> list[TaskResult]:
         self.gate.wait(5)
         self.batches.append([i.spec.correlation_id for i in batch])
         if progress:
@@ -38,7 +40,10 @@ class EchoBackend(Backend):
 
 def _item(cid: str, modality: str = "CT") -> WorkItem:
     g = Geometry((1, 2, 2), (1, 1, 1), (1, 0, 0, 0, 1, 0), (0, 0, 0), modality)
-    return WorkItem(Volume(np.zeros((1, 2, 2), np.float32), g), AnalysisSpec("echo", (TaskKind.REPORT,), correlation_id=cid))
+    return WorkItem(
+        Volume(np.zeros((1, 2, 2), np.float32), g),
+        AnalysisSpec("echo", (TaskKind.REPORT,), correlation_id=cid),
+    )
 
 
 async def test_concurrent_requests_are_micro_batched_in_order() -> None:
@@ -46,7 +51,10 @@ async def test_concurrent_requests_are_micro_batched_in_order() -> None:
     sched = Scheduler(max_batch=4, batch_wait_ms=50)
     seen: list[str] = []
     results = await asyncio.gather(
-        *[sched.submit(backend, _item(str(i)), TaskKind.REPORT, lambda f, m: seen.append(m)) for i in range(6)]
+        *[
+            sched.submit(backend, _item(str(i)), TaskKind.REPORT, lambda f, m: seen.append(m))
+            for i in range(6)
+        ]
     )
     await sched.close()
     assert [r.answer for r in results] == [str(i) for i in range(6)]

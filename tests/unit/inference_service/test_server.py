@@ -31,9 +31,18 @@ def _requests(voxels: np.ndarray, tasks: list[int], modality: str = "CT", total:
     header = pb.VolumeHeader(
         spec=pb.AnalysisSpec(tasks=tasks, correlation_id="t1"),
         geometry=pb.Geometry(
-            slices=s, rows=r, columns=c, samples_per_pixel=1, slice_spacing_mm=2.5, row_spacing_mm=0.7,
-            column_spacing_mm=0.7, image_orientation_patient=[1, 0, 0, 0, 1, 0], image_position_patient=[0, 0, 0],
-            modality=modality, pixel_type=pb.PIXEL_TYPE_INT16, rescaled=True,
+            slices=s,
+            rows=r,
+            columns=c,
+            samples_per_pixel=1,
+            slice_spacing_mm=2.5,
+            row_spacing_mm=0.7,
+            column_spacing_mm=0.7,
+            image_orientation_patient=[1, 0, 0, 0, 1, 0],
+            image_position_patient=[0, 0, 0],
+            modality=modality,
+            pixel_type=pb.PIXEL_TYPE_INT16,
+            rescaled=True,
         ),
         total_bytes=len(data) if total is None else total,
     )
@@ -70,11 +79,27 @@ async def test_analyze_streams_progress_masks_then_result(server: RunningServer)
     ("requests_factory", "code", "text"),
     [
         (lambda hu: _requests(hu, []), grpc.StatusCode.INVALID_ARGUMENT, "names no task"),
-        (lambda hu: _requests(hu, [pb.TASK_KIND_SEGMENT], total=5), grpc.StatusCode.INVALID_ARGUMENT, "total_bytes"),
+        (
+            lambda hu: _requests(hu, [pb.TASK_KIND_SEGMENT], total=5),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "total_bytes",
+        ),
         (lambda hu: _requests(hu, [pb.TASK_KIND_VQA]), grpc.StatusCode.FAILED_PRECONDITION, "cannot do task"),
-        (lambda hu: _requests(hu, [pb.TASK_KIND_SEGMENT], modality="MR"), grpc.StatusCode.FAILED_PRECONDITION, "modality"),
-        (lambda hu: iter([pb.AnalyzeVolumeRequest(chunk=pb.PixelChunk())]), grpc.StatusCode.INVALID_ARGUMENT, "header"),
-        (lambda hu: list(_requests(hu, [pb.TASK_KIND_SEGMENT]))[:-1], grpc.StatusCode.INVALID_ARGUMENT, "Stream ended"),
+        (
+            lambda hu: _requests(hu, [pb.TASK_KIND_SEGMENT], modality="MR"),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "modality",
+        ),
+        (
+            lambda hu: iter([pb.AnalyzeVolumeRequest(chunk=pb.PixelChunk())]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "header",
+        ),
+        (
+            lambda hu: list(_requests(hu, [pb.TASK_KIND_SEGMENT]))[:-1],
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "Stream ended",
+        ),
     ],
 )
 async def test_bad_requests_get_specific_codes(server: RunningServer, requests_factory, code, text) -> None:  # noqa: ANN001
