@@ -32,6 +32,14 @@ LANGUAGES = {
     "en": hd.sr.CodedConcept("en", "RFC5646", "English"),
     "zh": hd.sr.CodedConcept("zh", "RFC5646", "Chinese"),
 }
+LOCAL_SCHEME = "99RADBRIDGE"  # private coding scheme (PS3.16 8.2: "99" prefix)
+PROVENANCE = hd.sr.CodedConcept("PROV", LOCAL_SCHEME, "Model provenance")
+ALGORITHM_NAME = hd.sr.CodedConcept("111001", "DCM", "Algorithm Name")
+ALGORITHM_VERSION = hd.sr.CodedConcept("111003", "DCM", "Algorithm Version")
+WEIGHTS_SHA256 = hd.sr.CodedConcept("SHA256", LOCAL_SCHEME, "Model weights SHA-256")
+PROMPT_ID = hd.sr.CodedConcept("PROMPT", LOCAL_SCHEME, "Prompt identifier")
+RAW_OUTPUT = hd.sr.CodedConcept("RAW", LOCAL_SCHEME, "Raw model output")
+TASK_NAME = hd.sr.CodedConcept("TASK", LOCAL_SCHEME, "Model task")
 PROJECTION = frozenset({"CR", "DX", "MG", "XA", "RF", "IO", "PX"})
 
 
@@ -311,6 +319,29 @@ class ResultWriter:
             return None
         return [hd.sr.Measurement(name=PROBABILITY, value=float(score), unit=NO_UNITS)]
 
+    def _provenance(self) -> hd.sr.ContainerContentItem:
+        """Model identity, weights checksum, prompt ids and raw outputs, kept for audit."""
+        contains = hd.sr.RelationshipTypeValues.CONTAINS
+
+        def text(concept: hd.sr.CodedConcept, value: str) -> hd.sr.TextContentItem:
+            return hd.sr.TextContentItem(name=concept, value=value, relationship_type=contains)
+
+        entries = [
+            text(ALGORITHM_NAME, self.model.name or "unknown"),
+            text(ALGORITHM_VERSION, self.model.version or "unknown"),
+        ]
+        if self.model.weights_sha256:
+            entries.append(text(WEIGHTS_SHA256, self.model.weights_sha256))
+        for task in self.result.tasks:
+            entries.append(text(TASK_NAME, pb.TaskKind.Name(task.task).removeprefix("TASK_KIND_").lower()))
+            if task.prompt_id:
+                entries.append(text(PROMPT_ID, task.prompt_id))
+            if task.raw_output:
+                entries.append(text(RAW_OUTPUT, task.raw_output))
+        container = hd.sr.ContainerContentItem(name=PROVENANCE, relationship_type=contains)
+        container.ContentSequence = hd.sr.ContentSequence(entries)
+        return container
+
     # -- TID 2000 narrative ----------------------------------------------------------
     def build_narrative(self) -> hd.sr.EnhancedSR:
         root = hd.sr.ContainerContentItem(name=TITLE, template_id="2000")
@@ -352,6 +383,7 @@ class ResultWriter:
                 ]
             )
             items.append(container)
+        items.append(self._provenance())
         root.ContentSequence = hd.sr.ContentSequence(items)
         sr = hd.sr.EnhancedSR(
             evidence=self.sources,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import highdicom as hd
 import numpy as np
+import pydicom
 import pytest
 
 from dicom_node.client import AnalysisOutcome
@@ -121,3 +122,46 @@ def test_uids_change_with_model_version(small_ct_files: list[Path], outputs) -> 
     result.model.version = "2.0.0"
     seg = ResultWriter(vol.sources, result, outcome.masks).build_seg()
     assert seg.SOPInstanceUID != objs["seg"].SOPInstanceUID
+
+
+def test_chinese_report_round_trips_with_language_and_provenance(
+    small_ct_files: list[Path], tmp_path: Path
+) -> None:
+    from protos.radbridge.v1 import inference_pb2 as pb
+
+    vol = read_series(small_ct_files[:3])
+    findings = "双肺纹理清晰，未见明确结节。"
+    result = pb.AnalysisResult(
+        model=pb.ModelIdentity(name="sunmed", backend="llava", version="r1", weights_sha256="ab" * 32),
+        tasks=[
+            pb.TaskResult(
+                task=pb.TASK_KIND_REPORT,
+                report=pb.ReportText(findings=findings, impression="无异常。", language="zh"),
+                prompt_id="report-zh-v1",
+                raw_output="<raw> " + findings,
+            )
+        ],
+    )
+    (obj,) = ResultWriter(vol.sources, result, {}).build_all()
+    path = tmp_path / "zh.dcm"
+    obj.dataset.save_as(path, enforce_file_format=True)
+    ds = pydicom.dcmread(path)
+    assert ds.SpecificCharacterSet == "ISO_IR 192"
+    items = {}
+
+    def walk(seq) -> None:  # noqa: ANN001
+        for it in seq:
+            name = it.ConceptNameCodeSequence[0].CodeMeaning
+            if it.ValueType == "TEXT":
+                items.setdefault(name, []).append(it.TextValue)
+            elif it.ValueType == "CODE":
+                items.setdefault(name, []).append(it.ConceptCodeSequence[0].CodeValue)
+            walk(it.get("ContentSequence", []))
+
+    walk(ds.ContentSequence)
+    assert items["Finding"] == [findings]
+    assert items["Impression"] == ["无异常。"]
+    assert items["Language of Content Item and Descendants"] == ["zh"]
+    assert items["Model weights SHA-256"] == ["ab" * 32]
+    assert items["Prompt identifier"] == ["report-zh-v1"]
+    assert items["Raw model output"] == ["<raw> " + findings]
