@@ -12,14 +12,30 @@ import pytest
 
 from tests.peers import assert_valid_dicom_object
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.slow,
+    pytest.mark.usefixtures("require_dcmtk", "require_dicom3tools"),
+]
 
 
 def test_demo_writes_valid_seg_and_srs(tmp_path: Path) -> None:
     out = tmp_path / "out"
     run = subprocess.run(
-        [sys.executable, "-m", "radbridge.cli", "demo", "--out", str(out), "--slices", "100", "--no-progress"],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "radbridge.cli",
+            "demo",
+            "--out",
+            str(out),
+            "--slices",
+            "100",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     files = sorted(out.glob("*.dcm"))
@@ -33,7 +49,9 @@ def test_demo_writes_valid_seg_and_srs(tmp_path: Path) -> None:
         if ds.Modality == "SEG":
             seg = hd.seg.Segmentation.from_dataset(ds)
             assert [seg.get_segment_description(n).segment_label for n in seg.segment_numbers] == [
-                "Lungs", "Bone", "Soft tissue"
+                "Lungs",
+                "Bone",
+                "Soft tissue",
             ]
         else:
             hd.sr.srread(f)

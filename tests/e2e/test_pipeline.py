@@ -29,7 +29,12 @@ from inference_service.backends.reference import segment_ct
 from radbridge.synth import SyntheticPatient, cr_chest_path, ct_series, write_series
 from tests.peers import OrthancServer, assert_valid_dicom_object, free_port, storescu
 
-pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.slow]
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.integration,
+    pytest.mark.slow,
+    pytest.mark.usefixtures("require_dcmtk", "require_dicom3tools"),
+]
 PATIENT = SyntheticPatient(name="PHITEST^SENTINEL^NAME", patient_id="PHI-ID-424242", accession="PHIACC777")
 SEG_UID = "1.2.840.10008.5.1.4.1.1.66.4"
 WAIT_S = 300
@@ -101,20 +106,26 @@ def _study_objects(orthanc: OrthancServer, study_uid: str) -> dict[str, list[dic
     return by_modality
 
 
-def _wait_for_outputs(orthanc: OrthancServer, study_uid: str, expected: dict[str, int]) -> dict[str, list[dict]]:
+def _wait_for_outputs(
+    orthanc: OrthancServer, study_uid: str, expected: dict[str, int]
+) -> dict[str, list[dict]]:
     deadline = time.monotonic() + WAIT_S
     while time.monotonic() < deadline:
         objs = _study_objects(orthanc, study_uid)
         if all(len(objs.get(m, [])) >= n for m, n in expected.items()):
             return objs
         time.sleep(1.0)
-    raise AssertionError(f"Orthanc did not receive {expected} in time; has {_study_objects(orthanc, study_uid)}")
+    raise AssertionError(
+        f"Orthanc did not receive {expected} in time; has {_study_objects(orthanc, study_uid)}"
+    )
 
 
 def _status(config: Path) -> dict:
     out = subprocess.run(
         [sys.executable, "-m", "radbridge.cli", "status", "--config", str(config)],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return json.loads(out.stdout)
 
@@ -171,7 +182,9 @@ def test_ct_and_cr_round_trip_through_orthanc(pipeline, tmp_path: Path) -> None:
     labels = {seg.get_segment_description(n).segment_label: n for n in seg.segment_numbers}
     uids = [ds.SOPInstanceUID for ds in vol.sources]
     for label, key in (("Lungs", "lungs"), ("Bone", "bone"), ("Soft tissue", "soft")):
-        got = seg.get_pixels_by_source_instance(uids, segment_numbers=[labels[label]], skip_overlap_checks=True)
+        got = seg.get_pixels_by_source_instance(
+            uids, segment_numbers=[labels[label]], skip_overlap_checks=True
+        )
         np.testing.assert_array_equal(got[..., 0].astype(bool), expected[key], err_msg=label)
 
     # CR SEG: the single frame references the CR and keeps its PatientOrientation.
@@ -212,5 +225,11 @@ def test_ct_and_cr_round_trip_through_orthanc(pipeline, tmp_path: Path) -> None:
     assert serve.stop() == 0
     log = serve.log_path.read_text()
     assert log.strip(), "serve wrote no log lines"
-    for value in (PATIENT.name, PATIENT.patient_id, PATIENT.accession, str(cr_ds.PatientName), cr_ds.PatientID):
+    for value in (
+        PATIENT.name,
+        PATIENT.patient_id,
+        PATIENT.accession,
+        str(cr_ds.PatientName),
+        cr_ds.PatientID,
+    ):
         assert value and value not in log

@@ -1,0 +1,34 @@
+"""Fixtures for real peers; a missing peer is a skip that names what is missing."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.peers import DICOMWEB_PLUGIN, ORTHANC_BIN, OrthancServer, missing_tools
+
+
+@pytest.fixture
+def orthanc(tmp_path: Path) -> Iterator[OrthancServer]:
+    if not os.access(ORTHANC_BIN, os.X_OK):
+        pytest.skip(f"Orthanc not installed ({ORTHANC_BIN}); apt-get install orthanc")
+    if not Path(DICOMWEB_PLUGIN).exists():
+        pytest.skip(f"Orthanc DICOMweb plugin missing ({DICOMWEB_PLUGIN}); apt-get install orthanc-dicomweb")
+    with OrthancServer(tmp_path / "orthanc") as server:
+        yield server
+
+
+@pytest.fixture
+def require_dcmtk() -> None:
+    missing = missing_tools("storescu", "echoscu", "dsrdump")
+    if missing:
+        pytest.skip(f"dcmtk tools missing: {', '.join(missing)}; apt-get install dcmtk")
+
+
+@pytest.fixture
+def require_dicom3tools() -> None:
+    if missing_tools("dciodvfy"):
+        pytest.skip("dciodvfy missing; apt-get install dicom3tools")

@@ -1,0 +1,207 @@
+"""Real DICOM peers for tests: Orthanc (+ DICOMweb), dcmtk clients, dicom3tools/dcmtk validators.
+
+Every server starts on loopback ports chosen by the OS and is stopped by the
+test that started it. dcmtk tools (and Orthanc, which links dcmtk) run with
+TCP_NODELAY=1 (dcmtk FAQ #48: Nagle's algorithm makes them ~30x slower).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+ORTHANC_BIN = "/usr/sbin/Orthanc"
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+DCIODVFY_IGNORED = ("needed to build DICOMDIR",)
+
+
+def free_port() -> int:
+    """A loopback TCP port that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def dcmtk_env() -> dict[str, str]:
+    return {**os.environ, "TCP_NODELAY": "1"}
+
+
+def missing_tools(*names: str) -> list[str]:
+    return [n for n in names if shutil.which(n) is None]
+
+
+# -- dcmtk clients -------------------------------------------------------------------
+@dataclass(frozen=True)
+class ToolResult:
+    returncode: int
+    stdout: str
+    stderr: str
+    errors: list[str] = field(default_factory=list)  # "E:" / "F:" lines
+
+
+def _run_dcmtk(args: list[str], timeout_s: float) -> ToolResult:
+    proc = subprocess.run(args, capture_output=True, text=True, env=dcmtk_env(), timeout=timeout_s)
+    lines = (proc.stdout + proc.stderr).splitlines()
+    errors = [ln for ln in lines if ln.startswith(("E:", "F:"))]
+    return ToolResult(proc.returncode, proc.stdout, proc.stderr, errors)
+
+
+def storescu(
+    paths: list[Path],
+    host: str,
+    port: int,
+    called_aet: str,
+    calling_aet: str = "STORESCU",
+    timeout_s: float = 600,
+) -> ToolResult:
+    """dcmtk storescu -R: proposes exactly the files' SOP classes (SEG and 3D SR included).
+
+    storescu exits 0 even when it skipped files ("E: No presentation context"),
+    so callers must treat any ``errors`` line as a failure.
+    """
+    args = ["storescu", "-R", "-aet", calling_aet, "-aec", called_aet, host, str(port), *map(str, paths)]
+    return _run_dcmtk(args, timeout_s)
+
+
+def echoscu(host: str, port: int, called_aet: str, calling_aet: str = "ECHOSCU") -> ToolResult:
+    return _run_dcmtk(["echoscu", "-aet", calling_aet, "-aec", called_aet, host, str(port)], 30)
+
+
+# -- validators ----------------------------------------------------------------------
+def dciodvfy(path: Path) -> list[str]:
+    """The Error lines dciodvfy prints for a file (empty = valid)."""
+    proc = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=120)
+    lines = (proc.stdout + proc.stderr).splitlines()
+    return [ln for ln in lines if ln.startswith("Error") and not any(i in ln for i in DCIODVFY_IGNORED)]
+
+
+def dsrdump(path: Path) -> tuple[int, str]:
+    proc = subprocess.run(["dsrdump", str(path)], capture_output=True, text=True, timeout=120)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def assert_valid_dicom_object(path: Path) -> None:
+    """dciodvfy reports no Error; an SR also parses with dsrdump (exit 0, no E:/F: lines)."""
+    errors = dciodvfy(path)
+    assert not errors, f"dciodvfy errors in {path.name}:\n" + "\n".join(errors)
+    import pydicom
+
+    if pydicom.dcmread(path, stop_before_pixels=True).Modality == "SR":
+        code, out = dsrdump(path)
+        bad = [ln for ln in out.splitlines() if ln.startswith(("E:", "F:"))]
+        assert code == 0 and not bad, f"dsrdump failed on {path.name} ({code}):\n" + "\n".join(bad)
+
+
+# -- Orthanc -------------------------------------------------------------------------
+class OrthancServer:
+    """An Orthanc with its DICOMweb plugin, in a temporary directory, on free ports."""
+
+    aet = "ORTHANC"
+
+    def __init__(self, workdir: Path, modalities: dict[str, list[Any]] | None = None) -> None:
+        self.workdir = Path(workdir)
+        self.dicom_port = free_port()
+        self.http_port = free_port()
+        self.modalities = modalities or {}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = self.workdir / "orthanc.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def dicomweb_url(self) -> str:
+        return f"{self.url}/dicom-web"
+
+    def _config(self) -> dict[str, Any]:
+        return {
+            "Name": "radbridge-test",
+            "StorageDirectory": str(self.workdir / "storage"),
+            "IndexDirectory": str(self.workdir / "index"),
+            "DicomAet": self.aet,
+            "DicomPort": self.dicom_port,
+            "HttpPort": self.http_port,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "UnknownSopClassAccepted": True,
+            "DicomCheckCalledAet": False,
+            "StableAge": 2,
+            "Plugins": [DICOMWEB_PLUGIN],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+            "DicomModalities": self.modalities,
+        }
+
+    def start(self, timeout_s: float = 30.0) -> OrthancServer:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        cfg = self.workdir / "orthanc.json"
+        cfg.write_text(json.dumps(self._config(), indent=2))
+        log = open(self.log_path, "wb")  # noqa: SIM115 - owned by the process
+        self.proc = subprocess.Popen(
+            [ORTHANC_BIN, str(cfg)], stdout=log, stderr=subprocess.STDOUT, env=dcmtk_env()
+        )
+        log.close()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                break
+            try:
+                self.get_json("/system")
+                return self
+            except OSError:
+                time.sleep(0.2)
+        tail = self.log_path.read_text(errors="replace")[-3000:]
+        self.stop()
+        raise RuntimeError(f"Orthanc did not start:\n{tail}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def __enter__(self) -> OrthancServer:
+        return self.start()
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    # -- REST ----------------------------------------------------------------------
+    def _request(self, path: str, data: bytes | None = None, headers: dict[str, str] | None = None) -> bytes:
+        req = urllib.request.Request(self.url + path, data=data, headers=headers or {})
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.read()
+
+    def get_json(self, path: str) -> Any:
+        return json.loads(self._request(path))
+
+    def post_json(self, path: str, body: Any) -> Any:
+        return json.loads(
+            self._request(path, json.dumps(body).encode(), {"Content-Type": "application/json"})
+        )
+
+    def find_instances(self, **query: str) -> list[dict[str, Any]]:
+        """/tools/find at instance level, expanded (MainDicomTags + parent ids)."""
+        return self.post_json("/tools/find", {"Level": "Instance", "Query": query, "Expand": True})
+
+    def instance_file(self, orthanc_id: str) -> bytes:
+        return self._request(f"/instances/{orthanc_id}/file")
+
+    def qido(self, path: str) -> Any:
+        return json.loads(self._request(f"/dicom-web{path}", headers={"Accept": "application/dicom+json"}))

@@ -1,0 +1,89 @@
+"""Job outcomes: retry with backoff, dead letter, non-retryable failures, unrouted studies."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from dicom_node.config import (
+    ExportSection,
+    ExportTarget,
+    NodeSettings,
+    RoutingRule,
+    RoutingSection,
+    RuleMatch,
+    SpoolSection,
+)
+from dicom_node.index import Index, JobKind, JobState, StudyState
+from dicom_node.spool import Spool
+from dicom_node.worker import StepContext, run_job
+from tests.peers import free_port
+
+
+def _ctx(tmp_path: Path, settings: NodeSettings) -> StepContext:
+    spool = Spool(tmp_path / "spool")
+    return StepContext(
+        settings, spool, Index(spool.index_path), client_factory=lambda: pytest.fail("no inference")
+    )
+
+
+def test_export_to_a_dead_peer_backs_off_then_dead_letters(
+    tmp_path: Path, small_ct_files: list[Path]
+) -> None:
+    target = ExportTarget(host="127.0.0.1", port=free_port(), ae_title="NOBODY")
+    settings = NodeSettings(
+        spool=SpoolSection(tmp_path / "spool"),
+        export=ExportSection(targets={"pacs": target}, max_attempts=2, backoff_s=0.01),
+    )
+    ctx = _ctx(tmp_path, settings)
+    ctx.index.add_job(JobKind.EXPORT, "k", "1.2.3", {"path": str(small_ct_files[0]), "target": "pacs"})
+    first = ctx.index.claim_job()
+    assert run_job(first, ctx) is JobState.PENDING
+    (job,) = ctx.index.jobs()
+    assert (
+        job.next_try_time > time.time() - 1
+        and "Cannot connect" in job.last_error
+        or "not established" in job.last_error
+    )
+    time.sleep(0.05)
+    second = ctx.index.claim_job()
+    assert second is not None and second.attempts == 2
+    assert run_job(second, ctx) is JobState.DEAD_LETTER
+    assert ctx.index.jobs()[0].state is JobState.DEAD_LETTER
+
+
+def test_unknown_target_fails_without_retry(tmp_path: Path) -> None:
+    ctx = _ctx(tmp_path, NodeSettings(spool=SpoolSection(tmp_path / "spool")))
+    ctx.index.add_job(JobKind.EXPORT, "k", "1.2.3", {"path": "x", "target": "gone"})
+    assert run_job(ctx.index.claim_job(), ctx) is JobState.FAILED
+    assert "no longer exists" in ctx.index.jobs()[0].last_error
+
+
+def test_study_no_rule_matches_is_recorded_unrouted(tmp_path: Path, small_ct_files: list[Path]) -> None:
+    settings = NodeSettings(
+        spool=SpoolSection(tmp_path / "spool"),
+        routing=RoutingSection(rules=[RoutingRule(name="mr-only", match=RuleMatch(modality=["MR"]))]),
+    )
+    ctx = _ctx(tmp_path, settings)
+    import pydicom
+
+    from dicom_node.spool import InstanceRef
+
+    ds = pydicom.dcmread(small_ct_files[0], stop_before_pixels=True)
+    ref = InstanceRef(
+        ds.SOPInstanceUID,
+        ds.SOPClassUID,
+        ds.StudyInstanceUID,
+        ds.SeriesInstanceUID,
+        "1.2.840.10008.1.2.1",
+        small_ct_files[0],
+        1,
+    )
+    ctx.index.add_instance(ref, "CT", "SCU", now=0.0)
+    ctx.index.complete_study(ds.StudyInstanceUID, 1.0, now=10.0)
+    assert run_job(ctx.index.claim_job(), ctx) is JobState.SUCCEEDED
+    study = ctx.index.study(ds.StudyInstanceUID)
+    assert study["state"] == StudyState.UNROUTED and "CT" in study["reason"]
+    assert [j.kind for j in ctx.index.jobs()] == [JobKind.ROUTE]
