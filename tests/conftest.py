@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from radbridge.synth import ct_series, write_series
 from tests.peers import DICOMWEB_PLUGIN, ORTHANC_BIN, OrthancServer, missing_tools
 
 
@@ -32,3 +33,9 @@ def require_dcmtk() -> None:
 def require_dicom3tools() -> None:
     if missing_tools("dciodvfy"):
         pytest.skip("dciodvfy missing; apt-get install dicom3tools")
+
+
+@pytest.fixture(scope="session")
+def small_ct_files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """A 512x512 synthetic CT series of 24 slices written to disk (slice order)."""
+    return write_series(ct_series(n_slices=24), tmp_path_factory.mktemp("ct"))

@@ -80,13 +80,17 @@ def echoscu(host: str, port: int, called_aet: str, calling_aet: str = "ECHOSCU")
 # -- validators ----------------------------------------------------------------------
 def dciodvfy(path: Path) -> list[str]:
     """The Error lines dciodvfy prints for a file (empty = valid)."""
-    proc = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        ["dciodvfy", str(path)], capture_output=True, text=True, errors="replace", timeout=120
+    )
     lines = (proc.stdout + proc.stderr).splitlines()
     return [ln for ln in lines if ln.startswith("Error") and not any(i in ln for i in DCIODVFY_IGNORED)]
 
 
 def dsrdump(path: Path) -> tuple[int, str]:
-    proc = subprocess.run(["dsrdump", str(path)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        ["dsrdump", str(path)], capture_output=True, text=True, errors="replace", timeout=120
+    )
     return proc.returncode, proc.stdout + proc.stderr
 
 
