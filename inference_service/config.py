@@ -17,6 +17,8 @@ DEFAULT_PORT = 50051
 DEFAULT_MAX_VOLUME_BYTES = 4 * 1024**3
 DEFAULT_CHUNK_BYTES = 1024 * 1024  # well under gRPC's 4 MiB message limit
 SECTIONS = ("inference_service", "models")
+#: Backend types a [models.<name>] entry may name (registry.BACKEND_TYPES implements them).
+BACKEND_KINDS = ("reference", "medgemma", "paligemma", "siglip", "llava")
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,12 @@ class ModelSection:
     prompts: dict[str, str] = field(default_factory=dict)
     labels: dict[str, list[str]] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKEND_KINDS:
+            raise ValueError(f"Unknown backend {self.backend!r}; known: {', '.join(BACKEND_KINDS)}.")
+        if self.backend != "reference" and self.path is None:
+            raise ValueError(f"Backend {self.backend!r} needs a local checkpoint 'path'.")
 
 
 def _default_models() -> dict[str, ModelSection]:

@@ -192,11 +192,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from inference_service.errors import InferenceError
+
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
     except ConfigError as exc:
         print(f"radbridge: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except InferenceError as exc:  # e.g. a checkpoint directory is missing a file (at start-up)
+        print(f"radbridge: inference service cannot start: {exc}", file=sys.stderr)
         return 2
 
 

@@ -68,3 +68,17 @@ def test_service_default_model_must_exist() -> None:
 def test_redaction_hides_secrets() -> None:
     view = redacted({"api_token": "abc", "port": 1})
     assert view == {"api_token": "***", "port": 1}
+
+
+def test_model_entries_are_checked_at_load() -> None:
+    with pytest.raises(ConfigError, match="Unknown backend"):
+        service_settings_from({"models": {"x": {"backend": "nonesuch"}}})
+    with pytest.raises(ConfigError, match="needs a local checkpoint"):
+        service_settings_from({"models": {"mg": {"backend": "medgemma"}}})
+
+
+def test_registry_implements_every_declared_backend_kind() -> None:
+    from inference_service.backends.registry import BACKEND_TYPES
+    from inference_service.config import BACKEND_KINDS
+
+    assert set(BACKEND_TYPES) == set(BACKEND_KINDS)
