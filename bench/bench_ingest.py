@@ -61,7 +61,9 @@ def bench_storescp(files: list[Path], work: Path) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--instances", type=int, default=200)
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
@@ -69,7 +71,10 @@ def main() -> None:
         files = write_series(ct_series(n_slices=args.instances), Path(tmp) / "ct")
         rows = {"dcmtk storescp": [], "radbridge SCP (fsync + index)": []}
         for i in range(args.repeat):
-            for name, fn in (("dcmtk storescp", bench_storescp), ("radbridge SCP (fsync + index)", bench_radbridge)):
+            for name, fn in (
+                ("dcmtk storescp", bench_storescp),
+                ("radbridge SCP (fsync + index)", bench_radbridge),
+            ):
                 work = Path(tmp) / f"{i}-{name.split()[0]}"
                 work.mkdir()
                 rows[name].append(fn(files, work))
