@@ -226,6 +226,10 @@ class Index:
                 (state, reason, time.time(), study_uid),
             )
 
+    def studies(self) -> list[dict[str, Any]]:
+        rows = self._conn().execute("SELECT * FROM studies ORDER BY last_received_time").fetchall()
+        return [dict(r) for r in rows]
+
     def study(self, study_uid: str) -> dict[str, Any] | None:
         row = (
             self._conn().execute("SELECT * FROM studies WHERE study_instance_uid=?", (study_uid,)).fetchone()

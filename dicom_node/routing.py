@@ -75,11 +75,13 @@ def rule_matches(rule: RoutingRule, series: SeriesInfo) -> bool:
     )
 
 
-def route(series: Sequence[SeriesInfo], rules: Sequence[RoutingRule]) -> list[tuple[SeriesInfo, RoutingRule]]:
+def route(
+    series: Sequence[SeriesInfo], rules: Sequence[RoutingRule], min_instances: int = 1
+) -> list[tuple[SeriesInfo, RoutingRule]]:
     """Every (series, rule) pair to analyze, in a stable order."""
     pairs = []
     for s in series:
-        if s.modality.upper() in NON_IMAGE_MODALITIES:
+        if s.modality.upper() in NON_IMAGE_MODALITIES or len(s.paths) < min_instances:
             continue
         pairs.extend((s, rule) for rule in rules if rule_matches(rule, s))
     return pairs

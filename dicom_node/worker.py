@@ -41,7 +41,7 @@ class StepContext:
 
 def run_route(job: Job, ctx: StepContext) -> None:
     series = group_series(ctx.index.study_instances(job.study_instance_uid))
-    pairs = route(series, ctx.settings.routing.rules)
+    pairs = route(series, ctx.settings.routing.rules, ctx.settings.routing.min_instances)
     for s, rule in pairs:
         ctx.index.add_job(
             JobKind.ANALYZE,

@@ -130,7 +130,15 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     node_settings, _, _ = _load(args.config)
     index = Index(Spool(node_settings.spool.directory).index_path)
-    doc = {"instances": index.count_instances(), "jobs": []}
+    doc: dict = {"instances": index.count_instances(), "studies": [], "jobs": []}
+    for study in index.studies():
+        doc["studies"].append(
+            {
+                "study_key": uid_key(study["study_instance_uid"]),
+                "state": study["state"],
+                "reason": study["reason"],
+            }
+        )
     for job in index.jobs():
         doc["jobs"].append(
             {

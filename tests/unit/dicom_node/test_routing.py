@@ -32,3 +32,8 @@ def test_every_matching_rule_routes_and_non_images_never() -> None:
 
 def test_no_rule_no_pairs() -> None:
     assert route([_series(modality="MR")], [RoutingRule(name="ct", match=RuleMatch(modality=["CT"]))]) == []
+
+
+def test_min_instances_skips_small_series() -> None:
+    assert route([_series()], [RoutingRule(name="a")], min_instances=2) == []
+    assert len(route([_series()], [RoutingRule(name="a")], min_instances=1)) == 1
