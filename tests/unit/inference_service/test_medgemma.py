@@ -1,0 +1,204 @@
+"""MedGemma backend on a tiny random Gemma 3 checkpoint, loaded through the production loader."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from inference_service.backends._hf import ForcedTokens
+from inference_service.backends.base import ModelConfig, WorkItem
+from inference_service.backends.medgemma import MedGemmaBackend, prepare
+from inference_service.errors import CheckpointError
+from inference_service.preprocess import SquareFit
+from inference_service.types import AnalysisSpec, Geometry, TaskKind, Volume
+from tests.unit.inference_service.tiny_checkpoints import build_medgemma
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning"
+)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_medgemma(tmp_path_factory.mktemp("medgemma"))
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise OSError("network access attempted in an offline test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.fixture
+def backend(checkpoint: Path, no_network: None) -> MedGemmaBackend:
+    b = MedGemmaBackend(
+        ModelConfig(
+            name="medgemma-tiny",
+            backend="medgemma",
+            path=checkpoint,
+            labels={"pleural effusion": ["60046008", "SCT", "Pleural effusion"]},
+            options={"max_new_tokens": 120},
+        )
+    )
+    b.load()
+    return b
+
+
+def _cxr(rows: int = 300, cols: int = 200) -> Volume:
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 4096, size=(1, rows, cols)).astype(np.float32)
+    g = Geometry((1, rows, cols), (0, 0.2, 0.2), (1, 0, 0, 0, 1, 0), (0, 0, 0), "CR", rescaled=False)
+    return Volume(img, g)
+
+
+def _force(backend: MedGemmaBackend, text: str) -> None:
+    tok = backend.processor.tokenizer
+    ids = tok.encode(text, add_special_tokens=False)
+    assert tok.decode(ids) == text, "the tiny vocabulary must cover the forced text"
+    eos = tok.convert_tokens_to_ids("<end_of_turn>")
+    backend.logits_processors = [lambda n: ForcedTokens(ids, eos, n)]
+
+
+def _run(backend: MedGemmaBackend, task: TaskKind, volume: Volume | None = None, **spec) -> object:  # noqa: ANN003
+    item = WorkItem(volume or _cxr(), AnalysisSpec("medgemma-tiny", (task,), **spec))
+    (result,) = backend.run([item], task)
+    return result
+
+
+def test_identity_carries_version_and_weights_checksum(backend: MedGemmaBackend) -> None:
+    ident = backend.identity
+    assert ident.backend == "medgemma" and len(ident.weights_sha256) == 64
+    assert ident.weights_sha256[:12] in ident.version
+
+
+def test_forced_report_is_split_into_findings_and_impression(backend: MedGemmaBackend) -> None:
+    _force(backend, "Findings: Small right pleural effusion.\nImpression: Effusion.")
+    r = _run(backend, TaskKind.REPORT)
+    assert r.report.findings == "Small right pleural effusion."
+    assert r.report.impression == "Effusion."
+    assert r.raw_output.startswith("Findings:") and r.prompt_id.startswith("medgemma-tiny:report:")
+
+
+def test_forced_chinese_report(backend: MedGemmaBackend) -> None:
+    _force(backend, "所见：双肺纹理清晰，未见明确结节。\n结论：无异常。")
+    r = _run(backend, TaskKind.REPORT, language="zh")
+    assert r.report.language == "zh"
+    assert r.report.findings == "双肺纹理清晰，未见明确结节。"
+    assert r.report.impression == "无异常。"
+    assert r.prompt_id.endswith("+zh")
+
+
+def test_box_2d_lands_on_the_right_source_pixels(backend: MedGemmaBackend) -> None:
+    rows, cols = 300, 200  # non-square: the model sees a centred zero-padded square
+    fit = SquareFit(rows, cols, backend.image_size)
+    target = (60.0, 40.0, 180.0, 150.0)  # r0, c0, r1, c1 in source pixels
+    # Where that box sits on 0..1000 of the padded square:
+    norm = [
+        round((v + pad) / fit.side * 1000)
+        for v, pad in zip(target, (fit.pad_top, fit.pad_left) * 2, strict=True)
+    ]
+    _force(
+        backend,
+        f'```json\n[{{"box_2d": [{norm[0]}, {norm[1]}, {norm[2]}, {norm[3]}], "label": "pleural effusion"}}]\n```',
+    )
+    r = _run(backend, TaskKind.DETECT, volume=_cxr(rows, cols))
+    (box,) = r.boxes
+    got = (box.row_min, box.column_min, box.row_max, box.column_max)
+    assert got == pytest.approx(target, abs=fit.side / 1000)
+    assert box.finding.value == "60046008"  # coded from the model's label vocabulary
+
+
+@pytest.mark.parametrize("text", ['[{"box_2d": [1, 2, 3]}]', '{"box_2d": [10, 20, 30, 4', "no boxes here"])
+def test_malformed_box_output_is_unparsed_not_a_crash(backend: MedGemmaBackend, text: str) -> None:
+    _force(backend, text)
+    r = _run(backend, TaskKind.DETECT)
+    assert r.unparsed and r.raw_output == text and not r.boxes
+
+
+def test_empty_report_is_unparsed(backend: MedGemmaBackend) -> None:
+    _force(backend, "")
+    r = _run(backend, TaskKind.REPORT)
+    assert r.unparsed and r.report is None
+
+
+def test_classification_scores_are_probabilities(backend: MedGemmaBackend) -> None:
+    backend.logits_processors = []
+    r = _run(backend, TaskKind.CLASSIFY, labels=("pleural effusion", "nodule"))
+    assert [f.label for f in r.findings] == ["pleural effusion", "nodule"]
+    assert all(0.0 <= f.score <= 1.0 for f in r.findings)
+    assert r.findings[0].finding.value == "60046008"
+    assert r.findings[1].finding.scheme == "99RADBRIDGE"
+
+
+def test_text_equals_plain_transformers_greedy_generate(backend: MedGemmaBackend, checkpoint: Path) -> None:
+    """No fidelity lost in the bridge: same input, same tokens as a plain generate."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    backend.logits_processors = []
+    volume = _cxr()
+    r = _run(backend, TaskKind.VQA, volume=volume, question="Is the heart enlarged?")
+    ours = backend.last_generated_ids[0].tolist()
+
+    processor = AutoProcessor.from_pretrained(checkpoint, local_files_only=True)
+    model = AutoModelForImageTextToText.from_pretrained(
+        checkpoint, local_files_only=True, dtype=torch.float32
+    ).eval()
+    image = prepare(volume, backend.image_size).images[0]
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Is the heart enlarged?"}]}
+    ]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    inputs = processor(text=[text], images=[[image]], return_tensors="pt")
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=120, do_sample=False)
+    plain = out[0, inputs["input_ids"].shape[1] :].tolist()
+    assert ours == plain
+    assert r.answer == processor.tokenizer.decode(plain, skip_special_tokens=True).strip()
+
+
+def test_batched_generation_equals_one_at_a_time(backend: MedGemmaBackend) -> None:
+    backend.logits_processors = []
+    vols = [_cxr(300, 200), _cxr(200, 260)]
+    items = [
+        WorkItem(v, AnalysisSpec("m", (TaskKind.VQA,), question=q))
+        for v, q in zip(vols, ["Effusion?", "Is there a pneumothorax here?"], strict=True)
+    ]
+    batched = [r.answer for r in backend.run(items, TaskKind.VQA)]
+    single = [backend.run([i], TaskKind.VQA)[0].answer for i in items]
+    assert batched == single
+
+
+def test_sharded_checkpoint_loads(tmp_path: Path, no_network: None) -> None:
+    path = build_medgemma(tmp_path / "sharded", max_shard_size="40KB")
+    assert (path / "model.safetensors.index.json").exists()
+    b = MedGemmaBackend(ModelConfig(name="m", backend="medgemma", path=path))
+    b.load()
+    assert b.identity.weights_sha256
+
+
+@pytest.mark.parametrize(
+    "missing", ["config.json", "model.safetensors", "tokenizer.json", "processor_config.json"]
+)
+def test_missing_checkpoint_file_is_named_at_load(tmp_path: Path, checkpoint: Path, missing: str) -> None:
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(checkpoint, broken)
+    (broken / missing).unlink()
+    if missing == "tokenizer.json":
+        (broken / "tokenizer_config.json").unlink()
+    b = MedGemmaBackend(ModelConfig(name="m", backend="medgemma", path=broken))
+    with pytest.raises(CheckpointError, match=missing.split(".")[0].split("_")[0]):
+        b.load()
+
+
+def test_missing_directory(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="does not exist"):
+        MedGemmaBackend(ModelConfig(name="m", backend="medgemma", path=tmp_path / "nope")).load()
