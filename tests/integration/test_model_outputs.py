@@ -1,0 +1,85 @@
+"""Forced model output -> parse -> geometry inverse -> SR on the real CR, validated by dciodvfy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import highdicom as hd
+import pytest
+
+from dicom_node.results import ResultWriter
+from dicom_node.volume import read_series
+from inference_service.assembly import result_to_pb
+from inference_service.backends._hf import ForcedTokens
+from inference_service.backends.base import ModelConfig, WorkItem
+from inference_service.backends.medgemma import MedGemmaBackend
+from inference_service.preprocess import SquareFit
+from inference_service.types import AnalysisResult, AnalysisSpec, Geometry, TaskKind, Volume
+from radbridge.synth import cr_chest_path
+from tests.peers import assert_valid_dicom_object
+from tests.unit.inference_service.tiny_checkpoints import build_medgemma
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.usefixtures("require_dcmtk", "require_dicom3tools"),
+    pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning"),
+]
+
+
+def _force(backend: MedGemmaBackend, text: str) -> None:
+    tok = backend.processor.tokenizer
+    ids = tok.encode(text, add_special_tokens=False)
+    eos = tok.convert_tokens_to_ids("<end_of_turn>")
+    backend.logits_processors = [lambda n: ForcedTokens(ids, eos, n)]
+
+
+def test_medgemma_box_and_report_become_valid_srs_on_the_cr(tmp_path: Path) -> None:
+    backend = MedGemmaBackend(
+        ModelConfig(
+            name="medgemma-tiny",
+            backend="medgemma",
+            path=build_medgemma(tmp_path / "ckpt"),
+            labels={"pleural effusion": ["60046008", "SCT", "Pleural effusion"]},
+        )
+    )
+    backend.load()
+    series = read_series([cr_chest_path()])
+    g = Geometry(series.voxels.shape, series.spacing_mm, series.orientation, series.position, "CR", False)
+    volume = Volume(series.voxels, g)
+    fit = SquareFit(g.shape[1], g.shape[2], backend.image_size)
+    target = (1000.0, 200.0, 1500.0, 800.0)  # rows/cols on the 1955x1841 source
+    norm = [
+        round((v + p) / fit.side * 1000) for v, p in zip(target, (fit.pad_top, fit.pad_left) * 2, strict=True)
+    ]
+
+    results = []
+    _force(backend, f'[{{"box_2d": {norm}, "label": "pleural effusion"}}]')
+    results += backend.run([WorkItem(volume, AnalysisSpec("m", (TaskKind.DETECT,)))], TaskKind.DETECT)
+    _force(backend, "Findings: Blunted right costophrenic angle.\nImpression: Small right pleural effusion.")
+    results += backend.run([WorkItem(volume, AnalysisSpec("m", (TaskKind.REPORT,)))], TaskKind.REPORT)
+    _force(backend, "所见：右侧少量胸腔积液。\n结论：胸腔积液。")
+    results += backend.run(
+        [WorkItem(volume, AnalysisSpec("m", (TaskKind.REPORT,), language="zh"))], TaskKind.REPORT
+    )
+    result = result_to_pb(AnalysisResult(backend.identity, results))
+
+    objects = {o.kind: o.dataset for o in ResultWriter(series.sources, result, {}).build_all()}
+    for kind, ds in objects.items():
+        path = tmp_path / f"{kind}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        assert_valid_dicom_object(path)
+
+    sr = hd.sr.srread(tmp_path / "measurements.dcm")
+    (group,) = sr.content.get_planar_roi_measurement_groups()
+    points = group.roi.value  # (x=column, y=row) pairs of the closed polyline
+    cols, rows = points[:, 0], points[:, 1]
+    tol = fit.side / 1000
+    assert rows.min() == pytest.approx(target[0], abs=tol) and rows.max() == pytest.approx(target[2], abs=tol)
+    assert cols.min() == pytest.approx(target[1], abs=tol) and cols.max() == pytest.approx(target[3], abs=tol)
+    assert (
+        group.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        == series.sources[0].SOPInstanceUID
+    )
+    narrative = (tmp_path / "narrative.dcm").read_bytes()
+    assert "右侧少量胸腔积液".encode() in narrative
+    assert backend.identity.weights_sha256.encode() in narrative
