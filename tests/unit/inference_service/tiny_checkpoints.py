@@ -10,7 +10,10 @@ from __future__ import annotations
 import string
 from pathlib import Path
 
+import numpy as np
 import torch
+
+from inference_service.vqvae import EMBEDDING, OUTPUT, UPSAMPLES
 
 GEMMA_SPECIALS = [
     "<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>",
@@ -95,3 +98,89 @@ def build_medgemma(
     model.save_pretrained(directory, **kwargs)
     processor.save_pretrained(directory)
     return directory
+
+
+def write_random_npz(
+    path: Path, codebook: int = 128, embed_dim: int = 8, dim: int = 8, seed: int = 0
+) -> Path:
+    """A random segmentation decoder in the vae-oid.npz key layout (no real weights)."""
+    rng = np.random.default_rng(seed)
+    arrays: dict[str, np.ndarray] = {EMBEDDING: rng.normal(size=(codebook, embed_dim)).astype(np.float32)}
+
+    def put(name: str, shape: tuple[int, ...]) -> None:
+        arrays[f"{name}.weight"] = (rng.normal(size=shape) * 0.2).astype(np.float32)
+        arrays[f"{name}.bias"] = np.zeros(shape[1] if name in UPSAMPLES else shape[0], np.float32)
+
+    put("decoder.0", (dim, embed_dim, 1, 1))
+    for b in (2, 3):
+        put(f"decoder.{b}.net.0", (dim, dim, 3, 3))
+        put(f"decoder.{b}.net.2", (dim, dim, 3, 3))
+        put(f"decoder.{b}.net.4", (dim, dim, 1, 1))
+    cin = dim
+    for name in UPSAMPLES:
+        cout = max(cin // 2, 1) if name != "decoder.4" else cin
+        put(name, (cin, cout, 4, 4))
+        cin = cout
+    put(OUTPUT, (1, cin, 1, 1))
+    np.savez(path, **arrays)
+    return path
+
+
+PALI_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<image>"]
+
+
+def build_paligemma(directory: Path, image_size: int = 28, seed: int = 0) -> Path:
+    """A PaliGemma checkpoint; the processor adds the 1024 <loc> and 128 <seg> tokens itself."""
+    from transformers import (
+        GemmaTokenizer,
+        PaliGemmaConfig,
+        PaliGemmaForConditionalGeneration,
+        PaliGemmaProcessor,
+    )
+    from transformers.models.siglip import SiglipImageProcessorPil
+
+    vocab = char_vocab(PALI_SPECIALS)
+    tok = GemmaTokenizer(vocab=vocab, merges=[], extra_special_tokens={"image_token": "<image>"})
+    image_processor = SiglipImageProcessorPil(size={"height": image_size, "width": image_size})
+    image_processor.image_seq_length = (image_size // 14) ** 2
+    processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tok)
+    config = PaliGemmaConfig(
+        text_config={
+            "vocab_size": len(processor.tokenizer),  # after the loc/seg tokens were added
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "head_dim": 16,
+        },
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": image_size,
+            "patch_size": 14,
+            "projection_dim": 32,
+        },
+        projection_dim=32,
+        image_token_index=vocab["<image>"],
+    )
+    torch.manual_seed(seed)
+    model = PaliGemmaForConditionalGeneration(config).eval()
+    model.generation_config.eos_token_id = vocab["<eos>"]
+    model.generation_config.pad_token_id = vocab["<pad>"]
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
+
+
+def write_constant_npz(path: Path, value: float) -> Path:
+    """A decoder whose map is ``value`` everywhere (output conv weights 0, bias = value)."""
+    write_random_npz(path)
+    with np.load(path) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    arrays[f"{OUTPUT}.weight"] = np.zeros_like(arrays[f"{OUTPUT}.weight"])
+    arrays[f"{OUTPUT}.bias"] = np.full_like(arrays[f"{OUTPUT}.bias"], value)
+    np.savez(path, **arrays)
+    return path
