@@ -184,3 +184,82 @@ def write_constant_npz(path: Path, value: float) -> Path:
     arrays[f"{OUTPUT}.bias"] = np.full_like(arrays[f"{OUTPUT}.bias"], value)
     np.savez(path, **arrays)
     return path
+
+
+def build_siglip(directory: Path, image_size: int = 28, seed: int = 0) -> Path:
+    """A SigLIP dual encoder with a sentencepiece tokenizer trained offline on a few phrases."""
+    import sentencepiece as spm
+    from transformers import SiglipConfig, SiglipModel, SiglipProcessor, SiglipTokenizer
+    from transformers.models.siglip import SiglipImageProcessorPil
+
+    work = directory.parent / f"{directory.name}-sp"
+    work.mkdir(parents=True, exist_ok=True)
+    corpus = work / "corpus.txt"
+    corpus.write_text(
+        "\n".join(["a chest x-ray showing effusion", "a chest x-ray showing nodule", "pneumothorax"] * 50)
+    )
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(work / "sp"), vocab_size=40, model_type="unigram",
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2, hard_vocab_limit=False,
+    )  # fmt: skip
+    tok = SiglipTokenizer(vocab_file=str(work / "sp.model"))
+    processor = SiglipProcessor(
+        image_processor=SiglipImageProcessorPil(size={"height": image_size, "width": image_size}),
+        tokenizer=tok,
+    )
+    config = SiglipConfig(
+        text_config={"vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                     "num_attention_heads": 2, "max_position_embeddings": 64},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": image_size, "patch_size": 14},
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    SiglipModel(config).eval().save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
+
+
+LLAVA_CHAT = (
+    "{% for m in messages %}{{ m['role'] }}: {% if m['content'] is string %}{{ m['content'] }}{% else %}"
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
+    "{% endif %}\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+)
+
+
+def build_llava(directory: Path, image_size: int = 28, seed: int = 0) -> Path:
+    """A LLaVA-layout model (CLIP vision tower + Llama text model) with a bilingual char vocabulary."""
+    from transformers import (
+        CLIPVisionConfig,
+        GemmaTokenizer,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+    from transformers.models.clip import CLIPImageProcessorPil
+
+    vocab = char_vocab(["<pad>", "<eos>", "<bos>", "<unk>", "<image>"])
+    tok = GemmaTokenizer(vocab=vocab, merges=[], extra_special_tokens={"image_token": "<image>"})
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor, tokenizer=tok, patch_size=14, vision_feature_select_strategy="default",
+        chat_template=LLAVA_CHAT, num_additional_image_tokens=1,
+    )  # fmt: skip
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                       image_size=image_size, patch_size=14),
+        text_config=LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024),
+        image_token_index=vocab["<image>"],
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    model.generation_config.eos_token_id = vocab["<eos>"]
+    model.generation_config.pad_token_id = vocab["<pad>"]
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
