@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -28,16 +27,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    def refuse(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        raise OSError("network access attempted in an offline test")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-
-
-@pytest.fixture
-def backend(checkpoint: Path, no_network: None) -> MedGemmaBackend:
+def backend(checkpoint: Path) -> MedGemmaBackend:
     b = MedGemmaBackend(
         ModelConfig(
             name="medgemma-tiny",
@@ -175,7 +165,7 @@ def test_batched_generation_equals_one_at_a_time(backend: MedGemmaBackend) -> No
     assert batched == single
 
 
-def test_sharded_checkpoint_loads(tmp_path: Path, no_network: None) -> None:
+def test_sharded_checkpoint_loads(tmp_path: Path) -> None:
     path = build_medgemma(tmp_path / "sharded", max_shard_size="40KB")
     assert (path / "model.safetensors.index.json").exists()
     b = MedGemmaBackend(ModelConfig(name="m", backend="medgemma", path=path))
@@ -202,3 +192,17 @@ def test_missing_checkpoint_file_is_named_at_load(tmp_path: Path, checkpoint: Pa
 def test_missing_directory(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="does not exist"):
         MedGemmaBackend(ModelConfig(name="m", backend="medgemma", path=tmp_path / "nope")).load()
+
+
+def test_ct_series_goes_in_as_sampled_three_window_slices(backend: MedGemmaBackend) -> None:
+    from radbridge.synth import phantom_hu
+
+    hu = phantom_hu(100).astype(np.float32)
+    vol = Volume(hu, Geometry(hu.shape, (2.5, 0.7, 0.7), (1, 0, 0, 0, 1, 0), (0, 0, 0), "CT"))
+    prepared = prepare(vol, backend.image_size)
+    assert len(prepared.images) == 85 and prepared.fit is None
+    rgb = np.asarray(prepared.images[40])
+    assert rgb.shape == (backend.image_size, backend.image_size, 3)
+    assert not np.array_equal(rgb[..., 0], rgb[..., 1])  # different windows per channel
+    inputs = backend.build_inputs([prepared], ["Describe"])
+    assert inputs["pixel_values"].shape[0] == 85  # one image per slice, one turn
