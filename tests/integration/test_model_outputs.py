@@ -83,3 +83,54 @@ def test_medgemma_box_and_report_become_valid_srs_on_the_cr(tmp_path: Path) -> N
     narrative = (tmp_path / "narrative.dcm").read_bytes()
     assert "右侧少量胸腔积液".encode() in narrative
     assert backend.identity.weights_sha256.encode() in narrative
+
+
+def test_paligemma_loc_seg_tokens_become_a_valid_seg_on_the_right_pixels(tmp_path: Path) -> None:
+    import numpy as np
+
+    from inference_service.backends.paligemma import PaliGemmaBackend
+    from tests.unit.inference_service.tiny_checkpoints import build_paligemma, write_constant_npz
+
+    backend = PaliGemmaBackend(
+        ModelConfig(
+            name="pali-tiny",
+            backend="paligemma",
+            path=build_paligemma(tmp_path / "pali"),
+            labels={"effusion": ["60046008", "SCT", "Pleural effusion"]},
+            options={"vae_path": str(write_constant_npz(tmp_path / "vae.npz", 1.0)), "max_new_tokens": 40},
+        )
+    )
+    backend.load()
+    series = read_series([cr_chest_path()])
+    g = Geometry(series.voxels.shape, series.spacing_mm, series.orientation, series.position, "CR", False)
+    fit = SquareFit(g.shape[1], g.shape[2], backend.image_size)
+    target = (1000.0, 200.0, 1500.0, 800.0)
+    bins = [
+        min(round((v + p) / fit.side * 1024), 1023)
+        for v, p in zip(target, (fit.pad_top, fit.pad_left) * 2, strict=True)
+    ]
+    text = "".join(f"<loc{b:04d}>" for b in bins) + "".join(f"<seg{i:03d}>" for i in range(16)) + " effusion"
+    tok = backend.processor.tokenizer
+    ids = tok.encode(text, add_special_tokens=False)
+    backend.logits_processors = [lambda n: ForcedTokens(ids, tok.convert_tokens_to_ids("<eos>"), n)]
+    (task,) = backend.run(
+        [WorkItem(Volume(series.voxels, g), AnalysisSpec("p", (TaskKind.SEGMENT,)))], TaskKind.SEGMENT
+    )
+    result = result_to_pb(AnalysisResult(backend.identity, [task]))
+    masks = {m.segment_number: m.voxels for m in task.masks}
+
+    objects = {o.kind: o.dataset for o in ResultWriter(series.sources, result, masks).build_all()}
+    assert set(objects) == {"seg", "measurements"}
+    for kind, ds in objects.items():
+        path = tmp_path / f"pali-{kind}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        assert_valid_dicom_object(path)
+    seg = hd.seg.segread(tmp_path / "pali-seg.dcm")
+    pixels = seg.get_pixels_by_source_instance([series.sources[0].SOPInstanceUID], segment_numbers=[1])[
+        0, ..., 0
+    ]
+    rows, cols = np.flatnonzero(pixels.any(axis=1)), np.flatnonzero(pixels.any(axis=0))
+    tol = fit.side / 1024 + 1
+    assert rows[0] == pytest.approx(target[0], abs=tol) and rows[-1] + 1 == pytest.approx(target[2], abs=tol)
+    assert cols[0] == pytest.approx(target[1], abs=tol) and cols[-1] + 1 == pytest.approx(target[3], abs=tol)
+    assert seg.get_segment_description(1).segmented_property_type.value == "60046008"
