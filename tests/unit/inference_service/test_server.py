@@ -137,3 +137,44 @@ async def test_list_models_and_health(server: RunningServer) -> None:
     assert set(m.modalities) == {"CT", "CR", "DX"}
     assert pb.TASK_KIND_SEGMENT in m.tasks
     assert status.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_deadline_reaches_the_client_and_the_queued_work_is_dropped() -> None:
+    import asyncio
+
+    from dicom_node.client import InferenceClient, make_spec
+    from dicom_node.errors import InferenceUnavailable
+    from dicom_node.volume import SeriesVolume
+    from inference_service.backends.registry import ModelRegistry
+    from tests.unit.inference_service.test_scheduler import EchoBackend
+
+    backend = EchoBackend()
+    backend.gate.clear()  # the model is busy
+    registry = ModelRegistry(models={"echo": backend}, default="echo")
+    running = await run_server(
+        ServiceSettings(inference_service=ServiceSection(port=0, max_batch=1, batch_wait_ms=0)), registry
+    )
+    try:
+        volume = SeriesVolume(
+            np.zeros((1, 2, 2), np.float32),
+            (1, 1, 1),
+            (1, 0, 0, 0, 1, 0),
+            (0, 0, 0),
+            "CT",
+            True,
+            "",
+            None,
+            [],
+        )
+        client = InferenceClient(f"127.0.0.1:{running.port}", deadline_s=0.5, connect_retries=0)
+        first = asyncio.to_thread(client.analyze, volume, make_spec(["report"], correlation_id="a"))
+        second = asyncio.to_thread(client.analyze, volume, make_spec(["report"], correlation_id="b"))
+        outcomes = await asyncio.gather(first, second, return_exceptions=True)
+        client.close()
+        assert all(isinstance(o, InferenceUnavailable) and "DEADLINE_EXCEEDED" in str(o) for o in outcomes)
+        backend.gate.set()  # the model frees up: abandoned requests must not run
+        await asyncio.sleep(0.3)
+        assert len(backend.batches) <= 1  # at most the one already running when the deadline hit
+    finally:
+        backend.gate.set()
+        await running.stop(0)
