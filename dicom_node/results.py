@@ -299,19 +299,22 @@ class ResultWriter:
             title=codes.cid7021.ImagingMeasurementReport,
         )
         evidence = [*self.sources, *([seg] if seg is not None else [])]
-        sr = hd.sr.Comprehensive3DSR(
-            evidence=evidence,
-            content=report,
-            series_instance_uid=self.uid("measurements", "series"),
-            series_number=SERIES_NUMBERS["measurements"],
-            sop_instance_uid=self.uid("measurements", "instance"),
-            instance_number=1,
-            manufacturer=MANUFACTURER,
-            is_complete=True,
-            is_verified=False,
-            series_description=self._description("Measurements"),
+        return hd.sr.Comprehensive3DSR(
+            evidence=evidence, content=report, **self._sr_identity("measurements", "Measurements")
         )
-        return sr
+
+    def _sr_identity(self, kind: str, what: str) -> dict[str, object]:
+        """Derived UIDs, numbering and draft status shared by both SRs (UNVERIFIED: an AI draft)."""
+        return {
+            "series_instance_uid": self.uid(kind, "series"),
+            "series_number": SERIES_NUMBERS[kind],
+            "sop_instance_uid": self.uid(kind, "instance"),
+            "instance_number": 1,
+            "manufacturer": MANUFACTURER,
+            "is_complete": True,
+            "is_verified": False,
+            "series_description": self._description(what),
+        }
 
     @staticmethod
     def _score(score: float) -> list[hd.sr.Measurement] | None:
@@ -385,17 +388,6 @@ class ResultWriter:
             items.append(container)
         items.append(self._provenance())
         root.ContentSequence = hd.sr.ContentSequence(items)
-        sr = hd.sr.EnhancedSR(
-            evidence=self.sources,
-            content=root,
-            series_instance_uid=self.uid("narrative", "series"),
-            series_number=SERIES_NUMBERS["narrative"],
-            sop_instance_uid=self.uid("narrative", "instance"),
-            instance_number=1,
-            manufacturer=MANUFACTURER,
-            is_complete=True,
-            is_verified=False,
-            series_description=self._description("Report"),
-        )
+        sr = hd.sr.EnhancedSR(evidence=self.sources, content=root, **self._sr_identity("narrative", "Report"))
         sr.SpecificCharacterSet = "ISO_IR 192"
         return sr

@@ -20,7 +20,8 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from inference_service.backends.base import Backend, ModelConfig
 from inference_service.errors import CheckpointError
-from inference_service.types import ModelIdentity
+from inference_service.parsing import split_report
+from inference_service.types import ModelIdentity, ReportText, TaskKind, TaskResult
 
 CONFIG_FILE = "config.json"
 WEIGHT_PATTERNS = ("model.safetensors", "pytorch_model.bin")
@@ -134,6 +135,21 @@ class ForcedTokens(LogitsProcessor):
         forced = torch.full_like(scores, float("-inf"))
         forced[:, target] = 0.0
         return forced
+
+
+def parse_text_task(result: TaskResult, text: str, language: str) -> bool:
+    """Fill a VQA answer or a report from generated text; False if the task is neither."""
+    if result.task is TaskKind.VQA:
+        result.answer = text.strip()
+        result.unparsed = not result.answer
+    elif result.task is TaskKind.REPORT:
+        parts = split_report(text)
+        result.unparsed = parts is None
+        if parts is not None:
+            result.report = ReportText(findings=parts[0], impression=parts[1], language=language or "en")
+    else:
+        return False
+    return True
 
 
 class HFBackend(Backend):

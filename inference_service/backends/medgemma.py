@@ -19,12 +19,12 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from inference_service.backends._hf import HFBackend
+from inference_service.backends._hf import HFBackend, parse_text_task
 from inference_service.backends.base import ProgressCallback, WorkItem
 from inference_service.errors import InvalidInput, UnsupportedTask
-from inference_service.parsing import parse_box_2d, split_report
+from inference_service.parsing import parse_box_2d
 from inference_service.preprocess import SquareFit, ct_rgb, grey_rgb, sample_slices, voi
-from inference_service.types import Box, Code, Finding, ReportText, TaskKind, TaskResult, Volume
+from inference_service.types import Box, Code, Finding, TaskKind, TaskResult, Volume
 
 LOCAL_SCHEME = "99RADBRIDGE"
 LANGUAGE_NAMES = {"en": "English", "zh": "Chinese", "de": "German", "fr": "French", "es": "Spanish"}
@@ -158,17 +158,9 @@ class MedGemmaBackend(HFBackend):
         self, task: TaskKind, text: str, prompt_id: str, item: WorkItem, prep: PreparedImage
     ) -> TaskResult:
         result = TaskResult(task=task, prompt_id=prompt_id, raw_output=text)
-        if task is TaskKind.VQA:
-            result.answer = text.strip()
-            result.unparsed = not result.answer
-        elif task is TaskKind.REPORT:
-            parts = split_report(text)
-            if parts is None:
-                result.unparsed = True
-            else:
-                lang = item.spec.language or "en"
-                result.report = ReportText(findings=parts[0], impression=parts[1], language=lang)
-        elif task is TaskKind.DETECT:
+        if parse_text_task(result, text, item.spec.language):
+            return result
+        if task is TaskKind.DETECT:
             boxes = parse_box_2d(text, 1000.0)
             if boxes is None or prep.fit is None:
                 result.unparsed = True

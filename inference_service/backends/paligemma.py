@@ -17,13 +17,13 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, PaliGemmaForConditionalGeneration
 
-from inference_service.backends._hf import HFBackend
+from inference_service.backends._hf import HFBackend, parse_text_task
 from inference_service.backends.base import ModelConfig, ProgressCallback, WorkItem
 from inference_service.backends.medgemma import label_code
 from inference_service.errors import InvalidInput, UnsupportedTask
-from inference_service.parsing import LocSegObject, parse_loc_seg, split_report
+from inference_service.parsing import LocSegObject, parse_loc_seg
 from inference_service.preprocess import SquareFit, grey_rgb, voi
-from inference_service.types import Box, Code, Finding, Mask, ReportText, TaskKind, TaskResult, Volume
+from inference_service.types import Box, Code, Finding, Mask, TaskKind, TaskResult, Volume
 from inference_service.vqvae import MaskDecoder
 
 LOC_BINS = 1024.0
@@ -106,15 +106,9 @@ class PaliGemmaBackend(HFBackend):
         self, task: TaskKind, item: WorkItem, fit: SquareFit, prompt_id: str, text: str, full: str
     ) -> TaskResult:
         result = TaskResult(task=task, prompt_id=prompt_id, raw_output=full)
-        if task is TaskKind.VQA:
-            result.answer = text.strip()
-            result.unparsed = not result.answer
-        elif task is TaskKind.REPORT:
-            parts = split_report(text)
-            result.unparsed = parts is None
-            if parts:
-                result.report = ReportText(parts[0], parts[1], item.spec.language or "en")
-        elif task is TaskKind.CLASSIFY:
+        if parse_text_task(result, text, item.spec.language):
+            return result
+        if task is TaskKind.CLASSIFY:
             label = text.strip()
             if not label:
                 result.unparsed = True

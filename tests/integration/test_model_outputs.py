@@ -10,27 +10,19 @@ import pytest
 from dicom_node.results import ResultWriter
 from dicom_node.volume import read_series
 from inference_service.assembly import result_to_pb
-from inference_service.backends._hf import ForcedTokens
 from inference_service.backends.base import ModelConfig, WorkItem
 from inference_service.backends.medgemma import MedGemmaBackend
 from inference_service.preprocess import SquareFit
 from inference_service.types import AnalysisResult, AnalysisSpec, Geometry, TaskKind, Volume
 from radbridge.synth import cr_chest_path
 from tests.peers import assert_valid_dicom_object
-from tests.unit.inference_service.tiny_checkpoints import build_medgemma
+from tests.unit.inference_service.tiny_checkpoints import build_medgemma, force_output
 
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.usefixtures("require_dcmtk", "require_dicom3tools"),
     pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning"),
 ]
-
-
-def _force(backend: MedGemmaBackend, text: str) -> None:
-    tok = backend.processor.tokenizer
-    ids = tok.encode(text, add_special_tokens=False)
-    eos = tok.convert_tokens_to_ids("<end_of_turn>")
-    backend.logits_processors = [lambda n: ForcedTokens(ids, eos, n)]
 
 
 def test_medgemma_box_and_report_become_valid_srs_on_the_cr(tmp_path: Path) -> None:
@@ -53,11 +45,15 @@ def test_medgemma_box_and_report_become_valid_srs_on_the_cr(tmp_path: Path) -> N
     ]
 
     results = []
-    _force(backend, f'[{{"box_2d": {norm}, "label": "pleural effusion"}}]')
+    force_output(backend, f'[{{"box_2d": {norm}, "label": "pleural effusion"}}]', "<end_of_turn>")
     results += backend.run([WorkItem(volume, AnalysisSpec("m", (TaskKind.DETECT,)))], TaskKind.DETECT)
-    _force(backend, "Findings: Blunted right costophrenic angle.\nImpression: Small right pleural effusion.")
+    force_output(
+        backend,
+        "Findings: Blunted right costophrenic angle.\nImpression: Small right pleural effusion.",
+        "<end_of_turn>",
+    )
     results += backend.run([WorkItem(volume, AnalysisSpec("m", (TaskKind.REPORT,)))], TaskKind.REPORT)
-    _force(backend, "所见：右侧少量胸腔积液。\n结论：胸腔积液。")
+    force_output(backend, "所见：右侧少量胸腔积液。\n结论：胸腔积液。", "<end_of_turn>")
     results += backend.run(
         [WorkItem(volume, AnalysisSpec("m", (TaskKind.REPORT,), language="zh"))], TaskKind.REPORT
     )
@@ -110,9 +106,7 @@ def test_paligemma_loc_seg_tokens_become_a_valid_seg_on_the_right_pixels(tmp_pat
         for v, p in zip(target, (fit.pad_top, fit.pad_left) * 2, strict=True)
     ]
     text = "".join(f"<loc{b:04d}>" for b in bins) + "".join(f"<seg{i:03d}>" for i in range(16)) + " effusion"
-    tok = backend.processor.tokenizer
-    ids = tok.encode(text, add_special_tokens=False)
-    backend.logits_processors = [lambda n: ForcedTokens(ids, tok.convert_tokens_to_ids("<eos>"), n)]
+    force_output(backend, text, "<eos>")
     (task,) = backend.run(
         [WorkItem(Volume(series.voxels, g), AnalysisSpec("p", (TaskKind.SEGMENT,)))], TaskKind.SEGMENT
     )

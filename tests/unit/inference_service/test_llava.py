@@ -3,11 +3,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from inference_service.backends._hf import ForcedTokens
 from inference_service.backends.base import ModelConfig, WorkItem
 from inference_service.backends.llava import LlavaBackend
 from inference_service.types import AnalysisSpec, Geometry, TaskKind, Volume
-from tests.unit.inference_service.tiny_checkpoints import build_llava
+from tests.unit.inference_service.tiny_checkpoints import build_llava, force_output
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning"
@@ -25,12 +24,6 @@ def backend(tmp_path_factory: pytest.TempPathFactory) -> LlavaBackend:
     return b
 
 
-def _force(b: LlavaBackend, text: str) -> None:
-    tok = b.processor.tokenizer
-    ids = tok.encode(text, add_special_tokens=False)
-    b.logits_processors = [lambda n: ForcedTokens(ids, tok.convert_tokens_to_ids("<eos>"), n)]
-
-
 def _item(language: str) -> WorkItem:
     img = np.random.default_rng(0).random((1, 64, 48)).astype(np.float32)
     vol = Volume(
@@ -40,7 +33,7 @@ def _item(language: str) -> WorkItem:
 
 
 def test_chinese_report_by_request(backend: LlavaBackend) -> None:
-    _force(backend, "所见：右侧少量胸腔积液。\n结论：胸腔积液。")
+    force_output(backend, "所见：右侧少量胸腔积液。\n结论：胸腔积液。", "<eos>")
     (r,) = backend.run([_item("zh")], TaskKind.REPORT)
     assert r.report.language == "zh"
     assert (r.report.findings, r.report.impression) == ("右侧少量胸腔积液。", "胸腔积液。")
@@ -48,7 +41,7 @@ def test_chinese_report_by_request(backend: LlavaBackend) -> None:
 
 
 def test_english_report_by_request(backend: LlavaBackend) -> None:
-    _force(backend, "Findings: Normal heart size.\nImpression: No acute disease.")
+    force_output(backend, "Findings: Normal heart size.\nImpression: No acute disease.", "<eos>")
     (r,) = backend.run([_item("en")], TaskKind.REPORT)
     assert r.report.language == "en" and r.report.impression == "No acute disease."
     assert r.prompt_id.startswith("sunmed-tiny:report_en:")

@@ -8,13 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from inference_service.backends._hf import ForcedTokens
 from inference_service.backends.base import ModelConfig, WorkItem
 from inference_service.backends.medgemma import MedGemmaBackend, prepare
 from inference_service.errors import CheckpointError
 from inference_service.preprocess import SquareFit
 from inference_service.types import AnalysisSpec, Geometry, TaskKind, Volume
-from tests.unit.inference_service.tiny_checkpoints import build_medgemma
+from tests.unit.inference_service.tiny_checkpoints import build_medgemma, force_output
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning"
@@ -48,14 +47,6 @@ def _cxr(rows: int = 300, cols: int = 200) -> Volume:
     return Volume(img, g)
 
 
-def _force(backend: MedGemmaBackend, text: str) -> None:
-    tok = backend.processor.tokenizer
-    ids = tok.encode(text, add_special_tokens=False)
-    assert tok.decode(ids) == text, "the tiny vocabulary must cover the forced text"
-    eos = tok.convert_tokens_to_ids("<end_of_turn>")
-    backend.logits_processors = [lambda n: ForcedTokens(ids, eos, n)]
-
-
 def _run(backend: MedGemmaBackend, task: TaskKind, volume: Volume | None = None, **spec) -> object:  # noqa: ANN003
     item = WorkItem(volume or _cxr(), AnalysisSpec("medgemma-tiny", (task,), **spec))
     (result,) = backend.run([item], task)
@@ -69,7 +60,7 @@ def test_identity_carries_version_and_weights_checksum(backend: MedGemmaBackend)
 
 
 def test_forced_report_is_split_into_findings_and_impression(backend: MedGemmaBackend) -> None:
-    _force(backend, "Findings: Small right pleural effusion.\nImpression: Effusion.")
+    force_output(backend, "Findings: Small right pleural effusion.\nImpression: Effusion.", "<end_of_turn>")
     r = _run(backend, TaskKind.REPORT)
     assert r.report.findings == "Small right pleural effusion."
     assert r.report.impression == "Effusion."
@@ -77,7 +68,7 @@ def test_forced_report_is_split_into_findings_and_impression(backend: MedGemmaBa
 
 
 def test_forced_chinese_report(backend: MedGemmaBackend) -> None:
-    _force(backend, "所见：双肺纹理清晰，未见明确结节。\n结论：无异常。")
+    force_output(backend, "所见：双肺纹理清晰，未见明确结节。\n结论：无异常。", "<end_of_turn>")
     r = _run(backend, TaskKind.REPORT, language="zh")
     assert r.report.language == "zh"
     assert r.report.findings == "双肺纹理清晰，未见明确结节。"
@@ -94,9 +85,10 @@ def test_box_2d_lands_on_the_right_source_pixels(backend: MedGemmaBackend) -> No
         round((v + pad) / fit.side * 1000)
         for v, pad in zip(target, (fit.pad_top, fit.pad_left) * 2, strict=True)
     ]
-    _force(
+    force_output(
         backend,
         f'```json\n[{{"box_2d": [{norm[0]}, {norm[1]}, {norm[2]}, {norm[3]}], "label": "pleural effusion"}}]\n```',
+        "<end_of_turn>",
     )
     r = _run(backend, TaskKind.DETECT, volume=_cxr(rows, cols))
     (box,) = r.boxes
@@ -107,13 +99,13 @@ def test_box_2d_lands_on_the_right_source_pixels(backend: MedGemmaBackend) -> No
 
 @pytest.mark.parametrize("text", ['[{"box_2d": [1, 2, 3]}]', '{"box_2d": [10, 20, 30, 4', "no boxes here"])
 def test_malformed_box_output_is_unparsed_not_a_crash(backend: MedGemmaBackend, text: str) -> None:
-    _force(backend, text)
+    force_output(backend, text, "<end_of_turn>")
     r = _run(backend, TaskKind.DETECT)
     assert r.unparsed and r.raw_output == text and not r.boxes
 
 
 def test_empty_report_is_unparsed(backend: MedGemmaBackend) -> None:
-    _force(backend, "")
+    force_output(backend, "", "<end_of_turn>")
     r = _run(backend, TaskKind.REPORT)
     assert r.unparsed and r.report is None
 

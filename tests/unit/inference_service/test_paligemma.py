@@ -7,12 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from inference_service.backends._hf import ForcedTokens
 from inference_service.backends.base import ModelConfig, WorkItem
 from inference_service.backends.paligemma import PaliGemmaBackend
 from inference_service.preprocess import SquareFit
 from inference_service.types import AnalysisSpec, Geometry, TaskKind, Volume
-from tests.unit.inference_service.tiny_checkpoints import build_paligemma, write_constant_npz
+from tests.unit.inference_service.tiny_checkpoints import build_paligemma, force_output, write_constant_npz
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning"
@@ -40,12 +39,6 @@ def _backend(checkpoint: Path, vae: Path | None) -> PaliGemmaBackend:
     return b
 
 
-def _force(b: PaliGemmaBackend, text: str) -> None:
-    tok = b.processor.tokenizer
-    ids = tok.encode(text, add_special_tokens=False)
-    b.logits_processors = [lambda n: ForcedTokens(ids, tok.convert_tokens_to_ids("<eos>"), n)]
-
-
 def _dx() -> Volume:
     img = np.random.default_rng(1).integers(0, 1000, (1, ROWS, COLS)).astype(np.float32)
     return Volume(
@@ -69,7 +62,9 @@ def _run(b: PaliGemmaBackend, task: TaskKind, **spec):  # noqa: ANN003, ANN202
 def test_detect_loc_tokens_to_source_box(checkpoint: Path) -> None:
     b = _backend(checkpoint, None)
     fit = SquareFit(ROWS, COLS, b.image_size)
-    _force(b, _loc(fit, 50, 60, 150, 200) + " effusion ; " + _loc(fit, 10, 10, 40, 90) + " nodule")
+    force_output(
+        b, _loc(fit, 50, 60, 150, 200) + " effusion ; " + _loc(fit, 10, 10, 40, 90) + " nodule", "<eos>"
+    )
     r = _run(b, TaskKind.DETECT, labels=("effusion", "nodule"))
     assert [x.label for x in r.boxes] == ["effusion", "nodule"]
     tol = fit.side / 1024 + 1e-6
@@ -86,7 +81,7 @@ def test_segment_mask_fills_its_box_on_the_source(checkpoint: Path, tmp_path: Pa
     b = _backend(checkpoint, write_constant_npz(tmp_path / "vae.npz", 1.0))
     fit = SquareFit(ROWS, COLS, b.image_size)
     seg = "".join(f"<seg{i:03d}>" for i in range(16))
-    _force(b, _loc(fit, 50, 60, 150, 200) + seg + " effusion")
+    force_output(b, _loc(fit, 50, 60, 150, 200) + seg + " effusion", "<eos>")
     r = _run(b, TaskKind.SEGMENT, labels=("effusion",))
     (mask,) = r.masks
     assert mask.voxels.shape == (1, ROWS, COLS) and mask.segment_number == 1
@@ -101,7 +96,9 @@ def test_segment_mask_fills_its_box_on_the_source(checkpoint: Path, tmp_path: Pa
 def test_negative_map_gives_an_empty_mask(checkpoint: Path, tmp_path: Path) -> None:
     b = _backend(checkpoint, write_constant_npz(tmp_path / "vae.npz", -1.0))
     fit = SquareFit(ROWS, COLS, b.image_size)
-    _force(b, _loc(fit, 50, 60, 150, 200) + "".join(f"<seg{i:03d}>" for i in range(16)) + " effusion")
+    force_output(
+        b, _loc(fit, 50, 60, 150, 200) + "".join(f"<seg{i:03d}>" for i in range(16)) + " effusion", "<eos>"
+    )
     (mask,) = _run(b, TaskKind.SEGMENT).masks
     assert not mask.voxels.any()
 
@@ -111,17 +108,17 @@ def test_negative_map_gives_an_empty_mask(checkpoint: Path, tmp_path: Path) -> N
 )
 def test_malformed_tokens_are_unparsed(checkpoint: Path, tmp_path: Path, text: str) -> None:
     b = _backend(checkpoint, write_constant_npz(tmp_path / "vae.npz", 1.0))
-    _force(b, text)
+    force_output(b, text, "<eos>")
     r = _run(b, TaskKind.SEGMENT)
     assert r.unparsed and not r.masks and r.raw_output == text
 
 
 def test_report_and_classify_prompts(checkpoint: Path) -> None:
     b = _backend(checkpoint, None)
-    _force(b, "Findings: Clear lungs.\nImpression: Normal.")
+    force_output(b, "Findings: Clear lungs.\nImpression: Normal.", "<eos>")
     r = _run(b, TaskKind.REPORT)
     assert r.report.findings == "Clear lungs." and r.report.impression == "Normal."
-    _force(b, "effusion")
+    force_output(b, "effusion", "<eos>")
     r = _run(b, TaskKind.CLASSIFY)
     (finding,) = r.findings
     assert finding.finding.value == "60046008" and finding.label == "effusion"

@@ -10,13 +10,12 @@ import pytest
 
 from dicom_node.client import InferenceClient, make_spec
 from dicom_node.volume import SeriesVolume
-from inference_service.backends._hf import ForcedTokens
 from inference_service.backends.registry import ModelRegistry
 from inference_service.config import settings_from
 from inference_service.server import run_server
 from radbridge.cli import main
 from radbridge.settings import read_layers
-from tests.unit.inference_service.tiny_checkpoints import build_medgemma
+from tests.unit.inference_service.tiny_checkpoints import build_medgemma, force_output
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning"
@@ -74,9 +73,7 @@ async def test_grpc_round_trip_with_a_vlm(tmp_path: Path, checkpoint: Path) -> N
     settings = settings_from(read_layers(_config(tmp_path, checkpoint), {}))
     registry = ModelRegistry.load(settings)
     backend = registry.get("medgemma-tiny")
-    tok = backend.processor.tokenizer
-    ids = tok.encode("Findings: Small effusion.\nImpression: Effusion.", add_special_tokens=False)
-    backend.logits_processors = [lambda n: ForcedTokens(ids, tok.convert_tokens_to_ids("<end_of_turn>"), n)]
+    force_output(backend, "Findings: Small effusion.\nImpression: Effusion.", "<end_of_turn>")
     running = await run_server(settings, registry)
     try:
         img = np.random.default_rng(0).integers(0, 4000, (1, 120, 90)).astype(np.float32)

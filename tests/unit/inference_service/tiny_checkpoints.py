@@ -28,6 +28,18 @@ GEMMA_CHAT = (
 )
 
 
+def force_output(backend, text: str, eos_token: str) -> list[int]:  # noqa: ANN001
+    """Make the backend's next generate calls emit ``text`` exactly (then ``eos_token``)."""
+    from inference_service.backends._hf import ForcedTokens
+
+    tok = backend.processor.tokenizer
+    ids = tok.encode(text, add_special_tokens=False)
+    assert tok.decode(ids) == text, "the tiny vocabulary must cover the forced text"
+    eos = tok.convert_tokens_to_ids(eos_token)
+    backend.logits_processors = [lambda n: ForcedTokens(ids, eos, n)]
+    return ids
+
+
 def char_vocab(specials: list[str]) -> dict[str, int]:
     chars = list(dict.fromkeys(string.printable.replace(" ", "") + "▁" + CHINESE))
     return {t: i for i, t in enumerate(specials + chars)}
