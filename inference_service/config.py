@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from inference_service.preprocess import PRESETS
 from radbridge.settings import build, read_layers
 
 DEFAULT_HOST = "127.0.0.1"
@@ -53,6 +54,10 @@ class ModelSection:
     def __post_init__(self) -> None:
         if self.backend not in BACKEND_KINDS:
             raise ValueError(f"Unknown backend {self.backend!r}; known: {', '.join(BACKEND_KINDS)}.")
+        if self.preprocess not in PRESETS:
+            raise ValueError(
+                f"Unknown preprocess preset {self.preprocess!r}; known: {', '.join(PRESETS[1:])} or empty."
+            )
         if self.backend != "reference" and self.path is None:
             raise ValueError(f"Backend {self.backend!r} needs a local checkpoint 'path'.")
 

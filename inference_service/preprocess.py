@@ -41,6 +41,33 @@ def grey_rgb(image01: np.ndarray) -> np.ndarray:
     return np.stack([g, g, g], axis=-1)
 
 
+#: Named intensity presets a model entry may choose with ``preprocess = "..."``.
+#: "" (auto): CT in HU -> three windows in RGB, anything else -> the DICOM window or min-max.
+PRESETS = ("", "window", "minmax", "ct3")
+
+
+def to_rgb(
+    image: np.ndarray,
+    modality: str,
+    rescaled: bool,
+    dicom_window: tuple[float, float] | None,
+    preset: str = "",
+) -> np.ndarray:
+    """One slice -> uint8 RGB by a named preset (see PRESETS)."""
+    if preset not in PRESETS:
+        raise ValueError(
+            f"Unknown preprocess preset {preset!r}; known: {', '.join(p or 'auto' for p in PRESETS)}."
+        )
+    is_hu = modality == "CT" and rescaled
+    if preset == "ct3" or (preset == "" and is_hu):
+        if not is_hu:
+            raise ValueError("The ct3 preset needs CT values in Hounsfield units.")
+        return ct_rgb(image)
+    if preset == "minmax":
+        return grey_rgb(voi(image, None))
+    return grey_rgb(voi(image, dicom_window))
+
+
 def sample_slices(n_slices: int, max_slices: int = MAX_CT_SLICES) -> list[int]:
     """Uniformly spaced slice indices (all of them when there are few)."""
     if n_slices <= max_slices:

@@ -23,7 +23,7 @@ from inference_service.backends._hf import HFBackend, parse_text_task
 from inference_service.backends.base import ProgressCallback, WorkItem
 from inference_service.errors import InvalidInput, UnsupportedTask
 from inference_service.parsing import parse_box_2d
-from inference_service.preprocess import SquareFit, ct_rgb, grey_rgb, sample_slices, voi
+from inference_service.preprocess import SquareFit, sample_slices, to_rgb
 from inference_service.types import Box, Code, Finding, TaskKind, TaskResult, Volume
 
 LOCAL_SCHEME = "99RADBRIDGE"
@@ -56,25 +56,19 @@ class PreparedImage:
         self.fit = fit
 
 
-def prepare(volume: Volume, size: int) -> PreparedImage:
+def prepare(volume: Volume, size: int, preset: str = "") -> PreparedImage:
+    """2D: one image + its SquareFit; a series: sampled slices (boxes are not mapped back)."""
     g = volume.geometry
-    v = volume.voxels
-    if g.shape[0] == 1:
-        image = v[0]
-        if g.samples_per_pixel == 3:
-            rgb = np.clip(image, 0, 255).astype(np.uint8)
-        elif g.modality == "CT" and g.rescaled:
-            rgb = ct_rgb(image)
-        else:
-            rgb = grey_rgb(voi(image, g.window))
-        fit = SquareFit(g.shape[1], g.shape[2], size)
-        return PreparedImage([Image.fromarray(fit.apply(rgb))], fit)
     fit = SquareFit(g.shape[1], g.shape[2], size)
-    images = []
-    for k in sample_slices(g.shape[0]):
-        rgb = ct_rgb(v[k]) if g.modality == "CT" and g.rescaled else grey_rgb(voi(v[k], g.window))
-        images.append(Image.fromarray(fit.apply(rgb)))
-    return PreparedImage(images, None)
+
+    def rgb(k: int) -> np.ndarray:
+        if g.samples_per_pixel == 3:
+            return np.clip(volume.voxels[k], 0, 255).astype(np.uint8)
+        return to_rgb(volume.voxels[k], g.modality, g.rescaled, g.window, preset)
+
+    if g.shape[0] == 1:
+        return PreparedImage([Image.fromarray(fit.apply(rgb(0)))], fit)
+    return PreparedImage([Image.fromarray(fit.apply(rgb(k))) for k in sample_slices(g.shape[0])], None)
 
 
 class MedGemmaBackend(HFBackend):
@@ -112,7 +106,7 @@ class MedGemmaBackend(HFBackend):
     ) -> list[TaskResult]:
         if task not in self.tasks:
             raise UnsupportedTask(f"Model {self.config.name!r} cannot do task {task.value!r}.")
-        prepared = [prepare(item.volume, self.image_size) for item in batch]
+        prepared = [prepare(item.volume, self.image_size, self.config.preprocess) for item in batch]
         if task is TaskKind.CLASSIFY:
             results = self._classify(batch, prepared)
         else:

@@ -22,7 +22,7 @@ from inference_service.backends.base import ModelConfig, ProgressCallback, WorkI
 from inference_service.backends.medgemma import label_code
 from inference_service.errors import InvalidInput, UnsupportedTask
 from inference_service.parsing import LocSegObject, parse_loc_seg
-from inference_service.preprocess import SquareFit, grey_rgb, voi
+from inference_service.preprocess import SquareFit, to_rgb
 from inference_service.types import Box, Code, Finding, Mask, TaskKind, TaskResult, Volume
 from inference_service.vqvae import MaskDecoder
 
@@ -72,7 +72,8 @@ class PaliGemmaBackend(HFBackend):
         if g.shape[0] != 1:
             raise InvalidInput("PaliGemma takes a single 2D image.")
         fit = SquareFit(g.shape[1], g.shape[2], self.image_size)
-        return Image.fromarray(fit.apply(grey_rgb(voi(volume.voxels[0], g.window)))), fit
+        rgb = to_rgb(volume.voxels[0], g.modality, g.rescaled, g.window, self.config.preprocess or "window")
+        return Image.fromarray(fit.apply(rgb)), fit
 
     def _prompt(self, item: WorkItem, task: TaskKind) -> tuple[str, str]:
         if task is TaskKind.VQA:

@@ -18,7 +18,7 @@ from inference_service.backends._hf import HFBackend
 from inference_service.backends.base import ProgressCallback, WorkItem
 from inference_service.backends.medgemma import label_code
 from inference_service.errors import InvalidInput, UnsupportedTask
-from inference_service.preprocess import SquareFit, grey_rgb, voi
+from inference_service.preprocess import SquareFit, to_rgb
 from inference_service.types import Finding, TaskKind, TaskResult, Volume
 
 MAX_TEXT_TOKENS = 64
@@ -45,7 +45,9 @@ class SiglipBackend(HFBackend):
         g = volume.geometry
         middle = volume.voxels[g.shape[0] // 2]  # one representative slice of a series
         fit = SquareFit(g.shape[1], g.shape[2], self.image_size)
-        return Image.fromarray(fit.apply(grey_rgb(voi(middle, g.window))))
+        return Image.fromarray(
+            fit.apply(to_rgb(middle, g.modality, g.rescaled, g.window, self.config.preprocess or "window"))
+        )
 
     @torch.inference_mode()
     def run(

@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from inference_service.preprocess import CT_WINDOWS, SquareFit, ct_rgb, sample_slices, voi, window
+from inference_service.preprocess import CT_WINDOWS, SquareFit, ct_rgb, sample_slices, to_rgb, voi, window
 
 
 @pytest.mark.parametrize(
@@ -53,3 +53,20 @@ def test_sampling_and_voi() -> None:
     picks = sample_slices(300)
     assert len(picks) == 85 and picks[0] == 0 and picks[-1] == 299 and picks == sorted(set(picks))
     assert voi(np.array([0.0, 50.0, 100.0]), (50.0, 100.0)).tolist() == [0.0, 0.5, 1.0]
+
+
+def test_presets() -> None:
+    hu = np.linspace(-1000, 1000, 100, dtype=np.float32).reshape(10, 10)
+    assert not np.array_equal(
+        to_rgb(hu, "CT", True, None)[..., 0], to_rgb(hu, "CT", True, None)[..., 1]
+    )  # auto: ct3
+    grey = to_rgb(hu, "CT", True, (40.0, 400.0), "window")
+    assert np.array_equal(grey[..., 0], grey[..., 2])
+    assert grey.max() == 255 and grey.min() == 0
+    assert np.array_equal(
+        to_rgb(hu, "CR", False, (0.0, 1.0), "minmax"), to_rgb(hu, "CR", False, None, "window")
+    )
+    with pytest.raises(ValueError, match="Hounsfield"):
+        to_rgb(hu, "CR", False, None, "ct3")
+    with pytest.raises(ValueError, match="Unknown preprocess preset"):
+        to_rgb(hu, "CT", True, None, "sharpen")
