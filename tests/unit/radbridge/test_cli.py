@@ -32,3 +32,26 @@ def test_unknown_backend_type_is_reported(tmp_path: Path, capsys) -> None:  # no
     cfg.write_text('[models.x]\nbackend = "nonesuch"\n')
     assert main(["models", "--config", str(cfg)]) == 2
     assert "nonesuch" in capsys.readouterr().err
+
+
+def test_standalone_inference_service_serves_health_and_models(tmp_path: Path) -> None:
+    import os
+    import signal
+
+    from dicom_node.client import InferenceClient
+    from tests.peers import free_port
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "inference_service", "serve"],
+        env={**os.environ, "RADBRIDGE_INFERENCE_SERVICE__PORT": str(port)},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        client = InferenceClient(f"127.0.0.1:{port}")
+        models = client.list_models(timeout_s=30)
+        client.close()
+        assert [m.identity.name for m in models.models] == ["reference"]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)
