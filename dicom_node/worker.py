@@ -194,7 +194,15 @@ def run_job(job: Job, ctx: StepContext) -> JobState:
 
 
 class Worker:
-    """Background threads that promote quiet studies and run due jobs."""
+    """Background threads: study completion, analysis jobs, and a dedicated export lane.
+
+    Completion runs on its own timer so a long analysis never delays other
+    studies' quiet windows; exports have their own thread so results already
+    written reach the PACS while the next series is being analysed.
+    """
+
+    ANALYSIS_KINDS = (JobKind.ROUTE, JobKind.ANALYZE)
+    EXPORT_KINDS = (JobKind.EXPORT,)
 
     def __init__(self, ctx: StepContext) -> None:
         self.ctx = ctx
@@ -205,24 +213,37 @@ class Worker:
         resumed = self.ctx.index.resume_interrupted()
         if resumed:
             logger.info("jobs resumed", extra={"event": "jobs.resumed", "count": resumed})
-        for i in range(max(1, self.ctx.settings.worker.threads)):
-            t = threading.Thread(target=self._loop, args=(i,), name=f"radbridge-worker-{i}", daemon=True)
+        loops = [("completion", self._completion_loop, ())]
+        loops += [
+            (f"jobs-{i}", self._job_loop, (self.ANALYSIS_KINDS,))
+            for i in range(max(1, self.ctx.settings.worker.threads))
+        ]
+        loops += [("export", self._job_loop, (self.EXPORT_KINDS,))]
+        for name, target, args in loops:
+            t = threading.Thread(target=target, args=args, name=f"radbridge-{name}", daemon=True)
             t.start()
             self._threads.append(t)
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        """Finish the current job, then stop (the job table holds the rest)."""
+        """Finish the current jobs, then stop (the job table holds the rest)."""
         self._stop.set()
         for t in self._threads:
             t.join(timeout_s)
 
-    def _loop(self, number: int) -> None:
+    def _completion_loop(self) -> None:
         poll = self.ctx.settings.worker.poll_interval_s
         while not self._stop.is_set():
             try:
-                if number == 0:
-                    complete_quiet_studies(self.ctx.index, self.ctx.settings.completion.quiet_window_s)
-                job = self.ctx.index.claim_job()
+                complete_quiet_studies(self.ctx.index, self.ctx.settings.completion.quiet_window_s)
+            except Exception:
+                logger.error("completion loop error", exc_info=True, extra={"event": "worker.error"})
+            self._stop.wait(poll)
+
+    def _job_loop(self, kinds: tuple[JobKind, ...]) -> None:
+        poll = self.ctx.settings.worker.poll_interval_s
+        while not self._stop.is_set():
+            try:
+                job = self.ctx.index.claim_job(kinds=kinds)
             except Exception:
                 logger.error("worker loop error", exc_info=True, extra={"event": "worker.error"})
                 job = None

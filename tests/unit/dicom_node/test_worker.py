@@ -87,3 +87,77 @@ def test_study_no_rule_matches_is_recorded_unrouted(tmp_path: Path, small_ct_fil
     study = ctx.index.study(ds.StudyInstanceUID)
     assert study["state"] == StudyState.UNROUTED and "CT" in study["reason"]
     assert [j.kind for j in ctx.index.jobs()] == [JobKind.ROUTE]
+
+
+def test_completion_and_exports_do_not_wait_behind_a_long_analysis(
+    tmp_path: Path, small_ct_files: list[Path]
+) -> None:
+    """A stuck analysis must not delay other studies' completion or pending exports."""
+    import threading
+    from dataclasses import replace
+
+    import pydicom
+
+    from dicom_node.config import CompletionSection, WorkerSection
+    from dicom_node.spool import InstanceRef
+    from dicom_node.worker import Worker
+
+    release = threading.Event()
+
+    class StuckClient:
+        def analyze(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            release.wait(20)
+            raise RuntimeError("released")
+
+        def close(self) -> None:
+            pass
+
+    settings = NodeSettings(
+        spool=SpoolSection(tmp_path / "spool"),
+        completion=CompletionSection(quiet_window_s=0.0),
+        worker=WorkerSection(threads=1, poll_interval_s=0.05),
+        export=ExportSection(
+            targets={"pacs": ExportTarget(port=free_port(), ae_title="NOBODY")}, max_attempts=1
+        ),
+    )
+    ctx = replace(_ctx(tmp_path, settings), client_factory=StuckClient)
+    ds = pydicom.dcmread(small_ct_files[0], stop_before_pixels=True)
+    ref = InstanceRef(
+        ds.SOPInstanceUID,
+        ds.SOPClassUID,
+        ds.StudyInstanceUID,
+        ds.SeriesInstanceUID,
+        "1.2.840.10008.1.2.1",
+        small_ct_files[0],
+        1,
+    )
+    ctx.index.add_instance(ref, "CT", "SCU")
+    worker = Worker(ctx)
+    worker.start()
+    try:
+        deadline = time.time() + 20
+        while time.time() < deadline and not any(
+            j.kind is JobKind.ANALYZE and j.state is JobState.RUNNING for j in ctx.index.jobs()
+        ):
+            time.sleep(0.05)
+        # The only analysis thread is now stuck. A second study and an export arrive:
+        other = InstanceRef(
+            "9.9.9.1", ds.SOPClassUID, "9.9.9", "9.9.9.2", "1.2.840.10008.1.2.1", small_ct_files[1], 1
+        )
+        ctx.index.add_instance(other, "MR", "SCU")
+        ctx.index.add_job(
+            JobKind.EXPORT, "x->pacs", "9.9.9", {"path": str(small_ct_files[1]), "target": "pacs"}
+        )
+        while time.time() < deadline:
+            study_done = ctx.index.study("9.9.9")["state"] != "RECEIVING"
+            export_done = any(
+                j.kind is JobKind.EXPORT and j.state is JobState.DEAD_LETTER for j in ctx.index.jobs()
+            )
+            if study_done and export_done:
+                break
+            time.sleep(0.05)
+        assert ctx.index.study("9.9.9")["state"] != "RECEIVING"  # completed while the analysis is stuck
+        assert any(j.kind is JobKind.EXPORT and j.state is JobState.DEAD_LETTER for j in ctx.index.jobs())
+    finally:
+        release.set()
+        worker.stop()
