@@ -108,7 +108,7 @@ async def receive_volume(
     if received != expected:
         raise InvalidInput(f"Stream ended after {received} of {expected} voxel bytes.")
     shape = geometry.shape + ((geometry.samples_per_pixel,) if geometry.samples_per_pixel > 1 else ())
-    voxels = np.frombuffer(bytes(buffer), dtype=dtype).reshape(shape)
+    voxels = np.frombuffer(buffer, dtype=dtype).reshape(shape)  # no copy of the received bytes
     if dtype.kind in "iu" and geometry.rescaled:
         voxels = voxels.astype(np.float32)
     return spec, Volume(voxels=voxels, geometry=geometry)
