@@ -20,7 +20,7 @@ from inference_service.assembly import (
 from inference_service.backends.base import WorkItem
 from inference_service.backends.registry import ModelRegistry
 from inference_service.config import ServiceSection
-from inference_service.errors import InferenceError, InvalidInput, to_grpc_status
+from inference_service.errors import InferenceError, to_grpc_status
 from inference_service.scheduler import Scheduler
 from inference_service.types import AnalysisResult, TaskResult
 from protos.radbridge.v1 import inference_pb2 as pb
@@ -99,7 +99,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                     job.cancel()  # client gone or error: withdraw from the queue
             numbers = [m.segment_number for r in results for m in r.masks]
             if len(numbers) != len(set(numbers)):
-                raise InvalidInput("The model returned duplicate segment numbers.")
+                raise RuntimeError("The model returned duplicate segment numbers.")  # a backend bug: INTERNAL
             yield _progress(Stage.SENDING, 0.0, "sending results")
             for chunk in mask_chunks([m for r in results for m in r.masks], self.section.chunk_bytes):
                 yield chunk
