@@ -13,7 +13,7 @@ from inference_service.backends.medgemma import MedGemmaBackend, prepare
 from inference_service.errors import CheckpointError
 from inference_service.preprocess import SquareFit
 from inference_service.types import AnalysisSpec, Geometry, TaskKind, Volume
-from tests.unit.inference_service.tiny_checkpoints import build_medgemma, force_output
+from tests.unit.inference_service.tiny_checkpoints import build_medgemma, force_output, to_pytorch_bin_shards
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning"
@@ -163,6 +163,25 @@ def test_sharded_checkpoint_loads(tmp_path: Path) -> None:
     b = MedGemmaBackend(ModelConfig(name="m", backend="medgemma", path=path))
     b.load()
     assert b.identity.weights_sha256
+
+
+def test_older_pytorch_bin_sharded_layout_loads_the_same_weights(tmp_path: Path) -> None:
+    import shutil
+
+    from transformers import AutoModelForImageTextToText
+
+    new = build_medgemma(tmp_path / "new")
+    reference = AutoModelForImageTextToText.from_pretrained(new, local_files_only=True).state_dict()
+    old = tmp_path / "old"
+    shutil.copytree(new, old)
+    to_pytorch_bin_shards(old)
+    assert not (old / "model.safetensors").exists() and (old / "pytorch_model.bin.index.json").exists()
+    b = MedGemmaBackend(ModelConfig(name="m", backend="medgemma", path=old))
+    b.load()
+    loaded = b.model.state_dict()
+    assert loaded.keys() == reference.keys()
+    for key, value in reference.items():
+        assert torch.equal(loaded[key], value), key
 
 
 @pytest.mark.parametrize(

@@ -275,3 +275,24 @@ def build_llava(directory: Path, image_size: int = 28, seed: int = 0) -> Path:
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
     return directory
+
+
+def to_pytorch_bin_shards(directory: Path, shards: int = 2) -> dict[str, torch.Tensor]:
+    """Rewrite a checkpoint in the older layout: pytorch_model-0000k-of-0000n.bin + index JSON."""
+    import json
+
+    from safetensors.torch import load_file
+
+    state = load_file(directory / "model.safetensors")
+    (directory / "model.safetensors").unlink()
+    keys = sorted(state)
+    weight_map = {}
+    for k in range(shards):
+        name = f"pytorch_model-{k + 1:05d}-of-{shards:05d}.bin"
+        part = keys[k::shards]
+        torch.save({key: state[key] for key in part}, directory / name)
+        weight_map.update(dict.fromkeys(part, name))
+    (directory / "pytorch_model.bin.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
+    return state
