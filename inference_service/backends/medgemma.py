@@ -33,6 +33,7 @@ PROMPTS = {
     "'Impression:' section.",
     "language": " Write the report in {language}.",
     "classify": "Is there {label} in this image? Answer yes or no.",
+    "choose": "Which one of the following best describes this image: {labels}? Answer with exactly one of them.",
     "detect": "Locate {labels} in this chest X-ray. Output a JSON list with one object per finding: "
     '{{"box_2d": [y0, x0, y1, x1], "label": "<name>"}}, coordinates normalized to 0-1000.',
 }
@@ -107,7 +108,9 @@ class MedGemmaBackend(HFBackend):
         if task not in self.tasks:
             raise UnsupportedTask(f"Model {self.config.name!r} cannot do task {task.value!r}.")
         prepared = [prepare(item.volume, self.image_size, self.config.preprocess) for item in batch]
-        if task is TaskKind.CLASSIFY:
+        if task is TaskKind.CLASSIFY and self.config.options.get("classify_mode", "yesno") == "choice":
+            results = [self._choose(item, prep) for item, prep in zip(batch, prepared, strict=True)]
+        elif task is TaskKind.CLASSIFY:
             results = self._classify(batch, prepared)
         else:
             results = self._generate(batch, prepared, task)
@@ -174,9 +177,7 @@ class MedGemmaBackend(HFBackend):
         no = tok.encode("no", add_special_tokens=False)[0]
         results = []
         for item, prep in zip(batch, prepared, strict=True):
-            labels = list(item.spec.labels) or list(self.config.labels)
-            if not labels:
-                raise InvalidInput("Classification needs labels (in the request or the model's config).")
+            labels = self._labels(item)
             prompt_ids, prompts = zip(
                 *(self.prompt("classify", PROMPTS["classify"], label=lb) for lb in labels), strict=True
             )
@@ -193,3 +194,52 @@ class MedGemmaBackend(HFBackend):
             result.raw_output = "\n".join(f"{lb}: p(yes)={s:.4f}" for lb, s in zip(labels, pair, strict=True))
             results.append(result)
         return results
+
+    # -- classification as a choice within a label set --------------------------------
+    def _labels(self, item: WorkItem) -> list[str]:
+        labels = list(item.spec.labels) or list(self.config.labels)
+        if not labels:
+            raise InvalidInput("Classification needs labels (in the request or the model's config).")
+        return labels
+
+    @torch.inference_mode()
+    def label_log_probs(self, prep: PreparedImage, prompt: str, labels: Sequence[str]) -> list[float]:
+        """Sum of log-probabilities of each label's tokens as the answer (one left-padded batch)."""
+        tok = self.processor.tokenizer
+        content = [{"type": "image"} for _ in prep.images] + [{"type": "text", "text": prompt}]
+        chat = self.processor.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+        )
+        lengths = [len(tok.encode(label, add_special_tokens=False)) for label in labels]
+        inputs = self.processor(
+            text=[chat + label for label in labels],
+            images=[prep.images] * len(labels),
+            return_tensors="pt",
+            padding=True,
+        )
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        inputs.pop("labels", None)
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        logprobs = torch.log_softmax(self.model(**inputs).logits.float(), dim=-1)
+        ids = inputs["input_ids"]
+        totals = []
+        for row, n in enumerate(lengths):  # left padding: every answer ends at the last position
+            positions = torch.arange(ids.shape[1] - n, ids.shape[1], device=ids.device)
+            totals.append(float(logprobs[row, positions - 1, ids[row, positions]].sum()))
+        return totals
+
+    def _choose(self, item: WorkItem, prep: PreparedImage) -> TaskResult:
+        labels = self._labels(item)
+        prompt_id, prompt = self.prompt("choose", PROMPTS["choose"], labels=", ".join(labels))
+        totals = torch.tensor(self.label_log_probs(prep, prompt, labels))
+        probs = torch.softmax(totals, dim=0).tolist()
+        best = int(torch.argmax(totals))
+        result = TaskResult(task=TaskKind.CLASSIFY, prompt_id=prompt_id)
+        for i, (label, p) in enumerate(zip(labels, probs, strict=True)):
+            result.findings.append(
+                Finding(label_code(self.config.labels, label), round(p, 4), i == best, label)
+            )
+        result.raw_output = "\n".join(
+            f"{lb}: logp={t:.4f}" for lb, t in zip(labels, totals.tolist(), strict=True)
+        )
+        return result

@@ -217,3 +217,24 @@ def test_ct_series_goes_in_as_sampled_three_window_slices(backend: MedGemmaBacke
     assert not np.array_equal(rgb[..., 0], rgb[..., 1])  # different windows per channel
     inputs = backend.build_inputs([prepared], ["Describe"])
     assert inputs["pixel_values"].shape[0] == 85  # one image per slice, one turn
+
+
+def test_choice_among_labels_scores_each_label_answer(backend: MedGemmaBackend) -> None:
+    """Label-set classification: batched (left-padded) scores equal each label scored alone."""
+    import dataclasses
+
+    backend.config = dataclasses.replace(
+        backend.config, options={**backend.config.options, "classify_mode": "choice"}
+    )
+    labels = ("pleural effusion", "normal", "pneumothorax")
+    r = _run(backend, TaskKind.CLASSIFY, labels=labels)
+    assert [f.label for f in r.findings] == list(labels)
+    assert sum(f.score for f in r.findings) == pytest.approx(1.0, abs=1e-3)
+    assert sum(f.present for f in r.findings) == 1
+    prep = prepare(_cxr(), backend.image_size)
+    prompt = "Which one of the following best describes this image: pleural effusion, normal, pneumothorax? Answer with exactly one of them."
+    batched = backend.label_log_probs(prep, prompt, labels)
+    alone = [backend.label_log_probs(prep, prompt, [label])[0] for label in labels]
+    assert batched == pytest.approx(alone, abs=1e-4)
+    best = max(range(3), key=lambda i: alone[i])
+    assert r.findings[best].present and r.findings[0].finding.value == "60046008"
