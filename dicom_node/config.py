@@ -1,7 +1,8 @@
 """NodeSettings: the DICOM node's typed, frozen configuration.
 
-Sections: [scp], [spool], [completion], [routing] (+ [[routing.rules]]),
-[inference], [export] (+ [export.targets.<name>]), [worker]. Every key can be
+Sections: [scp], [http], [viewer], [spool], [completion], [routing]
+(+ [[routing.rules]]), [inference], [export] (+ [export.targets.<name>]),
+[worker]. Every key can be
 overridden by RADBRIDGE_<SECTION>__<KEY>; defaults are safe on one machine.
 """
 
@@ -12,13 +13,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from radbridge.settings import build, read_layers
+from radbridge_common.settings import build, read_layers
 
 DEFAULT_AE_TITLE = "RADBRIDGE"
 DEFAULT_SCP_PORT = 11112
 DEFAULT_SPOOL = Path("radbridge-spool")
 DEFAULT_QUIET_WINDOW_S = 30.0
-SECTIONS = ("scp", "spool", "completion", "routing", "inference", "export", "worker", "logging")
+DEFAULT_HTTP_PORT = 8080
+DEFAULT_MAX_REQUEST_BYTES = 4 * 1024**3  # one STOW-RS request body; larger -> 413
+DEFAULT_MAX_PART_BYTES = 2 * 1024**3  # one instance inside a STOW-RS request
+#: Where `scripts/setup.sh` unpacks the pinned prebuilt OHIF (outside the repository).
+OHIF_VERSION = "3.13.2"
+DEFAULT_OHIF_DIR = Path.home() / ".cache" / "radbridge" / f"ohif-{OHIF_VERSION}"
+EXPORT_TYPES = ("dicom", "dicomweb")
+SECTIONS = ("scp", "http", "viewer", "spool", "completion", "routing", "inference", "export", "worker", "logging")
 TASKS = ("report", "vqa", "classify", "detect", "segment", "embed")
 
 
@@ -37,6 +45,39 @@ class ScpSection:
 
     def __post_init__(self) -> None:
         _check_ae(self.ae_title, "scp.ae_title")
+
+
+@dataclass(frozen=True)
+class HttpSection:
+    """The node's one HTTP front: STOW-RS, read-only DICOMweb, viewer, /healthz."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_HTTP_PORT  # 0 = any free port
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    max_part_bytes: int = DEFAULT_MAX_PART_BYTES
+    #: A STOW-RS request ends its study at once (no quiet window): for clients that send whole studies.
+    stow_completes_study: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_request_bytes <= 0 or self.max_part_bytes <= 0:
+            raise ValueError("http.max_request_bytes and http.max_part_bytes must be positive.")
+
+
+@dataclass(frozen=True)
+class ViewerSection:
+    """`radbridge viewer`: OHIF on the same origin as its DICOMweb source."""
+
+    host: str = "127.0.0.1"
+    port: int = 3000  # 0 = any free port
+    ohif_dir: Path = DEFAULT_OHIF_DIR  # the unpacked `@ohif/app` dist/
+    #: "" = RadBridge's own read-only DICOMweb of the spool; else a PACS's DICOMweb root to proxy,
+    #: e.g. "http://pacs:8042/dicom-web" (Orthanc).
+    upstream: str = ""
+
+    def __post_init__(self) -> None:
+        if self.upstream and not self.upstream.startswith(("http://", "https://")):
+            raise ValueError(f"viewer.upstream {self.upstream!r} must be an http(s) URL or empty.")
 
 
 @dataclass(frozen=True)
@@ -111,16 +152,25 @@ class InferenceSection:
 
 @dataclass(frozen=True)
 class ExportTarget:
+    """A destination: ``type = "dicom"`` (C-STORE SCU) or ``"dicomweb"`` (STOW-RS to ``url``)."""
+
     type: str = "dicom"
     host: str = "127.0.0.1"
     port: int = 104
     ae_title: str = "PACS"
     calling_ae_title: str = ""  # empty = scp.ae_title
+    url: str = ""  # dicomweb: the service root, e.g. "http://pacs:8042/dicom-web"
+    timeout_s: float = 60.0  # dicomweb: per request
 
     def __post_init__(self) -> None:
-        if self.type != "dicom":
-            raise ValueError(f"Export target type {self.type!r} is not supported (known: dicom).")
-        _check_ae(self.ae_title, "export target ae_title")
+        if self.type not in EXPORT_TYPES:
+            raise ValueError(
+                f"Export target type {self.type!r} is not supported (known: {', '.join(EXPORT_TYPES)})."
+            )
+        if self.type == "dicom":
+            _check_ae(self.ae_title, "export target ae_title")
+        elif not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"A dicomweb export target needs an http(s) url, not {self.url!r}.")
 
 
 @dataclass(frozen=True)
@@ -149,6 +199,8 @@ class LoggingSection:
 @dataclass(frozen=True)
 class NodeSettings:
     scp: ScpSection = field(default_factory=ScpSection)
+    http: HttpSection = field(default_factory=HttpSection)
+    viewer: ViewerSection = field(default_factory=ViewerSection)
     spool: SpoolSection = field(default_factory=SpoolSection)
     completion: CompletionSection = field(default_factory=CompletionSection)
     routing: RoutingSection = field(default_factory=RoutingSection)

@@ -12,8 +12,8 @@ import sys
 from inference_service.config import load_settings
 from inference_service.errors import InferenceError
 from inference_service.server import main as serve
-from radbridge import logs
-from radbridge.settings import ConfigError
+from radbridge_common import logs
+from radbridge_common.settings import ConfigError
 
 
 def main(argv: list[str] | None = None) -> int:

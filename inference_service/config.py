@@ -1,7 +1,7 @@
 """ServiceSettings: the inference service's typed, frozen configuration.
 
 TOML sections ``[inference_service]`` and ``[models.<name>]``; env overrides as
-``RADBRIDGE_INFERENCE_SERVICE__PORT`` (see radbridge.settings).
+``RADBRIDGE_INFERENCE_SERVICE__PORT`` (see radbridge_common.settings).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from inference_service.preprocess import PRESETS
-from radbridge.settings import build, read_layers
+from radbridge_common.settings import build, read_layers
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 50051

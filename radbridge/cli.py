@@ -10,7 +10,7 @@ import threading
 from pathlib import Path
 
 from radbridge import __version__
-from radbridge.settings import ConfigError, read_layers, redacted
+from radbridge_common.settings import ConfigError, read_layers, redacted
 
 DESCRIPTION = """\
 RadBridge connects a PACS to medical vision-language models.
@@ -49,7 +49,7 @@ def _load(path: str | None) -> tuple[object, object, dict]:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from dicom_node.node import Node
-    from radbridge import logs
+    from radbridge_common import logs
     from radbridge.embedded import EmbeddedInferenceService
 
     node_settings, service_settings, _ = _load(args.config)
@@ -78,7 +78,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from radbridge import logs
+    from radbridge_common import logs
     from radbridge.demo import run_demo
     from radbridge.summary import summarize
 

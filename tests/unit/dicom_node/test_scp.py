@@ -18,7 +18,7 @@ from dicom_node.config import ScpSection
 from dicom_node.index import Index
 from dicom_node.scp import start_scp
 from dicom_node.spool import Spool
-from radbridge.logs import JsonFormatter
+from radbridge_common.logs import JsonFormatter
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from inference_service.backends.registry import ModelRegistry
 from inference_service.config import settings_from
 from inference_service.server import run_server
 from radbridge.cli import main
-from radbridge.settings import read_layers
+from radbridge_common.settings import read_layers
 from tests.unit.inference_service.tiny_checkpoints import build_medgemma, force_output
 
 pytestmark = pytest.mark.filterwarnings(

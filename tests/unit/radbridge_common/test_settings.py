@@ -7,7 +7,7 @@ import pytest
 from dicom_node.config import NodeSettings, load_settings, settings_from
 from inference_service.config import ServiceSettings
 from inference_service.config import settings_from as service_settings_from
-from radbridge.settings import ConfigError, read_layers, redacted
+from radbridge_common.settings import ConfigError, read_layers, redacted
 
 
 def test_defaults_are_safe_single_machine() -> None:
