@@ -1,13 +1,16 @@
 """Errors of the DICOM node, and their translation to DIMSE statuses (only here).
 
 RadBridgeError
- ├ InvalidInstance       C-STORE 0xC000 (0xC210 when it cannot be decoded)
+ ├ InvalidInstance       C-STORE 0xC000 (0xC210 when it cannot be decoded); STOW FailureReason alike
+ │ └ StudyMismatch       STOW-RS to /studies/{study} with an instance of another study: 0xC409
  ├ SopClassNotSupported  C-STORE 0x0122
  ├ StorageError          C-STORE 0xA700 (write/fsync/rename failed; never 0x0000)
  ├ VolumeError           job FAILED with the reason (series cannot form a volume)
  ├ InferenceUnavailable  job retried with backoff (service down, deadline)
  ├ InferenceRejected     job FAILED (the service refused the request)
  └ ExportError           job retried with backoff, then DEAD_LETTER
+   └ PermanentExportError  not retried: DEAD_LETTER at once (the peer refused for good:
+                           STOW-RS 4xx, FailureReason 0x0122/0x0124/0xA9xx/0xCxxx)
 """
 
 from __future__ import annotations
@@ -27,6 +30,20 @@ class InvalidInstance(RadBridgeError):
 
 class UndecodableInstance(InvalidInstance):
     status = 0xC210
+
+
+class StudyMismatch(InvalidInstance):
+    """STOW-RS to /studies/{study}: the instance belongs to another study (dcm4chee's 0xC409)."""
+
+    status = 0xC409
+
+
+class StowRequestError(RadBridgeError):
+    """A STOW-RS request as a whole is refused (media type, syntax, size): an HTTP status."""
+
+    def __init__(self, http_status: int, message: str) -> None:
+        super().__init__(message)
+        self.http_status = http_status
 
 
 class SopClassNotSupported(RadBridgeError):
@@ -54,6 +71,12 @@ class ExportError(RadBridgeError):
     retryable = True
 
 
+class PermanentExportError(ExportError):
+    """The destination refused the objects in a way a retry cannot change (parked, not retried)."""
+
+    retryable = False
+
+
 #: DIMSE status for unexpected errors in a C-STORE handler (processing failure).
 PROCESSING_FAILURE = 0x0110
 
@@ -65,3 +88,44 @@ def to_dimse_status(exc: BaseException) -> Dataset:
     comment = str(exc) if isinstance(exc, RadBridgeError) else "Out of resources: could not store"
     status.ErrorComment = comment[:64]
     return status
+
+
+# -- Codes a STOW-RS destination answers with (export side) -------------------------------
+#: FailureReason (0008,1197) values of PS3.18 Table 10.5.3-1 (C-STORE statuses of PS3.4/PS3.7).
+FAILURE_REASONS: dict[int, str] = {
+    0x0110: "processing failure",
+    0x0111: "duplicate SOP instance",
+    0x0122: "SOP class not supported",
+    0x0124: "refused: not authorised",
+    0xA700: "out of resources",
+    0xA900: "data set does not match SOP class",
+    0xC000: "cannot understand",
+    0xC122: "transfer syntax not supported",
+}
+#: The destination already holds the instance; our output UIDs are deterministic, so it is ours.
+DUPLICATE_SOP_INSTANCE = 0x0111
+#: HTTP statuses that a retry can change; every other 4xx/5xx is permanent
+#: (400 malformed, 401/403 credentials, 404 wrong URL, 413 too large, 415 media type,
+#: 501/505 the server cannot do STOW-RS at all).
+TRANSIENT_HTTP_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504, 507})
+
+
+def failure_reason_is_transient(reason: int) -> bool:
+    """Whether a STOW-RS FailureReason may clear on a later attempt.
+
+    0xA7xx (out of resources) and 0x0110 (processing failure) describe the
+    destination's state, not the object. 0x0122, 0x0124, 0xA9xx and 0xCxxx
+    describe the object or our rights, which a resend does not change. An
+    unknown code is retried: the attempts are bounded, so it still ends in
+    DEAD_LETTER, but a passing condition is not parked by mistake.
+    """
+    if reason & 0xFF00 == 0xA700 or reason == 0x0110:
+        return True
+    return not (reason in (0x0122, 0x0124) or reason & 0xFF00 == 0xA900 or reason & 0xF000 == 0xC000)
+
+
+def to_stow_failure(exc: BaseException) -> int:
+    """The FailureReason (0008,1197) of a STOW-RS instance that could not be stored."""
+    if isinstance(exc, RadBridgeError) and hasattr(exc, "status"):
+        return int(exc.status)
+    return 0xA700 if isinstance(exc, OSError) else PROCESSING_FAILURE

@@ -2,7 +2,10 @@
 
 WAL mode, one connection per thread, short transactions. A job has a kind, a
 state, an attempt count and a next-try time; a restart turns RUNNING jobs back
-into PENDING so nothing is left half done.
+into PENDING so nothing is left half done. Instances are either received
+(C-STORE, STOW-RS) or outputs RadBridge wrote (SEG/SR); both carry their
+searchable attributes (DICOM JSON) so the read-only DICOMweb can answer
+QIDO-RS from here.
 """
 
 from __future__ import annotations
@@ -31,7 +34,9 @@ CREATE TABLE IF NOT EXISTS instances (
     calling_aet TEXT NOT NULL DEFAULT '',
     path TEXT NOT NULL,
     size INTEGER NOT NULL,
-    received_time REAL NOT NULL
+    received_time REAL NOT NULL,
+    origin TEXT NOT NULL DEFAULT 'received',
+    attributes TEXT NOT NULL DEFAULT '{}'
 );
 CREATE INDEX IF NOT EXISTS instances_study ON instances(study_instance_uid);
 CREATE TABLE IF NOT EXISTS studies (
@@ -79,7 +84,19 @@ class JobKind(enum.StrEnum):
     EXPORT = "export"
 
 
+class Origin(enum.StrEnum):
+    RECEIVED = "received"  # from a peer; drives completion and routing
+    OUTPUT = "output"  # written by RadBridge; visible over DICOMweb, never routed
+
+
 ACTIVE = (JobState.PENDING, JobState.RUNNING)
+#: Columns added after the first release; ``Index`` adds them to an older database.
+_LATER_COLUMNS = {
+    "instances": {
+        "origin": "TEXT NOT NULL DEFAULT 'received'",
+        "attributes": "TEXT NOT NULL DEFAULT '{}'",
+    }
+}
 
 
 @dataclass(frozen=True)
@@ -119,13 +136,48 @@ class InstanceRow:
     path: Path
 
 
+@dataclass(frozen=True)
+class StoredInstance:
+    """An instance as the read-only DICOMweb sees it."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    transfer_syntax_uid: str
+    path: Path
+    attributes: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SeriesSummary:
+    study_instance_uid: str
+    series_instance_uid: str
+    instances: int
+    attributes: dict[str, Any]  # of one instance of the series
+
+
+@dataclass(frozen=True)
+class StudySummary:
+    study_instance_uid: str
+    series: int
+    instances: int
+    modalities: list[str]
+    attributes: dict[str, Any]  # of one instance of the study
+
+
 class Index:
     """Thread-safe access to the SQLite index (one connection per thread)."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self._local = threading.local()
-        self._conn().executescript(SCHEMA)  # executescript manages its own transaction
+        conn = self._conn()
+        conn.executescript(SCHEMA)  # executescript manages its own transaction
+        for table, columns in _LATER_COLUMNS.items():
+            have = {r["name"] for r in conn.execute(f"PRAGMA table_info({table})")}
+            for name, decl in columns.items():
+                if name not in have:
+                    conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -155,27 +207,48 @@ class Index:
             self._local.conn = None
 
     # -- instances and studies ------------------------------------------------
+    @staticmethod
+    def _put_instance(
+        db: sqlite3.Connection,
+        ref: InstanceRef,
+        modality: str,
+        calling_aet: str,
+        now: float,
+        origin: Origin,
+        attributes: dict[str, Any] | None,
+    ) -> None:
+        db.execute(
+            "INSERT OR REPLACE INTO instances (sop_instance_uid, sop_class_uid, study_instance_uid, "
+            "series_instance_uid, transfer_syntax_uid, modality, calling_aet, path, size, received_time, "
+            "origin, attributes) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                ref.sop_instance_uid,
+                ref.sop_class_uid,
+                ref.study_instance_uid,
+                ref.series_instance_uid,
+                ref.transfer_syntax_uid,
+                modality,
+                calling_aet,
+                str(ref.path),
+                ref.size,
+                now,
+                origin,
+                json.dumps(attributes or {}, separators=(",", ":"), ensure_ascii=False),
+            ),
+        )
+
     def add_instance(
-        self, ref: InstanceRef, modality: str, calling_aet: str, now: float | None = None
+        self,
+        ref: InstanceRef,
+        modality: str,
+        calling_aet: str,
+        now: float | None = None,
+        attributes: dict[str, Any] | None = None,
     ) -> None:
         """Record a spooled instance; a late instance reopens a completed study."""
         now = time.time() if now is None else now
         with self._tx() as db:
-            db.execute(
-                "INSERT OR REPLACE INTO instances VALUES (?,?,?,?,?,?,?,?,?,?)",
-                (
-                    ref.sop_instance_uid,
-                    ref.sop_class_uid,
-                    ref.study_instance_uid,
-                    ref.series_instance_uid,
-                    ref.transfer_syntax_uid,
-                    modality,
-                    calling_aet,
-                    str(ref.path),
-                    ref.size,
-                    now,
-                ),
-            )
+            self._put_instance(db, ref, modality, calling_aet, now, Origin.RECEIVED, attributes)
             db.execute(
                 "INSERT INTO studies VALUES (?,?,?,?,'') ON CONFLICT(study_instance_uid) DO UPDATE SET "
                 "state=excluded.state, last_received_time=excluded.last_received_time, "
@@ -183,13 +256,63 @@ class Index:
                 (ref.study_instance_uid, StudyState.RECEIVING, now, now),
             )
 
+    def add_output(self, ref: InstanceRef, modality: str, attributes: dict[str, Any]) -> None:
+        """Record an object RadBridge wrote (SEG/SR): searchable, but it neither reopens nor routes."""
+        with self._tx() as db:
+            self._put_instance(db, ref, modality, "", time.time(), Origin.OUTPUT, attributes)
+
     def study_instances(self, study_uid: str) -> list[InstanceRow]:
+        """The received instances of a study (what routing and analysis read)."""
         rows = self._conn().execute(
             "SELECT sop_instance_uid, sop_class_uid, series_instance_uid, modality, calling_aet, path "
-            "FROM instances WHERE study_instance_uid=? ORDER BY series_instance_uid, sop_instance_uid",
-            (study_uid,),
+            "FROM instances WHERE study_instance_uid=? AND origin=? "
+            "ORDER BY series_instance_uid, sop_instance_uid",
+            (study_uid, Origin.RECEIVED),
         )
         return [InstanceRow(r[0], r[1], r[2], r[3], r[4], Path(r[5])) for r in rows.fetchall()]
+
+    def has_instance(self, sop_instance_uid: str) -> bool:
+        row = self._conn().execute(
+            "SELECT 1 FROM instances WHERE sop_instance_uid=?", (sop_instance_uid,)
+        ).fetchone()
+        return row is not None
+
+    # -- read-only DICOMweb ---------------------------------------------------------
+    def search_studies(self) -> list[StudySummary]:
+        rows = self._conn().execute(
+            "SELECT study_instance_uid, COUNT(DISTINCT series_instance_uid), COUNT(*), "
+            "GROUP_CONCAT(DISTINCT modality), MIN(CASE origin WHEN 'received' THEN attributes END), "
+            "MIN(attributes) FROM instances GROUP BY study_instance_uid ORDER BY MIN(received_time)"
+        ).fetchall()
+        return [
+            StudySummary(
+                r[0], r[1], r[2], sorted(m for m in (r[3] or "").split(",") if m), json.loads(r[4] or r[5])
+            )
+            for r in rows
+        ]
+
+    def search_series(self, study_uid: str) -> list[SeriesSummary]:
+        rows = self._conn().execute(
+            "SELECT series_instance_uid, COUNT(*), MIN(attributes) FROM instances "
+            "WHERE study_instance_uid=? GROUP BY series_instance_uid ORDER BY MIN(received_time)",
+            (study_uid,),
+        ).fetchall()
+        return [SeriesSummary(study_uid, r[0], r[1], json.loads(r[2])) for r in rows]
+
+    def search_instances(
+        self, study_uid: str, series_uid: str | None = None, sop_uid: str | None = None
+    ) -> list[StoredInstance]:
+        sql = (
+            "SELECT study_instance_uid, series_instance_uid, sop_instance_uid, transfer_syntax_uid, path, "
+            "attributes FROM instances WHERE study_instance_uid=?"
+        )
+        args: list[str] = [study_uid]
+        if series_uid is not None:
+            sql, args = sql + " AND series_instance_uid=?", [*args, series_uid]
+        if sop_uid is not None:
+            sql, args = sql + " AND sop_instance_uid=?", [*args, sop_uid]
+        rows = self._conn().execute(sql + " ORDER BY series_instance_uid, received_time", args).fetchall()
+        return [StoredInstance(r[0], r[1], r[2], r[3], Path(r[4]), json.loads(r[5])) for r in rows]
 
     def count_instances(self) -> int:
         return int(self._conn().execute("SELECT COUNT(*) FROM instances").fetchone()[0])

@@ -1,4 +1,4 @@
-"""The running node: spool + index + SCP + worker threads, started and stopped together."""
+"""The running node: spool + index + SCP + HTTP front + worker threads, started and stopped together."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import logging
 
 from dicom_node.client import InferenceClient
 from dicom_node.config import NodeSettings
+from dicom_node.http import HttpServer, create_app
 from dicom_node.index import Index
 from dicom_node.scp import start_scp
 from dicom_node.spool import Spool
@@ -41,6 +42,7 @@ class Node:
         )
         self.worker = Worker(self.ctx)
         self._server = None
+        self._http: HttpServer | None = None
 
     @property
     def port(self) -> int:
@@ -48,8 +50,19 @@ class Node:
             raise RuntimeError("The node is not started.")
         return int(self._server.server_address[1])
 
+    @property
+    def http_port(self) -> int:
+        if self._http is None:
+            raise RuntimeError("The HTTP front is not started (http.enabled = false?).")
+        return self._http.port
+
     def start(self) -> Node:
         self._server = start_scp(self.settings.scp, self.spool, self.index)
+        if self.settings.http.enabled:
+            http = self.settings.http
+            app = create_app(self.settings, self.spool, self.index, stow=True, viewer=False, upstream="")
+            self._http = HttpServer(app, http.host, http.port)
+            self._http.start()
         self.worker.start()
         return self
 
@@ -57,6 +70,9 @@ class Node:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+        if self._http is not None:
+            self._http.stop()
+            self._http = None
         self.worker.stop()
         self.index.close()
 

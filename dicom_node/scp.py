@@ -17,13 +17,13 @@ from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
+from dicom_node.attributes import identifiers, searchable_attributes
 from dicom_node.config import ScpSection
 from dicom_node.errors import InvalidInstance, RadBridgeError, UndecodableInstance, to_dimse_status
 from dicom_node.index import Index
 from dicom_node.spool import Spool, uid_key
 
 logger = logging.getLogger(__name__)
-REQUIRED_UIDS = ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID")
 
 
 def configure_pynetdicom() -> None:
@@ -37,12 +37,9 @@ def configure_pynetdicom() -> None:
 def _header(event: evt.Event) -> tuple[Dataset, dict[str, str]]:
     try:
         ds = event.dataset
-        values = {k: str(ds.get(k, "") or "") for k in (*REQUIRED_UIDS, "Modality")}
     except Exception as exc:  # any decode failure of untrusted bytes
         raise UndecodableInstance("Cannot understand: dataset could not be decoded") from exc
-    missing = [k for k in REQUIRED_UIDS if not values[k]]
-    if missing:
-        raise InvalidInstance(f"Missing required attribute(s): {', '.join(missing)}")
+    values = identifiers(ds)
     if values["SOPInstanceUID"] != event.request.AffectedSOPInstanceUID:
         raise InvalidInstance("SOPInstanceUID does not match the C-STORE request")
     return ds, values
@@ -60,7 +57,7 @@ def handle_store(event: evt.Event, spool: Spool, index: Index) -> Dataset | int:
         "transfer_syntax": context.transfer_syntax,
     }
     try:
-        _, values = _header(event)
+        ds, values = _header(event)
         data = event.encoded_dataset(include_meta=True)
         ref = spool.store(
             data,
@@ -70,7 +67,7 @@ def handle_store(event: evt.Event, spool: Spool, index: Index) -> Dataset | int:
             series_instance_uid=values["SeriesInstanceUID"],
             transfer_syntax_uid=str(context.transfer_syntax),
         )
-        index.add_instance(ref, values["Modality"], peer_ae)
+        index.add_instance(ref, values["Modality"], peer_ae, attributes=searchable_attributes(ds))
     except RadBridgeError as exc:
         status = to_dimse_status(exc)
         logger.warning(

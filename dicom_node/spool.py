@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from dicom_node.errors import StorageError
 INSTANCES = "instances"
 OUTPUTS = "outputs"
 INDEX_DB = "index.sqlite3"
+STAGING = "staging"  # STOW-RS parts being received; never acknowledged until moved out
 TMP_SUFFIX = ".partial"
 
 
@@ -70,6 +72,7 @@ class Spool:
         self.root = Path(root)
         (self.root / INSTANCES).mkdir(parents=True, exist_ok=True)
         (self.root / OUTPUTS).mkdir(parents=True, exist_ok=True)
+        (self.root / STAGING).mkdir(parents=True, exist_ok=True)
 
     @property
     def index_path(self) -> Path:
@@ -103,6 +106,44 @@ class Spool:
             transfer_syntax_uid=transfer_syntax_uid,
             path=path,
             size=len(data),
+        )
+
+    def staging_path(self) -> Path:
+        """A fresh file name for a part being streamed in (same file system as the spool)."""
+        return self.root / STAGING / f"{uuid.uuid4().hex}{TMP_SUFFIX}"
+
+    def store_staged(
+        self,
+        staged: Path,
+        *,
+        sop_instance_uid: str,
+        sop_class_uid: str,
+        study_instance_uid: str,
+        series_instance_uid: str,
+        transfer_syntax_uid: str,
+    ) -> InstanceRef:
+        """Move a fully written staged file into place durably: fsync -> rename -> fsync(dir)."""
+        path = self.instance_path(study_instance_uid, series_instance_uid, sop_instance_uid)
+        try:
+            fd = os.open(staged, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                size = os.fstat(fd).st_size
+            finally:
+                os.close(fd)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staged, path)
+            fsync_dir(path.parent)
+        except OSError as exc:
+            raise StorageError(f"Out of resources: cannot write spool ({exc.strerror})") from exc
+        return InstanceRef(
+            sop_instance_uid=sop_instance_uid,
+            sop_class_uid=sop_class_uid,
+            study_instance_uid=study_instance_uid,
+            series_instance_uid=series_instance_uid,
+            transfer_syntax_uid=transfer_syntax_uid,
+            path=path,
+            size=size,
         )
 
     def remove_partials(self) -> int:

@@ -15,15 +15,16 @@ from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
 
+from dicom_node.attributes import searchable_attributes
 from dicom_node.client import InferenceClient, make_spec
 from dicom_node.completion import complete_quiet_studies
 from dicom_node.config import NodeSettings, RoutingRule
-from dicom_node.errors import RadBridgeError
+from dicom_node.errors import ExportError, RadBridgeError
 from dicom_node.export import export
 from dicom_node.index import Index, Job, JobKind, JobState, StudyState
 from dicom_node.results import ResultWriter
 from dicom_node.routing import group_series, route
-from dicom_node.spool import Spool, uid_key, write_durably
+from dicom_node.spool import InstanceRef, Spool, uid_key, write_durably
 from dicom_node.volume import read_series
 
 logger = logging.getLogger(__name__)
@@ -99,7 +100,19 @@ def run_analyze(job: Job, ctx: StepContext) -> None:
         path = out_dir / f"{obj.kind}-{uid_key(obj.sop_instance_uid, 24)}.dcm"
         buffer = BytesIO()
         obj.dataset.save_as(buffer, enforce_file_format=True)
-        write_durably(path, buffer.getvalue())
+        data = buffer.getvalue()
+        write_durably(path, data)
+        ds = obj.dataset
+        ref = InstanceRef(
+            sop_instance_uid=obj.sop_instance_uid,
+            sop_class_uid=str(ds.SOPClassUID),
+            study_instance_uid=str(ds.StudyInstanceUID),
+            series_instance_uid=str(ds.SeriesInstanceUID),
+            transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+            path=path,
+            size=len(data),
+        )
+        ctx.index.add_output(ref, str(ds.Modality), searchable_attributes(ds))
         written.append(path)
     for name in ctx.settings.export.targets:
         for path in written:
@@ -164,7 +177,10 @@ def run_job(job: Job, ctx: StepContext) -> JobState:
             ctx.index.finish_job(job.id, JobState.PENDING, message, time.time() + delay)
             state = JobState.PENDING
         else:
-            state = JobState.DEAD_LETTER if retryable else JobState.FAILED
+            # An export the destination refused for good is parked (DEAD_LETTER) like one that ran
+            # out of attempts: the objects exist and wait for an operator's retry.
+            parked = retryable or (job.kind is JobKind.EXPORT and isinstance(exc, ExportError))
+            state = JobState.DEAD_LETTER if parked else JobState.FAILED
             ctx.index.finish_job(job.id, state, message)
         logger.warning(
             "job state",

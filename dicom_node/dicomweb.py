@@ -1,0 +1,396 @@
+"""Read-only DICOMweb of the spool: QIDO-RS search and WADO-RS retrieve (PS3.18 §10.4, §10.6).
+
+Enough for OHIF to open a study RadBridge received together with the SEG/SR it
+wrote: QIDO answers from the searchable attributes kept in the index (no file
+is opened); metadata is read header-only from the spool, with the pixel data
+replaced by a BulkDataURI; frames are cut from the stored pixel data as they
+are (``transfer-syntax=*``) or decoded to Explicit VR Little Endian when the
+client asks for that. Nothing here writes.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+import uuid
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataelem import DataElement
+from pydicom.encaps import generate_frames
+from pydicom.pixels import pack_bits, pixel_array, unpack_bits
+from pydicom.uid import UID, ExplicitVRLittleEndian
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from dicom_node.attributes import STUDY_KEYWORDS, TAGS
+from dicom_node.index import Index, StoredInstance
+
+DICOM_JSON = "application/dicom+json"
+BULK_THRESHOLD = 1024  # binary values above this go out as BulkDataURIs
+#: Media types of compressed frames (PS3.18 Table 8.7.3-2); anything else is octet-stream.
+FRAME_MEDIA = {
+    "1.2.840.10008.1.2.4.50": "image/jpeg",
+    "1.2.840.10008.1.2.4.51": "image/jpeg",
+    "1.2.840.10008.1.2.4.57": "image/jpeg",
+    "1.2.840.10008.1.2.4.70": "image/jpeg",
+    "1.2.840.10008.1.2.4.80": "image/jls",
+    "1.2.840.10008.1.2.4.81": "image/jls",
+    "1.2.840.10008.1.2.4.90": "image/jp2",
+    "1.2.840.10008.1.2.4.91": "image/jp2",
+    "1.2.840.10008.1.2.4.201": "image/jphc",
+    "1.2.840.10008.1.2.4.202": "image/jphc",
+    "1.2.840.10008.1.2.4.203": "image/jphc",
+}
+_TAG_RE = re.compile(r"^[0-9A-Fa-f]{8}$")
+_QUERY_CONTROL = {"limit", "offset", "includefield", "fuzzymatching"}
+
+
+class NotFound(Exception):
+    """The addressed study, series, instance, frame or attribute is not in the spool."""
+
+
+def _json_error(code: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=code)
+
+
+# -- QIDO-RS ------------------------------------------------------------------------------
+def _query_terms(request: Request) -> tuple[dict[str, str], int, int]:
+    """Attribute filters (keyed by 8-hex tag), limit and offset from the query string."""
+    terms: dict[str, str] = {}
+    limit, offset = 0, 0
+    for key, value in request.query_params.multi_items():
+        lower = key.lower()
+        if lower == "limit":
+            limit = max(0, int(value)) if value.isdigit() else 0
+        elif lower == "offset":
+            offset = max(0, int(value)) if value.isdigit() else 0
+        elif lower in _QUERY_CONTROL:
+            continue
+        else:
+            tag = key.upper() if _TAG_RE.match(key) else None
+            if tag is None:
+                number = tag_for_keyword(key)
+                tag = f"{number:08X}" if number is not None else None
+            if tag is not None and value != "":
+                terms[tag] = value
+    return terms, limit, offset
+
+
+def _values(doc: dict[str, Any], tag: str) -> list[str]:
+    element = doc.get(tag) or {}
+    out = []
+    for v in element.get("Value", []):
+        out.append(v.get("Alphabetic", "") if isinstance(v, dict) else str(v))
+    return out
+
+
+def _matches(doc: dict[str, Any], terms: dict[str, str]) -> bool:
+    """PS3.4 C.2.2.2 matching, as much as a small archive needs: UID lists, wildcards, date ranges."""
+    for tag, wanted in terms.items():
+        have = _values(doc, tag)
+        vr = (doc.get(tag) or {}).get("vr", "")
+        if tag not in doc:
+            if tag in TAGS.values():
+                return False  # a searchable attribute the instance lacks: no match
+            continue  # not searchable here: ignored (PS3.18 allows it)
+        if vr == "UI":
+            options = {u.strip() for u in re.split(r"[,\\]", wanted) if u.strip()}
+            if not options & set(have):
+                return False
+        elif vr in ("DA", "TM", "DT") and "-" in wanted:
+            low, high = wanted.split("-", 1)
+            if not any((not low or v >= low) and (not high or v <= high) for v in have):
+                return False
+        else:
+            options = [w.strip() for w in wanted.split(",")] if vr == "CS" else [wanted]
+            if not any(
+                fnmatch.fnmatchcase(v.upper(), pattern.upper() + ("*" if vr == "PN" else ""))
+                for v in have
+                for pattern in options
+            ):
+                return False
+    return True
+
+
+def _page(items: list[dict[str, Any]], limit: int, offset: int) -> list[dict[str, Any]]:
+    items = items[offset:]
+    return items[:limit] if limit else items
+
+
+def _element(vr: str, *values: Any) -> dict[str, Any]:
+    return {"vr": vr, "Value": list(values)} if values else {"vr": vr}
+
+
+class DicomWeb:
+    """The read-only DICOMweb routes over one index; ``root`` is the public URL prefix."""
+
+    def __init__(self, index: Index, root: str = "/dicom-web") -> None:
+        self.index = index
+        self.root = root.rstrip("/")
+
+    def base_url(self, request: Request) -> str:
+        """Absolute root for RetrieveURL/BulkDataURI, from the Host header as Orthanc does.
+
+        dicomweb-client sends ``Host`` without the port; then the port we listen on is used.
+        """
+        base = request.base_url
+        server = request.scope.get("server") or (None, None)
+        if base.port is None and server[1] not in (None, 80, 443):
+            base = base.replace(port=server[1])
+        return str(base).rstrip("/") + self.root
+
+    def routes(self) -> list[Route]:
+        r = self.root
+        return [
+            Route(f"{r}/studies", self.search_studies, methods=["GET"]),
+            Route(f"{r}/studies/{{study}}/series", self.search_series, methods=["GET"]),
+            Route(f"{r}/studies/{{study}}/instances", self.search_instances, methods=["GET"]),
+            Route(
+                f"{r}/studies/{{study}}/series/{{series}}/instances", self.search_instances, methods=["GET"]
+            ),
+            Route(f"{r}/studies/{{study}}/metadata", self.metadata, methods=["GET"]),
+            Route(f"{r}/studies/{{study}}/series/{{series}}/metadata", self.metadata, methods=["GET"]),
+            Route(
+                f"{r}/studies/{{study}}/series/{{series}}/instances/{{instance}}/metadata",
+                self.metadata,
+                methods=["GET"],
+            ),
+            Route(f"{r}/studies/{{study}}", self.retrieve, methods=["GET"]),
+            Route(f"{r}/studies/{{study}}/series/{{series}}", self.retrieve, methods=["GET"]),
+            Route(
+                f"{r}/studies/{{study}}/series/{{series}}/instances/{{instance}}",
+                self.retrieve,
+                methods=["GET"],
+            ),
+            Route(
+                f"{r}/studies/{{study}}/series/{{series}}/instances/{{instance}}/frames/{{frames}}",
+                self.frames,
+                methods=["GET"],
+            ),
+            Route(
+                f"{r}/studies/{{study}}/series/{{series}}/instances/{{instance}}/bulk/{{tag}}",
+                self.bulk,
+                methods=["GET"],
+            ),
+        ]
+
+    # -- QIDO ------------------------------------------------------------------------
+    async def search_studies(self, request: Request) -> Response:
+        terms, limit, offset = _query_terms(request)
+        modalities = terms.pop(f"{tag_for_keyword('ModalitiesInStudy'):08X}", "")
+        base = self.base_url(request)
+        out = []
+        for study in self.index.search_studies():
+            doc = {TAGS[k]: study.attributes[TAGS[k]] for k in STUDY_KEYWORDS if TAGS[k] in study.attributes}
+            doc[TAGS["StudyInstanceUID"]] = _element("UI", study.study_instance_uid)
+            if not _matches(doc, terms):
+                continue
+            wanted = {m.strip().upper() for m in re.split(r"[,\\]", modalities) if m.strip()}
+            if wanted and not wanted & set(study.modalities):
+                continue
+            doc["00080061"] = _element("CS", *study.modalities)
+            doc["00201206"] = _element("IS", study.series)
+            doc["00201208"] = _element("IS", study.instances)
+            doc["00081190"] = _element("UR", f"{base}/studies/{study.study_instance_uid}")
+            out.append(doc)
+        return JSONResponse(_page(out, limit, offset), media_type=DICOM_JSON)
+
+    async def search_series(self, request: Request) -> Response:
+        terms, limit, offset = _query_terms(request)
+        study_uid = request.path_params["study"]
+        base = self.base_url(request)
+        out = []
+        for series in self.index.search_series(study_uid):
+            doc = {k: v for k, v in series.attributes.items() if k not in _instance_tags()}
+            doc[TAGS["StudyInstanceUID"]] = _element("UI", study_uid)
+            doc[TAGS["SeriesInstanceUID"]] = _element("UI", series.series_instance_uid)
+            if not _matches(doc, terms):
+                continue
+            doc["00201209"] = _element("IS", series.instances)
+            doc["00081190"] = _element(
+                "UR", f"{base}/studies/{study_uid}/series/{series.series_instance_uid}"
+            )
+            out.append(doc)
+        return JSONResponse(_page(out, limit, offset), media_type=DICOM_JSON)
+
+    async def search_instances(self, request: Request) -> Response:
+        terms, limit, offset = _query_terms(request)
+        study_uid = request.path_params["study"]
+        base = self.base_url(request)
+        out = []
+        for inst in self.index.search_instances(study_uid, request.path_params.get("series")):
+            doc = dict(inst.attributes)
+            if not _matches(doc, terms):
+                continue
+            doc["00081190"] = _element(
+                "UR",
+                f"{base}/studies/{study_uid}/series/{inst.series_instance_uid}/instances/{inst.sop_instance_uid}",
+            )
+            out.append(doc)
+        return JSONResponse(_page(out, limit, offset), media_type=DICOM_JSON)
+
+    # -- WADO --------------------------------------------------------------------------
+    def _instances(self, request: Request) -> list[StoredInstance]:
+        p = request.path_params
+        found = self.index.search_instances(p["study"], p.get("series"), p.get("instance"))
+        if not found:
+            raise NotFound("No such study, series or instance in this archive.")
+        return found
+
+    async def metadata(self, request: Request) -> Response:
+        try:
+            instances = self._instances(request)
+        except NotFound as exc:
+            return _json_error(404, str(exc))
+        base = self.base_url(request)
+        docs = [_metadata(inst, base) for inst in instances]
+        return JSONResponse(docs, media_type=DICOM_JSON)
+
+    async def retrieve(self, request: Request) -> Response:
+        """Whole instances as stored, multipart/related; type="application/dicom"."""
+        try:
+            instances = self._instances(request)
+        except NotFound as exc:
+            return _json_error(404, str(exc))
+        accept = request.headers.get("accept", "")
+        if (
+            accept
+            and "application/dicom" not in accept
+            and "*/*" not in accept
+            and "multipart/related" not in accept
+        ):
+            return _json_error(406, 'Instances are served as multipart/related; type="application/dicom".')
+        boundary = uuid.uuid4().hex
+        parts = (
+            (("application/dicom", inst.transfer_syntax_uid), _file_chunks(inst.path)) for inst in instances
+        )
+        return StreamingResponse(
+            _multipart(parts, boundary),
+            media_type=f'multipart/related; type="application/dicom"; boundary={boundary}',
+        )
+
+    async def frames(self, request: Request) -> Response:
+        try:
+            (inst,) = self._instances(request)
+            numbers = [int(n) for n in request.path_params["frames"].split(",")]
+        except NotFound as exc:
+            return _json_error(404, str(exc))
+        except ValueError:
+            return _json_error(400, "Frame numbers must be a comma-separated list of integers.")
+        wanted = _requested_syntax(request.headers.get("accept", ""))
+        try:
+            frames = [_frame(inst, n, wanted) for n in numbers]
+        except NotFound as exc:
+            return _json_error(404, str(exc))
+        boundary = uuid.uuid4().hex
+        parts = (((media, syntax), iter([data])) for media, syntax, data in frames)
+        first = frames[0][0] if frames else "application/octet-stream"
+        return StreamingResponse(
+            _multipart(parts, boundary), media_type=f'multipart/related; type="{first}"; boundary={boundary}'
+        )
+
+    async def bulk(self, request: Request) -> Response:
+        try:
+            (inst,) = self._instances(request)
+            tag = int(request.path_params["tag"], 16)
+            ds = pydicom.dcmread(inst.path)
+            if tag not in ds:
+                raise NotFound("No such attribute in the instance.")
+            value = ds[tag].value
+        except NotFound as exc:
+            return _json_error(404, str(exc))
+        except ValueError:
+            return _json_error(400, "The bulk data address must be an 8-digit hexadecimal tag.")
+        data = value if isinstance(value, bytes) else bytes(value or b"")
+        boundary = uuid.uuid4().hex
+        parts = iter([(("application/octet-stream", ""), iter([data]))])
+        return StreamingResponse(
+            _multipart(parts, boundary),
+            media_type=f'multipart/related; type="application/octet-stream"; boundary={boundary}',
+        )
+
+
+def _instance_tags() -> set[str]:
+    return {
+        TAGS[k]
+        for k in ("SOPClassUID", "SOPInstanceUID", "InstanceNumber", "Rows", "Columns", "NumberOfFrames")
+    }
+
+
+def _metadata(inst: StoredInstance, base: str) -> dict[str, Any]:
+    """Full header as DICOM JSON; binary values (pixel data included) by BulkDataURI."""
+    ds = pydicom.dcmread(inst.path, stop_before_pixels=True)
+    url = f"{base}/studies/{inst.study_instance_uid}/series/{inst.series_instance_uid}/instances/{inst.sop_instance_uid}"
+
+    def bulk_uri(element: DataElement) -> str:
+        return f"{url}/bulk/{element.tag:08X}"
+
+    doc = ds.to_json_dict(bulk_data_threshold=BULK_THRESHOLD, bulk_data_element_handler=bulk_uri)
+    if "Rows" in ds:  # pixel data was not read; point at it
+        compressed = UID(inst.transfer_syntax_uid).is_compressed
+        vr = "OB" if compressed or int(ds.get("BitsAllocated", 16)) <= 8 else "OW"
+        doc["7FE00010"] = {"vr": vr, "BulkDataURI": f"{url}/bulk/7FE00010"}
+    doc["00020010"] = _element("UI", inst.transfer_syntax_uid)  # lets clients pick a decoder
+    return doc
+
+
+def _requested_syntax(accept: str) -> str:
+    """'*' for any (as stored), else the transfer syntax UID asked for (default Explicit VR LE)."""
+    match = re.search(r"transfer-syntax\s*=\s*\"?([0-9.*]+)\"?", accept)
+    return match.group(1) if match else str(ExplicitVRLittleEndian)
+
+
+def _frame(inst: StoredInstance, number: int, wanted: str) -> tuple[str, str, bytes]:
+    """(media type, transfer syntax, bytes) of frame ``number`` (1-based)."""
+    ds = pydicom.dcmread(inst.path)
+    if "PixelData" not in ds:
+        raise NotFound("The instance has no pixel data.")
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if not 1 <= number <= frames:
+        raise NotFound(f"Frame {number} does not exist (the instance has {frames}).")
+    syntax = UID(inst.transfer_syntax_uid)
+    if syntax.is_compressed:
+        if wanted == "*" or wanted == str(syntax):
+            data = next(_nth(generate_frames(ds.PixelData, number_of_frames=frames), number - 1))
+            return FRAME_MEDIA.get(str(syntax), "application/octet-stream"), str(syntax), data
+        array = pixel_array(inst.path, index=number - 1, raw=True)
+        return "application/octet-stream", str(ExplicitVRLittleEndian), np.ascontiguousarray(array).tobytes()
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    samples, bits = int(ds.get("SamplesPerPixel", 1)), int(ds.BitsAllocated)
+    pixels = rows * cols * samples
+    if bits == 1:  # BINARY SEG: frames are bit-packed back to back, not byte aligned
+        flat = unpack_bits(ds.PixelData)[(number - 1) * pixels : number * pixels]
+        data = pack_bits(flat)
+    else:
+        size = pixels * bits // 8
+        data = bytes(ds.PixelData[(number - 1) * size : number * size])
+    return "application/octet-stream", str(ExplicitVRLittleEndian), data
+
+
+def _nth(it: Iterator[bytes], n: int) -> Iterator[bytes]:
+    for i, item in enumerate(it):
+        if i == n:
+            yield item
+            return
+
+
+def _file_chunks(path: Path, size: int = 1024 * 1024) -> Iterator[bytes]:
+    with open(path, "rb") as fh:
+        while chunk := fh.read(size):
+            yield chunk
+
+
+def _multipart(parts: Iterable[tuple[tuple[str, str], Iterable[bytes]]], boundary: str) -> Iterator[bytes]:
+    """multipart/related body: each part's Content-Type carries its transfer syntax if known."""
+    for (media, syntax), chunks in parts:
+        header = f"Content-Type: {media}" + (f"; transfer-syntax={syntax}" if syntax else "")
+        yield f"--{boundary}\r\n{header}\r\n\r\n".encode()
+        yield from chunks
+        yield b"\r\n"
+    yield f"--{boundary}--\r\n".encode()

@@ -1,0 +1,105 @@
+"""The node's one HTTP front: STOW-RS, read-only DICOMweb, the viewer and /healthz on one port.
+
+One Starlette app per node (DESIGN.md, "One HTTP front per node"), so that a
+later auth layer wraps everything at once. ``HttpServer`` runs it under
+uvicorn in a background thread and reports the port it bound, so tests can
+ask for port 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from dicom_node.config import NodeSettings
+from dicom_node.dicomweb import DicomWeb
+from dicom_node.index import Index
+from dicom_node.spool import Spool
+from dicom_node.stow import receive
+
+logger = logging.getLogger(__name__)
+DICOMWEB_ROOT = "/dicom-web"
+
+
+def create_app(
+    settings: NodeSettings,
+    spool: Spool,
+    index: Index,
+    *,
+    stow: bool = True,
+    viewer: bool = False,
+    upstream: str | None = None,
+) -> Starlette:
+    """The app: /healthz; STOW-RS if ``stow``; DICOMweb of the spool, or a proxy to ``upstream``
+    (default ``settings.viewer.upstream``); OHIF at / if ``viewer``."""
+    upstream = settings.viewer.upstream if upstream is None else upstream
+    web = DicomWeb(index, DICOMWEB_ROOT)
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def stow_rs(request: Request) -> Response:
+        return await receive(
+            request, spool, index, settings.http, web.base_url(request), request.path_params.get("study")
+        )
+
+    routes: list[BaseRoute] = [Route("/healthz", healthz, methods=["GET"])]
+    if stow:
+        routes += [
+            Route(f"{DICOMWEB_ROOT}/studies", stow_rs, methods=["POST"]),
+            Route(f"{DICOMWEB_ROOT}/studies/{{study}}", stow_rs, methods=["POST"]),
+        ]
+    if upstream:
+        from dicom_node.viewer import proxy_routes
+
+        routes += proxy_routes(upstream, DICOMWEB_ROOT)
+    else:
+        routes += web.routes()
+    if viewer:
+        from dicom_node.viewer import viewer_routes
+
+        routes += viewer_routes(settings.viewer, DICOMWEB_ROOT)
+    return Starlette(routes=routes)
+
+
+class HttpServer:
+    """uvicorn in a daemon thread; ``start()`` returns the bound port."""
+
+    def __init__(self, app: Starlette, host: str = "127.0.0.1", port: int = 0) -> None:
+        config = uvicorn.Config(
+            app, host=host, port=port, log_config=None, access_log=False, lifespan="off", ws="none"
+        )
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._run, name="radbridge-http", daemon=True)
+        self.host = host
+        self.port = 0
+
+    def _run(self) -> None:
+        asyncio.run(self._server.serve())
+
+    def start(self, timeout_s: float = 15.0) -> int:
+        self._thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"The HTTP server could not listen on {self.host}.")
+            time.sleep(0.02)
+        self.port = int(self._server.servers[0].sockets[0].getsockname()[1])
+        logger.info("HTTP listening", extra={"event": "http.start", "port": self.port})
+        return self.port
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(10)
