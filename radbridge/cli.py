@@ -49,8 +49,8 @@ def _load(path: str | None) -> tuple[object, object, dict]:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from dicom_node.node import Node
-    from radbridge_common import logs
     from radbridge.embedded import EmbeddedInferenceService
+    from radbridge_common import logs
 
     node_settings, service_settings, _ = _load(args.config)
     logs.configure(node_settings.logging.level, node_settings.logging.json)
@@ -68,6 +68,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         f"inference at {address}",
         flush=True,
     )
+    if node_settings.http.enabled:
+        print(
+            f"radbridge: DICOMweb (STOW-RS, QIDO-RS, WADO-RS) at "
+            f"http://{node_settings.http.host}:{node.http_port}/dicom-web",
+            flush=True,
+        )
     try:
         stop.wait()
     finally:
@@ -78,16 +84,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from radbridge_common import logs
     from radbridge.demo import run_demo
     from radbridge.summary import summarize
+    from radbridge_common import logs
 
     logs.configure("WARNING", json_lines=True)
+    spool = Path(args.spool) if args.spool else _load(args.config)[0].spool.directory
     outcome = run_demo(
-        Path(args.out), slices=args.slices, quiet_window_s=args.quiet_window, progress=not args.no_progress
+        Path(args.out),
+        slices=args.slices,
+        quiet_window_s=args.quiet_window,
+        progress=not args.no_progress,
+        spool=spool,
     )
     print(summarize(outcome.files))
     print(f"study complete in {outcome.seconds:.1f} s; {len(outcome.files)} object(s) written to {args.out}")
+    print(f"the study and its results stay in the spool {spool}: `radbridge viewer` shows them in OHIF")
     failed = {k: v for k, v in outcome.job_states.items() if not v.startswith("SUCCEEDED")}
     for key, value in failed.items():
         print(f"job {key}: {value}", file=sys.stderr)
@@ -181,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--quiet-window", type=float, default=2.0, help="study quiet window in seconds (default 2)"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--config", help="TOML config; its spool.directory keeps the study (default radbridge-spool)")
+    p.add_argument("--spool", help="spool directory for this run (overrides the config's)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("models", help="list the models the inference service offers")

@@ -23,6 +23,7 @@ from dicom_node.config import (
     CompletionSection,
     ExportSection,
     ExportTarget,
+    HttpSection,
     NodeSettings,
     ScpSection,
     SpoolSection,
@@ -113,6 +114,7 @@ def run_demo(
     spool_dir = Path(spool) if spool else Path(tempfile.mkdtemp(prefix="radbridge-demo-"))
     settings = NodeSettings(
         scp=ScpSection(port=0),
+        http=HttpSection(port=0),
         spool=SpoolSection(directory=spool_dir),
         completion=CompletionSection(quiet_window_s=quiet_window_s),
         export=ExportSection(

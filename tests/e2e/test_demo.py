@@ -31,6 +31,8 @@ def test_demo_writes_valid_seg_and_srs(tmp_path: Path) -> None:
             str(out),
             "--slices",
             "100",
+            "--spool",
+            str(tmp_path / "spool"),
             "--no-progress",
         ],
         capture_output=True,

@@ -78,6 +78,9 @@ def _config(tmp_path: Path, scp_port: int, orthanc: OrthancServer) -> Path:
 port = {scp_port}
 ae_title = "RADBRIDGE"
 
+[http]
+port = {free_port()}
+
 [spool]
 directory = "{tmp_path / "spool"}"
 
