@@ -1,22 +1,35 @@
-"""Exporters: send produced objects to their destinations (C-STORE SCU here).
+"""Exporters: send produced objects to their destinations (C-STORE SCU, STOW-RS).
 
-Exporters are registered by target type, as in mercure; STOW-RS will join
-"dicom" under its own key. Any failure raises ExportError, which the worker
-retries with backoff and finally parks in DEAD_LETTER.
+Exporters are registered by target type, as in mercure: "dicom" (C-STORE) and
+"dicomweb" (STOW-RS). A failure a retry may cure raises ExportError, which the
+worker retries with backoff and finally parks in DEAD_LETTER; a refusal a retry
+cannot change raises PermanentExportError, parked in DEAD_LETTER at once.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pydicom
+import requests
+from dicomweb_client.api import DICOMwebClient
+from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
 from dicom_node.config import ExportTarget
-from dicom_node.errors import ExportError
+from dicom_node.errors import (
+    DUPLICATE_SOP_INSTANCE,
+    FAILURE_REASONS,
+    TRANSIENT_HTTP_STATUSES,
+    ExportError,
+    PermanentExportError,
+    failure_reason_is_transient,
+)
 
 logger = logging.getLogger(__name__)
 SUCCESS_STATUSES = {0x0000, 0xB000, 0xB006, 0xB007}
@@ -55,7 +68,150 @@ def send_cstore(paths: Sequence[Path], target: ExportTarget, calling_ae: str) ->
             assoc.release()
 
 
-EXPORTERS: dict[str, Exporter] = {"dicom": send_cstore}
+#: requests errors of the transport: the peer may be back on a later attempt.
+_TRANSIENT_REQUEST_ERRORS = (
+    requests.exceptions.ConnectionError,
+    requests.exceptions.Timeout,
+    requests.exceptions.ChunkedEncodingError,
+    requests.exceptions.ContentDecodingError,
+)
+#: requests errors that mean the request itself is wrong (a retry sends the same thing).
+_PERMANENT_REQUEST_ERRORS = (
+    requests.exceptions.InvalidURL,
+    requests.exceptions.InvalidSchema,
+    requests.exceptions.MissingSchema,
+    requests.exceptions.TooManyRedirects,
+)
+_MAX_LISTED_FAILURES = 10
+
+
+def _where(url: str) -> str:
+    """host:port of a URL, without credentials or path (what the logs and messages name)."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:  # a port out of range: the request fails later, permanently
+        return f"{parts.hostname}"
+    return f"{parts.hostname}:{port}"
+
+
+def _dicom_json(response: requests.Response) -> Dataset:
+    """The STOW-RS response dataset; empty when the body is absent or not application/dicom+json."""
+    media_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
+    if not response.content or media_type not in ("application/dicom+json", "application/json"):
+        return Dataset()
+    try:
+        body = response.json()
+        return Dataset.from_json(body[0] if isinstance(body, list) and body else body)
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return Dataset()
+
+
+def _failures(body: Dataset) -> list[tuple[str, int | None]]:
+    """(ReferencedSOPInstanceUID, FailureReason) of each FailedSOPSequence item."""
+    return [
+        (str(item.get("ReferencedSOPInstanceUID", "?")), item.get("FailureReason"))
+        for item in body.get("FailedSOPSequence", [])
+    ]
+
+
+def _describe(reason: int | None) -> str:
+    if reason is None:
+        return "no FailureReason"
+    return f"FailureReason 0x{reason:04X} ({FAILURE_REASONS.get(reason, 'unknown')})"
+
+
+def _stow_outcome(response: requests.Response, sent: Sequence[str], where: str) -> None:
+    """Return if every instance sent is stored; else raise ExportError or PermanentExportError."""
+    status = response.status_code
+    body = _dicom_json(response)
+    stored = {str(item.get("ReferencedSOPInstanceUID", "")) for item in body.get("ReferencedSOPSequence", [])}
+    failed = _failures(body)
+    stored |= {uid for uid, reason in failed if reason == DUPLICATE_SOP_INSTANCE}
+    failed = [(uid, reason) for uid, reason in failed if reason != DUPLICATE_SOP_INSTANCE]
+    head = f"STOW-RS to {where} answered HTTP {status} {response.reason or ''}".rstrip()
+    listed = "; ".join(f"{uid} {_describe(reason)}" for uid, reason in failed[:_MAX_LISTED_FAILURES])
+    if len(failed) > _MAX_LISTED_FAILURES:
+        listed += f"; and {len(failed) - _MAX_LISTED_FAILURES} more"
+    detail = f"{head}: {len(failed)} of {len(sent)} instance(s) failed: {listed}" if failed else head
+    missing = [uid for uid in sent if uid not in stored]
+    if (200 <= status < 300 or status == 409) and not failed and not missing:
+        return  # 409 too when every "failure" was a duplicate of an instance already stored there
+    if 200 <= status < 300 and not failed:
+        # A success without the per-instance acknowledgement (e.g. a URL that is not a STOW-RS
+        # service answering 200 with a web page): the objects may not be stored, and a resend
+        # reaches the same endpoint.
+        raise PermanentExportError(
+            f"{head} but its ReferencedSOPSequence does not list {len(missing)} of {len(sent)} instance(s)."
+        )
+    if status in TRANSIENT_HTTP_STATUSES:
+        raise ExportError(detail)
+    if failed and (200 <= status < 300 or status == 409):
+        # 202 (some stored) or 409 (none stored): the per-instance reasons decide. One permanent
+        # failure parks the job: resending cannot get every instance stored.
+        # A failure without a FailureReason counts as an unknown code: retried, within max_attempts.
+        if all(reason is None or failure_reason_is_transient(reason) for _, reason in failed):
+            raise ExportError(detail)
+        raise PermanentExportError(detail)
+    raise PermanentExportError(detail)
+
+
+def send_stow(paths: Sequence[Path], target: ExportTarget, calling_ae: str) -> None:
+    """One STOW-RS request (POST {url}/studies) with every file; each instance must be acknowledged.
+
+    dicomweb-client's own retries are off: the worker retries with its backoff
+    and parks the job in DEAD_LETTER, so a retry policy exists only once.
+    """
+    datasets = [pydicom.dcmread(path) for path in paths]
+    sent = [str(ds.SOPInstanceUID) for ds in datasets]
+    where = _where(target.url)
+    responses: list[requests.Response] = []
+    status: int | str = "no response"
+    stored = False
+    started = time.monotonic()
+    try:
+        with requests.Session() as session:
+            # dicomweb-client reads the body only on success: keep the response for 202/409/4xx.
+            session.hooks["response"].append(lambda r, *args, **kwargs: responses.append(r))
+            try:
+                client = DICOMwebClient(url=target.url, session=session, timeout=target.timeout_s)
+            except ValueError as exc:
+                status = "invalid url"
+                raise PermanentExportError(f"STOW-RS target {where}: the URL is malformed.") from exc
+            client.set_http_retry_params(retry=False)
+            try:
+                client.store_instances(datasets=datasets)
+            except _TRANSIENT_REQUEST_ERRORS as exc:
+                status = type(exc).__name__
+                raise ExportError(f"STOW-RS to {where} failed: {type(exc).__name__}.") from exc
+            except _PERMANENT_REQUEST_ERRORS as exc:
+                status = type(exc).__name__
+                raise PermanentExportError(
+                    f"STOW-RS to {where} cannot be sent: {type(exc).__name__}."
+                ) from exc
+            except (requests.exceptions.RequestException, ValueError, KeyError) as exc:
+                # HTTPError (4xx/5xx), or a body dicomweb-client could not read: judged below.
+                if not responses:
+                    status = type(exc).__name__
+                    raise ExportError(f"STOW-RS to {where} failed: {type(exc).__name__}.") from exc
+            status = responses[-1].status_code
+            _stow_outcome(responses[-1], sent, where)
+            stored = True
+    finally:
+        logger.log(
+            logging.INFO if stored else logging.WARNING,
+            "stow-rs export",
+            extra={
+                "event": "export.stow",
+                "target": where,
+                "status": status,
+                "instances": len(sent),
+                "duration_ms": round(1000 * (time.monotonic() - started)),
+            },
+        )
+
+
+EXPORTERS: dict[str, Exporter] = {"dicom": send_cstore, "dicomweb": send_stow}
 
 
 def export(paths: Sequence[Path], target: ExportTarget, calling_ae: str) -> None:

@@ -314,8 +314,11 @@ class Index:
         rows = self._conn().execute(sql + " ORDER BY series_instance_uid, received_time", args).fetchall()
         return [StoredInstance(r[0], r[1], r[2], r[3], Path(r[4]), json.loads(r[5])) for r in rows]
 
-    def count_instances(self) -> int:
-        return int(self._conn().execute("SELECT COUNT(*) FROM instances").fetchone()[0])
+    def count_instances(self, origin: Origin = Origin.RECEIVED) -> int:
+        """Instances of one origin: received ones by default (what `radbridge status` reports)."""
+        return int(
+            self._conn().execute("SELECT COUNT(*) FROM instances WHERE origin=?", (origin,)).fetchone()[0]
+        )
 
     def quiet_studies(self, quiet_window_s: float, now: float | None = None) -> list[str]:
         now = time.time() if now is None else now
