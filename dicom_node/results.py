@@ -1,9 +1,20 @@
-"""Index-space results -> DICOM SEG, TID 1500 SR and TID 2000 narrative SR (highdicom).
+"""Index-space results -> DICOM SEG, TID 1500 SRs and TID 2000 narrative SR (highdicom).
 
 Pure functions of (sorted source headers, result, masks): no spool, no jobs,
 so the Slicer module can write the same objects. UIDs are derived from
 (source series, model, model version, object kind): a re-run replaces the
 earlier objects in the PACS instead of duplicating them.
+
+Two TID 1500 reports, one per kind of reader:
+- "measurements" (9702) is the complete, standard report for 3D Slicer / dcmqi:
+  TID 1411 volumetric groups that reference the SEG's segments, TID 1410 boxes,
+  TID 1501 qualitative findings and loose measurements.
+- "keyslices" (9704) holds only TID 1410 planar groups, each with one image
+  SCOORD, which is what OHIF 3.13 needs to load a TID 1500 SR at all (it reads
+  the first SCOORD of every group): one outline per segment on its key slice
+  (the slice of largest mask area) with its area, and every box. Each group
+  carries a Finding Site (OHIF's label) and the same Tracking UID as the group
+  for that segment or box in "measurements", so both reports name one finding.
 """
 
 from __future__ import annotations
@@ -17,16 +28,19 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
+from dicom_node._contours import largest_component, outline
 from protos.radbridge.v1 import inference_pb2 as pb
 
 MANUFACTURER = "RadBridge"
 DEFAULT_UID_ROOT = "1.2.826.0.1.3680043.8.498."
-SERIES_NUMBERS = {"seg": 9701, "measurements": 9702, "narrative": 9703}
+SERIES_NUMBERS = {"seg": 9701, "measurements": 9702, "narrative": 9703, "keyslices": 9704}
 TITLE = hd.sr.CodedConcept("18748-4", "LN", "Diagnostic Imaging Report")
 FINDINGS_SECTION = hd.sr.CodedConcept("59776-5", "LN", "Findings")
 IMPRESSIONS_SECTION = hd.sr.CodedConcept("19005-8", "LN", "Impressions")
 LANGUAGE = hd.sr.CodedConcept("121049", "DCM", "Language of Content Item and Descendants")
 NO_UNITS = hd.sr.CodedConcept("1", "UCUM", "no units")
+MM2 = hd.sr.CodedConcept("mm2", "UCUM", "mm2")
+MAX_OUTLINE_POINTS = 200  # vertices of a key-slice outline (SCOORD POLYLINE)
 PROBABILITY = hd.sr.CodedConcept("C0033204", "UMLS", "Probability")
 LANGUAGES = {
     "en": hd.sr.CodedConcept("en", "RFC5646", "English"),
@@ -47,7 +61,7 @@ PROJECTION = frozenset({"CR", "DX", "MG", "XA", "RF", "IO", "PX"})
 class OutputObject:
     """One produced DICOM object and what it is."""
 
-    kind: str  # "seg" | "measurements" | "narrative"
+    kind: str  # "seg" | "measurements" | "keyslices" | "narrative"
     dataset: Dataset
 
     @property
@@ -78,6 +92,18 @@ def _drop_unknown_pixel_spacing(seg: Dataset) -> None:
     measures = shared.get("PixelMeasuresSequence")
     if measures and any(float(v) <= 0 for v in measures[0].get("PixelSpacing", [1, 1])):
         del shared.PixelMeasuresSequence
+
+
+def _pixel_area_mm2(ds: Dataset) -> float | None:
+    """Area of one pixel from PixelSpacing (else ImagerPixelSpacing, as volume.py); None if unknown."""
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        try:
+            row, col = (float(v) for v in ds.get(keyword) or ())
+        except (TypeError, ValueError):
+            continue
+        if row > 0 and col > 0:
+            return row * col
+    return None
 
 
 class ResultWriter:
@@ -117,7 +143,8 @@ class ResultWriter:
         return f"{what} by {self.model.name}{tag}"[:64]
 
     def build_all(self) -> list[OutputObject]:
-        """SEG (if any mask), TID 1500 SR (if anything to measure), narrative SR (if text)."""
+        """SEG (if any mask), TID 1500 SR (if anything to measure), key-slice TID 1500 SR (if any
+        mask or box), narrative SR (if text)."""
         outputs: list[OutputObject] = []
         infos = [m for t in self.result.tasks for m in t.masks]
         seg = self.build_seg() if infos else None
@@ -125,6 +152,9 @@ class ResultWriter:
             outputs.append(OutputObject("seg", seg))
         if any(t.measurements or t.boxes or t.findings for t in self.result.tasks):
             outputs.append(OutputObject("measurements", self.build_measurement_report(seg)))
+        key_slices = self.build_key_slice_report()
+        if key_slices is not None:
+            outputs.append(OutputObject("keyslices", key_slices))
         if any(t.HasField("report") or t.answer for t in self.result.tasks):
             outputs.append(OutputObject("narrative", self.build_narrative()))
         return outputs
@@ -238,28 +268,7 @@ class ResultWriter:
                 )
             )
         for i, task in enumerate(self.result.tasks):
-            for j, box in enumerate(task.boxes):
-                src = self._source_for(box.slice_index)
-                r0, c0, r1, c1 = box.row_min, box.column_min, box.row_max, box.column_max
-                # SCOORD column/row pixel coordinates; a closed 5-point polyline.
-                points = np.array([[c0, r0], [c1, r0], [c1, r1], [c0, r1], [c0, r0]], dtype=np.float32)
-                region = hd.sr.ImageRegion(
-                    graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-                    graphic_data=points,
-                    source_image=hd.sr.SourceImageForRegion(src.SOPClassUID, src.SOPInstanceUID),
-                )
-                groups.append(
-                    hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-                        tracking_identifier=self._tracking(
-                            "box", i, j, label=box.label or box.finding.meaning
-                        ),
-                        referenced_region=region,
-                        finding_type=_code(box.finding),
-                        geometric_purpose=codes.SCT.BoundedBy,
-                        algorithm_id=self.algorithm_id,
-                        measurements=self._score(box.score),
-                    )
-                )
+            groups.extend(self._box_group(i, j, box, with_site=False) for j, box in enumerate(task.boxes))
             for j, finding in enumerate(task.findings):
                 groups.append(
                     hd.sr.MeasurementsAndQualitativeEvaluations(
@@ -287,6 +296,12 @@ class ResultWriter:
                     ],
                 )
             )
+        evidence = [*self.sources, *([seg] if seg is not None else [])]
+        return self._tid1500(groups, evidence, "measurements", "Measurements")
+
+    def _tid1500(
+        self, groups: Sequence[object], evidence: Sequence[Dataset], kind: str, what: str
+    ) -> hd.sr.Comprehensive3DSR:
         procedure = (
             codes.SCT.ComputedTomography
             if self.modality == "CT"
@@ -298,13 +313,87 @@ class ResultWriter:
             imaging_measurements=groups,  # type: ignore[arg-type]
             title=codes.cid7021.ImagingMeasurementReport,
         )
-        evidence = [*self.sources, *([seg] if seg is not None else [])]
-        return hd.sr.Comprehensive3DSR(
-            evidence=evidence, content=report, **self._sr_identity("measurements", "Measurements")
+        return hd.sr.Comprehensive3DSR(evidence=evidence, content=report, **self._sr_identity(kind, what))
+
+    @staticmethod
+    def _region(src: Dataset, points: np.ndarray) -> hd.sr.ImageRegion:
+        """A POLYLINE SCOORD in (column, row) pixel coordinates of one source image."""
+        return hd.sr.ImageRegion(
+            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+            graphic_data=points,
+            source_image=hd.sr.SourceImageForRegion(src.SOPClassUID, src.SOPInstanceUID),
         )
 
+    def _box_group(
+        self, i: int, j: int, box: pb.Box, with_site: bool
+    ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+        """Box j of task i: a closed 5-point POLYLINE "Bounded by" (Slicer shows it as a box)."""
+        src = self._source_for(box.slice_index)
+        r0, c0, r1, c1 = box.row_min, box.column_min, box.row_max, box.column_max
+        points = np.array([[c0, r0], [c1, r0], [c1, r1], [c0, r1], [c0, r0]], dtype=np.float32)
+        return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=self._tracking("box", i, j, label=box.label or box.finding.meaning),
+            referenced_region=self._region(src, points),
+            finding_type=_code(box.finding),
+            geometric_purpose=codes.SCT.BoundedBy,
+            algorithm_id=self.algorithm_id,
+            finding_sites=[hd.sr.FindingSite(anatomic_location=_code(box.finding))] if with_site else None,
+            measurements=self._score(box.score),
+        )
+
+    # -- key slices (TID 1500 for OHIF) ----------------------------------------------
+    def key_slice(self, segment_number: int) -> int | None:
+        """Index of the source slice where the segment's mask has the largest area (first on ties)."""
+        mask = self.masks.get(segment_number)
+        if mask is None:
+            return None
+        mask = np.asarray(mask, dtype=bool)
+        areas = mask.reshape(mask.shape[0], -1).sum(axis=1)
+        return int(areas.argmax()) if areas.any() else None
+
+    def _segment_outline_group(
+        self, info: pb.MaskInfo, k: int
+    ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+        """The segment's largest connected component outlined on key slice k, with its area."""
+        src = self._source_for(k)
+        component = largest_component(np.asarray(self.masks[info.segment_number][k], dtype=bool))
+        pixel_mm2 = _pixel_area_mm2(src)  # the component's own pixels: holes are not counted
+        area = float(component.sum()) * pixel_mm2 if pixel_mm2 else None
+        return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+            # The same Tracking UID as this segment's volume group in "measurements".
+            tracking_identifier=self._tracking(
+                "segment", info.segment_number, label=info.label or info.type.meaning
+            ),
+            referenced_region=self._region(src, outline(component, MAX_OUTLINE_POINTS)),
+            finding_type=_code(info.type),
+            algorithm_id=self.algorithm_id,
+            finding_sites=[hd.sr.FindingSite(anatomic_location=_code(info.type))],
+            measurements=(
+                [hd.sr.Measurement(name=codes.SCT.Area, value=round(area, 2), unit=MM2)]
+                if area is not None
+                else None
+            ),
+        )
+
+    def build_key_slice_report(self) -> hd.sr.Comprehensive3DSR | None:
+        """TID 1500 whose every group has one image SCOORD (OHIF loads it); None if there is none."""
+        groups: list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations] = []
+        slices: set[int] = set()
+        for info in sorted((m for t in self.result.tasks for m in t.masks), key=lambda m: m.segment_number):
+            if (k := self.key_slice(info.segment_number)) is not None:
+                groups.append(self._segment_outline_group(info, k))
+                slices.add(k)
+        for i, task in enumerate(self.result.tasks):
+            for j, box in enumerate(task.boxes):
+                groups.append(self._box_group(i, j, box, with_site=True))
+                slices.add(box.slice_index)
+        if not groups:
+            return None
+        evidence = [self.sources[k] for k in sorted(slices)]  # only the images the SCOORDs name
+        return self._tid1500(groups, evidence, "keyslices", "Key slices")
+
     def _sr_identity(self, kind: str, what: str) -> dict[str, object]:
-        """Derived UIDs, numbering and draft status shared by both SRs (UNVERIFIED: an AI draft)."""
+        """Derived UIDs, numbering and draft status shared by the SRs (UNVERIFIED: an AI draft)."""
         return {
             "series_instance_uid": self.uid(kind, "series"),
             "series_number": SERIES_NUMBERS[kind],

@@ -57,10 +57,10 @@ def test_sigkill_during_analysis_then_restart(tmp_path: Path, orthanc: OrthancSe
 
     restarted = Serve(cfg, tmp_path / "serve2.log")
     try:
-        objs = _wait_for_outputs(orthanc, study, {"SEG": 1, "SR": 2})
+        objs = _wait_for_outputs(orthanc, study, {"SEG": 1, "SR": 3})
         time.sleep(2)  # any duplicate export would have arrived by now
         objs = _study_objects(orthanc, study)
-        assert len(objs["SEG"]) == 1 and len(objs["SR"]) == 2
+        assert len(objs["SEG"]) == 1 and len(objs["SR"]) == 3
         analyze = [j for j in _jobs(cfg) if j["kind"] == "analyze"]
         assert len(analyze) == 1 and analyze[0]["state"] == "SUCCEEDED" and analyze[0]["attempts"] == 2
         assert json.loads(

@@ -42,7 +42,7 @@ def test_demo_writes_valid_seg_and_srs(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr[-3000:]
     files = sorted(out.glob("*.dcm"))
     modalities = sorted(pydicom.dcmread(f, stop_before_pixels=True).Modality for f in files)
-    assert modalities == ["SEG", "SR", "SR"]
+    assert modalities == ["SEG", "SR", "SR", "SR"]
     study_uids = {pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID for f in files}
     assert len(study_uids) == 1
     for f in files:

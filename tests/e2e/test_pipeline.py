@@ -159,8 +159,8 @@ def test_ct_and_cr_round_trip_through_orthanc(pipeline, tmp_path: Path) -> None:
     ct_study = str(pydicom.dcmread(ct_files[0], stop_before_pixels=True).StudyInstanceUID)
     cr_ds = pydicom.dcmread(cr, stop_before_pixels=True)
     bad_study = str(pydicom.dcmread(bad_files[0], stop_before_pixels=True).StudyInstanceUID)
-    ct_objs = _wait_for_outputs(orthanc, ct_study, {"SEG": 1, "SR": 2})
-    cr_objs = _wait_for_outputs(orthanc, str(cr_ds.StudyInstanceUID), {"SEG": 1, "SR": 2})
+    ct_objs = _wait_for_outputs(orthanc, ct_study, {"SEG": 1, "SR": 3})
+    cr_objs = _wait_for_outputs(orthanc, str(cr_ds.StudyInstanceUID), {"SEG": 1, "SR": 3})
 
     # Every produced object: dciodvfy clean, dsrdump for SRs, highdicom reads it.
     downloaded: dict[str, Path] = {}

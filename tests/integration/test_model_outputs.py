@@ -114,7 +114,7 @@ def test_paligemma_loc_seg_tokens_become_a_valid_seg_on_the_right_pixels(tmp_pat
     masks = {m.segment_number: m.voxels for m in task.masks}
 
     objects = {o.kind: o.dataset for o in ResultWriter(series.sources, result, masks).build_all()}
-    assert set(objects) == {"seg", "measurements"}
+    assert set(objects) == {"seg", "measurements", "keyslices"}
     for kind, ds in objects.items():
         path = tmp_path / f"pali-{kind}.dcm"
         ds.save_as(path, enforce_file_format=True)

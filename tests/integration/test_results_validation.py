@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import highdicom as hd
 import pydicom
 import pytest
 
@@ -64,7 +65,7 @@ def _model_result() -> pb.AnalysisResult:
 def test_model_outputs_on_a_cr_validate(tmp_path: Path) -> None:
     vol = read_series([cr_chest_path()])
     objects = ResultWriter(vol.sources, _model_result(), {}).build_all()
-    assert [o.kind for o in objects] == ["measurements", "narrative"]
+    assert [o.kind for o in objects] == ["measurements", "keyslices", "narrative"]
     for obj in objects:
         path = tmp_path / f"{obj.kind}.dcm"
         obj.dataset.save_as(path, enforce_file_format=True)
@@ -77,7 +78,27 @@ def test_reference_outputs_on_ct_validate(tmp_path: Path, small_ct_files: list[P
 
     vol = read_series(small_ct_files)
     outcome = _analyze(vol)
-    for obj in ResultWriter(vol.sources, outcome.result, outcome.masks).build_all():
+    objects = ResultWriter(vol.sources, outcome.result, outcome.masks).build_all()
+    assert [o.kind for o in objects] == ["seg", "measurements", "keyslices", "narrative"]
+    for obj in objects:
         path = tmp_path / f"{obj.kind}.dcm"
         obj.dataset.save_as(path, enforce_file_format=True)
         assert_valid_dicom_object(path)
+
+
+def test_reference_outputs_on_a_cr_validate(tmp_path: Path) -> None:
+    """A CR with a mask and a box, PixelSpacing 0\\0: the key-slice SR carries outlines without areas."""
+    from tests.unit.dicom_node.test_results import _analyze
+
+    vol = read_series([cr_chest_path()])
+    outcome = _analyze(vol)
+    objects = ResultWriter(vol.sources, outcome.result, outcome.masks).build_all()
+    assert [o.kind for o in objects] == ["seg", "measurements", "keyslices", "narrative"]
+    for obj in objects:
+        path = tmp_path / f"{obj.kind}.dcm"
+        obj.dataset.save_as(path, enforce_file_format=True)
+        assert_valid_dicom_object(path)
+    groups = hd.sr.srread(tmp_path / "keyslices.dcm").content.get_planar_roi_measurement_groups()
+    assert [g.tracking_identifier for g in groups] == ["Foreground", "Foreground"]
+    assert all(g.roi.GraphicType == "POLYLINE" for g in groups)
+    assert not groups[0].get_measurements()  # no spacing, no area
