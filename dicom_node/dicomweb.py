@@ -21,9 +21,10 @@ import numpy as np
 import pydicom
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
 from pydicom.pixels import pack_bits, pixel_array, unpack_bits
-from pydicom.uid import UID, ExplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -174,7 +175,7 @@ class DicomWeb:
                 methods=["GET"],
             ),
             Route(
-                f"{r}/studies/{{study}}/series/{{series}}/instances/{{instance}}/bulk/{{tag}}",
+                f"{r}/studies/{{study}}/series/{{series}}/instances/{{instance}}/bulk/{{tag:path}}",
                 self.bulk,
                 methods=["GET"],
             ),
@@ -258,13 +259,7 @@ class DicomWeb:
             instances = self._instances(request)
         except NotFound as exc:
             return _json_error(404, str(exc))
-        accept = request.headers.get("accept", "")
-        if (
-            accept
-            and "application/dicom" not in accept
-            and "*/*" not in accept
-            and "multipart/related" not in accept
-        ):
+        if not _accepts_dicom(request.headers.get("accept", "")):
             return _json_error(406, 'Instances are served as multipart/related; type="application/dicom".')
         boundary = uuid.uuid4().hex
         parts = (
@@ -298,15 +293,11 @@ class DicomWeb:
     async def bulk(self, request: Request) -> Response:
         try:
             (inst,) = self._instances(request)
-            tag = int(request.path_params["tag"], 16)
-            ds = pydicom.dcmread(inst.path)
-            if tag not in ds:
-                raise NotFound("No such attribute in the instance.")
-            value = ds[tag].value
+            value = _element_at(pydicom.dcmread(inst.path), request.path_params["tag"]).value
         except NotFound as exc:
             return _json_error(404, str(exc))
         except ValueError:
-            return _json_error(400, "The bulk data address must be an 8-digit hexadecimal tag.")
+            return _json_error(400, "The bulk data address must be hexadecimal tags and item numbers.")
         data = value if isinstance(value, bytes) else bytes(value or b"")
         boundary = uuid.uuid4().hex
         parts = iter([(("application/octet-stream", ""), iter([data]))])
@@ -314,6 +305,21 @@ class DicomWeb:
             _multipart(parts, boundary),
             media_type=f'multipart/related; type="application/octet-stream"; boundary={boundary}',
         )
+
+
+def _accepts_dicom(accept: str) -> bool:
+    """Whether an Accept header admits multipart/related; type="application/dicom" (PS3.18 8.7.5)."""
+    if not accept.strip():
+        return True
+    for media_range in accept.split(","):
+        media, *params = (p.strip() for p in media_range.split(";"))
+        media = media.lower()
+        kinds = [p.split("=", 1)[1].strip('"').lower() for p in params if p.lower().startswith("type=")]
+        if media in ("*/*", "multipart/*", "application/dicom") or (
+            media == "multipart/related" and kinds in ([], ["application/dicom"])
+        ):
+            return True
+    return False
 
 
 def _instance_tags() -> set[str]:
@@ -328,16 +334,48 @@ def _metadata(inst: StoredInstance, base: str) -> dict[str, Any]:
     ds = pydicom.dcmread(inst.path, stop_before_pixels=True)
     url = f"{base}/studies/{inst.study_instance_uid}/series/{inst.series_instance_uid}/instances/{inst.sop_instance_uid}"
 
-    def bulk_uri(element: DataElement) -> str:
-        return f"{url}/bulk/{element.tag:08X}"
-
-    doc = ds.to_json_dict(bulk_data_threshold=BULK_THRESHOLD, bulk_data_element_handler=bulk_uri)
+    doc = _to_json(ds, f"{url}/bulk/")
     if "Rows" in ds:  # pixel data was not read; point at it
         compressed = UID(inst.transfer_syntax_uid).is_compressed
         vr = "OB" if compressed or int(ds.get("BitsAllocated", 16)) <= 8 else "OW"
         doc["7FE00010"] = {"vr": vr, "BulkDataURI": f"{url}/bulk/7FE00010"}
     doc["00020010"] = _element("UI", inst.transfer_syntax_uid)  # lets clients pick a decoder
     return doc
+
+
+def _to_json(ds: Dataset, prefix: str) -> dict[str, Any]:
+    """DICOM JSON whose BulkDataURIs carry the element's path (``00880200/0/7FE00010`` for an
+    icon's pixel data), so a nested binary value is addressable, not mistaken for a top-level one."""
+    doc: dict[str, Any] = {}
+    for element in ds:
+        tag = f"{element.tag:08X}"
+        if element.VR == "SQ":
+            items = [_to_json(item, f"{prefix}{tag}/{i}/") for i, item in enumerate(element.value or [])]
+            doc[tag] = {"vr": "SQ", "Value": items} if items else {"vr": "SQ"}
+            continue
+
+        def bulk_uri(e: DataElement, where: str = f"{prefix}{tag}") -> str:
+            return where
+
+        doc[tag] = element.to_json_dict(bulk_uri, BULK_THRESHOLD)
+    return doc
+
+
+def _element_at(ds: Dataset, path: str) -> DataElement:
+    """The element addressed by a BulkDataURI path: tag(/item/tag)*."""
+    parts = path.strip("/").split("/")
+    if len(parts) % 2 != 1 or not all(_TAG_RE.match(p) for p in parts[::2]):
+        raise ValueError(path)
+    current: Dataset = ds
+    for i in range(0, len(parts) - 1, 2):
+        tag, item = int(parts[i], 16), int(parts[i + 1])
+        if tag not in current or current[tag].VR != "SQ" or not 0 <= item < len(current[tag].value):
+            raise NotFound("No such attribute in the instance.")
+        current = current[tag].value[item]
+    tag = int(parts[-1], 16)
+    if tag not in current:
+        raise NotFound("No such attribute in the instance.")
+    return current[tag]
 
 
 def _requested_syntax(accept: str) -> str:
@@ -361,6 +399,10 @@ def _frame(inst: StoredInstance, number: int, wanted: str) -> tuple[str, str, by
             return FRAME_MEDIA.get(str(syntax), "application/octet-stream"), str(syntax), data
         array = pixel_array(inst.path, index=number - 1, raw=True)
         return "application/octet-stream", str(ExplicitVRLittleEndian), np.ascontiguousarray(array).tobytes()
+    if syntax == ExplicitVRBigEndian and int(ds.BitsAllocated) > 8:  # served little endian
+        array = pixel_array(inst.path, index=number - 1, raw=True)
+        little = array.astype(array.dtype.newbyteorder("<"), copy=False)
+        return "application/octet-stream", str(ExplicitVRLittleEndian), np.ascontiguousarray(little).tobytes()
     rows, cols = int(ds.Rows), int(ds.Columns)
     samples, bits = int(ds.get("SamplesPerPixel", 1)), int(ds.BitsAllocated)
     pixels = rows * cols * samples

@@ -64,11 +64,11 @@ class _Part:
 class StowOutcome:
     """What one request stored and what it refused, in arrival order."""
 
-    stored: list[tuple[str, str, str]] = field(default_factory=list)  # (class, instance, study)
+    stored: list[tuple[str, str, str, str]] = field(default_factory=list)  # (class, instance, study, series)
     failed: list[tuple[str, str, int]] = field(default_factory=list)  # (class, instance, reason)
 
     def studies(self) -> list[str]:
-        return sorted({study for _, _, study in self.stored})
+        return sorted({study for _, _, study, _ in self.stored})
 
 
 def _boundary(content_type: str) -> bytes:
@@ -219,7 +219,9 @@ class StowReceiver:
             with contextlib.suppress(OSError):
                 part.path.unlink(missing_ok=True)
             return
-        self.outcome.stored.append((values["SOPClassUID"], values["SOPInstanceUID"], ref.study_instance_uid))
+        self.outcome.stored.append(
+            (values["SOPClassUID"], values["SOPInstanceUID"], ref.study_instance_uid, ref.series_instance_uid)
+        )
 
     def discard_open_part(self) -> None:
         """A request cut short: its unfinished part was never acknowledged; drop it."""
@@ -261,11 +263,11 @@ def _response_dataset(outcome: StowOutcome, base_url: str) -> dict[str, Any]:
         item.FailureReason = reason
         ds.FailedSOPSequence.append(item)
     ds.ReferencedSOPSequence = []
-    for sop_class, sop_instance, study in outcome.stored:
+    for sop_class, sop_instance, study, series in outcome.stored:
         item = Dataset()
         item.ReferencedSOPClassUID = sop_class
         item.ReferencedSOPInstanceUID = sop_instance
-        item.RetrieveURL = f"{base_url}/studies/{study}/instances/{sop_instance}"
+        item.RetrieveURL = f"{base_url}/studies/{study}/series/{series}/instances/{sop_instance}"
         ds.ReferencedSOPSequence.append(item)
     return ds.to_json_dict()
 
