@@ -568,7 +568,7 @@ def test_multi_frame_and_odd_sized_uncompressed_frames(fresh: Node) -> None:
     assert len(frame) == 27
 
 
-# -- bugs found while writing these tests (the lead fixes them; see the report) -------------------
+# -- regressions: bugs these tests found, fixed in d7b486b ------------------------------------------
 def test_stow_instance_retrieve_url_answers_with_the_instance(fresh: Node) -> None:
     ds = ct_series(n_slices=1, seed=9)[0]
     response = fresh.client().store_instances([copy.deepcopy(ds)])
