@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
 
+from pydicom.dataset import Dataset
+
 from dicom_node.attributes import searchable_attributes
 from dicom_node.client import InferenceClient, make_spec
 from dicom_node.completion import complete_quiet_studies
@@ -94,26 +96,7 @@ def run_analyze(job: Job, ctx: StepContext) -> None:
     objects = ResultWriter(
         volume.sources, outcome.result, outcome.masks, ctx.settings.worker.uid_root
     ).build_all()
-    out_dir = ctx.spool.output_dir(job.study_instance_uid)
-    written: list[Path] = []
-    for obj in objects:
-        path = out_dir / f"{obj.kind}-{uid_key(obj.sop_instance_uid, 24)}.dcm"
-        buffer = BytesIO()
-        obj.dataset.save_as(buffer, enforce_file_format=True)
-        data = buffer.getvalue()
-        write_durably(path, data)
-        ds = obj.dataset
-        ref = InstanceRef(
-            sop_instance_uid=obj.sop_instance_uid,
-            sop_class_uid=str(ds.SOPClassUID),
-            study_instance_uid=str(ds.StudyInstanceUID),
-            series_instance_uid=str(ds.SeriesInstanceUID),
-            transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
-            path=path,
-            size=len(data),
-        )
-        ctx.index.add_output(ref, str(ds.Modality), searchable_attributes(ds))
-        written.append(path)
+    written = [keep_output(ctx.spool, ctx.index, obj.kind, obj.dataset) for obj in objects]
     for name in ctx.settings.export.targets:
         for path in written:
             ctx.index.add_job(
@@ -131,6 +114,27 @@ def run_analyze(job: Job, ctx: StepContext) -> None:
             "study_key": uid_key(job.study_instance_uid),
         },
     )
+
+
+def keep_output(spool: Spool, index: Index, kind: str, ds: Dataset) -> Path:
+    """Write a produced object durably into the spool's outputs and index it (searchable over
+    DICOMweb, never routed); returns its path for the export jobs."""
+    path = spool.output_dir(str(ds.StudyInstanceUID)) / f"{kind}-{uid_key(str(ds.SOPInstanceUID), 24)}.dcm"
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    data = buffer.getvalue()
+    write_durably(path, data)
+    ref = InstanceRef(
+        sop_instance_uid=str(ds.SOPInstanceUID),
+        sop_class_uid=str(ds.SOPClassUID),
+        study_instance_uid=str(ds.StudyInstanceUID),
+        series_instance_uid=str(ds.SeriesInstanceUID),
+        transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+        path=path,
+        size=len(data),
+    )
+    index.add_output(ref, str(ds.Modality), searchable_attributes(ds))
+    return path
 
 
 def run_export(job: Job, ctx: StepContext) -> None:

@@ -24,12 +24,12 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
 
-from dicom_node.attributes import searchable_attributes
 from dicom_node.config import NodeSettings, SpoolSection
 from dicom_node.http import HttpServer, create_app
 from dicom_node.index import Index
 from dicom_node.results import ResultWriter
-from dicom_node.spool import InstanceRef, Spool, uid_key, write_durably
+from dicom_node.spool import Spool
+from dicom_node.worker import keep_output
 from protos.radbridge.v1 import inference_pb2 as pb
 from radbridge.synth import SyntheticPatient, ct_series
 
@@ -123,21 +123,7 @@ def _outputs(sources: list[Dataset]) -> dict[str, Dataset]:
 
 def _add_output(spool: Spool, index: Index, kind: str, ds: Dataset) -> None:
     """Write and index one output object exactly as ``worker.run_analyze`` does."""
-    path = spool.output_dir(str(ds.StudyInstanceUID)) / f"{kind}-{uid_key(str(ds.SOPInstanceUID), 24)}.dcm"
-    buffer = BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    data = buffer.getvalue()
-    write_durably(path, data)
-    ref = InstanceRef(
-        sop_instance_uid=str(ds.SOPInstanceUID),
-        sop_class_uid=str(ds.SOPClassUID),
-        study_instance_uid=str(ds.StudyInstanceUID),
-        series_instance_uid=str(ds.SeriesInstanceUID),
-        transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
-        path=path,
-        size=len(data),
-    )
-    index.add_output(ref, str(ds.Modality), searchable_attributes(ds))
+    keep_output(spool, index, kind, ds)
 
 
 @pytest.fixture(scope="module")
