@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -11,6 +12,8 @@ from pathlib import Path
 
 from radbridge import __version__
 from radbridge_common.settings import ConfigError, read_layers, redacted
+
+VIEWER_LISTED_STUDIES = 20  # study URLs `radbridge viewer` prints
 
 DESCRIPTION = """\
 RadBridge connects a PACS to medical vision-language models.
@@ -28,6 +31,7 @@ examples:
   radbridge serve --config node.toml  run the node and the inference service
   radbridge status --config node.toml studies and jobs in the spool index
   radbridge models                    models the inference service offers
+  radbridge viewer                    OHIF at http://127.0.0.1:3000/ over the spool's studies
 
 configuration: a TOML file (--config or $RADBRIDGE_CONFIG); every key can be
 overridden by RADBRIDGE_<SECTION>__<KEY>, e.g. RADBRIDGE_SCP__PORT=11112.
@@ -172,6 +176,68 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_viewer(args: argparse.Namespace) -> int:
+    """OHIF on one origin with its DICOMweb: the spool's own, or a proxy to ``viewer.upstream``."""
+    from dataclasses import replace
+
+    from dicom_node.http import HttpServer, create_app
+    from dicom_node.index import Index
+    from dicom_node.spool import Spool
+    from dicom_node.viewer import ohif_missing
+    from radbridge_common import logs
+
+    node_settings, _, _ = _load(args.config)
+    viewer = node_settings.viewer
+    try:
+        viewer = replace(
+            viewer,
+            port=viewer.port if args.port is None else args.port,
+            upstream=viewer.upstream if args.upstream is None else args.upstream,
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    node_settings = replace(node_settings, viewer=viewer)
+    missing = ohif_missing(viewer.ohif_dir)
+    if missing:
+        print(f"radbridge: {missing}", file=sys.stderr)
+        return 2
+    logs.configure(node_settings.logging.level, node_settings.logging.json)
+    spool = Spool(node_settings.spool.directory)
+    index = Index(spool.index_path)
+    server = HttpServer(
+        create_app(node_settings, spool, index, stow=False, viewer=True), viewer.host, viewer.port
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    port = server.start()
+    host = "127.0.0.1" if viewer.host in ("", "0.0.0.0") else viewer.host
+    base = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+    source = f"DICOMweb proxy to {viewer.upstream}" if viewer.upstream else f"spool {spool.root}"
+    print(f"radbridge viewer: OHIF at {base}/ ({source}); Ctrl-C to stop", flush=True)
+    study_uids = [args.open_study] if args.open_study else []
+    if not viewer.upstream:
+        study_uids += [
+            s["study_instance_uid"] for s in index.studies() if s["study_instance_uid"] not in study_uids
+        ]
+        if not study_uids:
+            print(f"  no studies in {spool.root} yet: send one to `radbridge serve`, or run `radbridge demo`")
+    for uid in study_uids[:VIEWER_LISTED_STUDIES]:
+        print(f"  {base}/viewer?StudyInstanceUIDs={uid}", flush=True)
+    if len(study_uids) > VIEWER_LISTED_STUDIES:
+        print(f"  ... and {len(study_uids) - VIEWER_LISTED_STUDIES} more in the study list at {base}/")
+    if args.open_study and (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        import webbrowser
+
+        webbrowser.open(f"{base}/viewer?StudyInstanceUIDs={args.open_study}")
+    try:
+        stop.wait()
+    finally:
+        server.stop()
+        index.close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="radbridge",
@@ -205,6 +271,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="instances and jobs recorded in the spool index")
     p.add_argument("--config")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("viewer", help="OHIF in the browser over the spool's DICOMweb (or a PACS's)")
+    p.add_argument("--config")
+    p.add_argument("--port", type=int, help="HTTP port (default: viewer.port, 3000; 0 = any free port)")
+    p.add_argument("--upstream", help="a PACS's DICOMweb root to proxy instead of the spool's own")
+    p.add_argument(
+        "--open-study", metavar="UID", help="this study's URL first (opened in a browser if a display is set)"
+    )
+    p.set_defaults(func=cmd_viewer)
 
     p = sub.add_parser("config", help="print the merged configuration (secrets redacted)")
     p.add_argument("action", choices=["show"])
