@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["largest_component", "outline", "polygon_area"]
+__all__ = ["largest_component", "major_components", "outline", "polygon_area"]
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
@@ -32,6 +32,18 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     sizes = np.bincount(labels.ravel())
     sizes[0] = 0
     return labels == int(sizes.argmax())
+
+
+def major_components(mask: np.ndarray, min_fraction: float = 0.3, limit: int = 4) -> list[np.ndarray]:
+    """The 4-connected components of a 2D mask, largest first, down to ``min_fraction`` of the
+    largest and at most ``limit`` of them: both lungs of a "Lungs" segment, not specks."""
+    labels, n = ndimage.label(mask)
+    if n == 0:
+        return []
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    order = [int(i) for i in np.argsort(sizes)[::-1] if sizes[i] >= max(1, min_fraction * sizes.max())]
+    return [labels == i for i in order[:limit]]
 
 
 def polygon_area(points: np.ndarray) -> float:

@@ -28,7 +28,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
-from dicom_node._contours import largest_component, outline
+from dicom_node._contours import major_components, outline
 from protos.radbridge.v1 import inference_pb2 as pb
 
 MANUFACTURER = "RadBridge"
@@ -351,29 +351,37 @@ class ResultWriter:
         areas = mask.reshape(mask.shape[0], -1).sum(axis=1)
         return int(areas.argmax()) if areas.any() else None
 
-    def _segment_outline_group(
+    def _segment_outline_groups(
         self, info: pb.MaskInfo, k: int
-    ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
-        """The segment's largest connected component outlined on key slice k, with its area."""
+    ) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
+        """The segment's major connected components outlined on key slice k, each with its area."""
         src = self._source_for(k)
-        component = largest_component(np.asarray(self.masks[info.segment_number][k], dtype=bool))
-        pixel_mm2 = _pixel_area_mm2(src)  # the component's own pixels: holes are not counted
-        area = float(component.sum()) * pixel_mm2 if pixel_mm2 else None
-        return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-            # The same Tracking UID as this segment's volume group in "measurements".
-            tracking_identifier=self._tracking(
-                "segment", info.segment_number, label=info.label or info.type.meaning
-            ),
-            referenced_region=self._region(src, outline(component, MAX_OUTLINE_POINTS)),
-            finding_type=_code(info.type),
-            algorithm_id=self.algorithm_id,
-            finding_sites=[hd.sr.FindingSite(anatomic_location=_code(info.type))],
-            measurements=(
-                [hd.sr.Measurement(name=codes.SCT.Area, value=round(area, 2), unit=MM2)]
-                if area is not None
-                else None
-            ),
-        )
+        pixel_mm2 = _pixel_area_mm2(src)  # a component's own pixels: holes are not counted
+        label = info.label or info.type.meaning
+        groups = []
+        for part, component in enumerate(major_components(np.asarray(self.masks[info.segment_number][k], bool))):
+            area = float(component.sum()) * pixel_mm2 if pixel_mm2 else None
+            # The largest part keeps the Tracking UID of this segment's volume group in "measurements".
+            tracking = (
+                self._tracking("segment", info.segment_number, label=label)
+                if part == 0
+                else self._tracking("segment", info.segment_number, "part", part, label=f"{label} ({part + 1})")
+            )
+            groups.append(
+                hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                    tracking_identifier=tracking,
+                    referenced_region=self._region(src, outline(component, MAX_OUTLINE_POINTS)),
+                    finding_type=_code(info.type),
+                    algorithm_id=self.algorithm_id,
+                    finding_sites=[hd.sr.FindingSite(anatomic_location=_code(info.type))],
+                    measurements=(
+                        [hd.sr.Measurement(name=codes.SCT.Area, value=round(area, 2), unit=MM2)]
+                        if area is not None
+                        else None
+                    ),
+                )
+            )
+        return groups
 
     def build_key_slice_report(self) -> hd.sr.Comprehensive3DSR | None:
         """TID 1500 whose every group has one image SCOORD (OHIF loads it); None if there is none."""
@@ -381,7 +389,7 @@ class ResultWriter:
         slices: set[int] = set()
         for info in sorted((m for t in self.result.tasks for m in t.masks), key=lambda m: m.segment_number):
             if (k := self.key_slice(info.segment_number)) is not None:
-                groups.append(self._segment_outline_group(info, k))
+                groups.extend(self._segment_outline_groups(info, k))
                 slices.add(k)
         for i, task in enumerate(self.result.tasks):
             for j, box in enumerate(task.boxes):

@@ -259,7 +259,7 @@ def test_key_slice_sr_shows_labelled_measurements(
     pane.get_by_text(label).first.wait_for(timeout=SCENARIO_TIMEOUT_MS)
     viewer.page.screenshot(path=str(artifacts_dir() / f"{served.source}-keyslices-sr.png"))
     seen: list[str] = []
-    for _ in range(6):
+    for _ in range(12):
         for name in label.findall(pane.inner_text()):
             if name.strip() not in seen:
                 seen.append(name.strip())

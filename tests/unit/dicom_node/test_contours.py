@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from dicom_node._contours import largest_component, outline, polygon_area
+from dicom_node._contours import largest_component, major_components, outline, polygon_area
 
 
 def _vertices_touch_mask(points: np.ndarray, mask: np.ndarray) -> bool:
@@ -83,3 +83,14 @@ def test_empty_or_wrong_shape_is_refused() -> None:
         outline(np.zeros((4, 4), dtype=bool))
     with pytest.raises(ValueError):
         outline(np.ones((2, 4, 4), dtype=bool))
+
+
+def test_major_components_keep_both_lungs_and_drop_specks() -> None:
+    mask = np.zeros((40, 60), dtype=bool)
+    mask[5:35, 5:25] = True  # 600 px
+    mask[5:33, 35:55] = True  # 560 px: the other lung
+    mask[37:39, 28:30] = True  # 4 px speck
+    parts = major_components(mask)
+    assert [int(p.sum()) for p in parts] == [600, 560]
+    assert major_components(np.zeros((4, 4), dtype=bool)) == []
+    assert len(major_components(mask, min_fraction=0.0, limit=2)) == 2

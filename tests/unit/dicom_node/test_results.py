@@ -13,7 +13,7 @@ from pydicom.dataset import Dataset
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from dicom_node._contours import polygon_area
+from dicom_node._contours import major_components, polygon_area
 from dicom_node.client import AnalysisOutcome
 from dicom_node.results import ResultWriter
 from dicom_node.volume import read_series
@@ -242,7 +242,13 @@ def test_keyslices_outline_every_ct_segment_and_box(outputs) -> None:  # noqa: A
     vol, outcome, objs = outputs
     groups = _keyslice_groups(objs["keyslices"])
     by_label = {g.tracking_identifier: g for g in groups}
-    assert [g.tracking_identifier for g in groups] == ["Lungs", "Bone", "Soft tissue", "Lung", "Lung"]
+    expected = []
+    for info in sorted((m for t in outcome.result.tasks for m in t.masks), key=lambda m: m.segment_number):
+        mask = outcome.masks[info.segment_number]
+        parts = len(major_components(mask[int(mask.sum(axis=(1, 2)).argmax())]))
+        expected += [info.label] + [f"{info.label} ({p + 1})" for p in range(1, parts)]
+    assert [g.tracking_identifier for g in groups] == [*expected, "Lung", "Lung"]
+    assert "Lungs (2)" in expected  # both lungs are outlined, not only the larger one
     uids = [ds.SOPInstanceUID for ds in vol.sources]
     spacing = [float(v) for v in vol.sources[0].PixelSpacing]
     for info in (m for t in outcome.result.tasks for m in t.masks):
