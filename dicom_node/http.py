@@ -74,6 +74,8 @@ class HttpServer:
     """uvicorn in a daemon thread; ``start()`` returns the bound port."""
 
     def __init__(self, app: Starlette, host: str = "127.0.0.1", port: int = 0) -> None:
+        # uvicorn's start-up lines duplicate ours ("http.start"); keep its warnings and errors.
+        logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
         config = uvicorn.Config(
             app, host=host, port=port, log_config=None, access_log=False, lifespan="off", ws="none"
         )
