@@ -84,6 +84,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 job = asyncio.ensure_future(
                     self.scheduler.submit(backend, WorkItem(volume, spec), task, sink)
                 )
+                getter: asyncio.Future[pb.AnalyzeVolumeResponse] | None = None
                 try:
                     while not job.done():
                         getter = asyncio.ensure_future(events.get())
@@ -97,6 +98,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                     results.append(job.result())
                 finally:
                     job.cancel()  # client gone or error: withdraw from the queue
+                    if getter is not None:
+                        getter.cancel()  # never leave the progress reader pending
             numbers = [m.segment_number for r in results for m in r.masks]
             if len(numbers) != len(set(numbers)):
                 raise RuntimeError("The model returned duplicate segment numbers.")  # a backend bug: INTERNAL
