@@ -3,7 +3,7 @@
 #   bash scripts/setup.sh            runtime only (what `radbridge demo` needs)
 #   bash scripts/setup.sh test       + the real peers (dcmtk, dicom3tools, Orthanc + DICOMweb),
 #                                      Debian chromium (the OHIF browser tests) and the test extra
-#                                      (torch CPU, transformers, pytest, playwright)
+#                                      (torch CPU, transformers, pytest, playwright) + the slicer extra (dcmqi, slicer-core)
 # Both modes unpack the pinned prebuilt OHIF (`radbridge viewer`) into $RADBRIDGE_OHIF_DIR
 # (default ~/.cache/radbridge/ohif-<version>), outside the repository; nothing of OHIF is committed.
 set -euo pipefail
@@ -30,7 +30,7 @@ fi
 if [ "$mode" = "test" ]; then
   # The local CPU wheel; an unpinned torch would pull several GB of CUDA packages.
   .venv/bin/python -m pip install -q "torch==2.13.0"
-  .venv/bin/python -m pip install -q -e ".[test]"
+  .venv/bin/python -m pip install -q -e ".[test,slicer]"
 else
   .venv/bin/python -m pip install -q -e .
 fi
