@@ -22,11 +22,8 @@ import pytest
 from dicom_node.client import AnalysisOutcome
 from dicom_node.results import ResultWriter
 from dicom_node.volume import read_series
-from inference_service.assembly import result_to_pb
-from inference_service.backends.base import ModelConfig, WorkItem
-from inference_service.backends.reference import ReferenceBackend
-from inference_service.types import AnalysisResult, AnalysisSpec, Geometry, TaskKind, Volume
 from protos.radbridge.v1 import inference_pb2 as pb
+from tests.reference_run import analyze_reference
 
 EXTENSION_DIR = Path(__file__).resolve().parents[2] / "slicer_extension" / "RadBridge"
 if str(EXTENSION_DIR) not in sys.path:
@@ -51,25 +48,13 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(list(args), capture_output=True, text=True, timeout=300)
 
 
-def _analyze(vol) -> AnalysisOutcome:  # noqa: ANN001
-    """The reference backend in-process, shaped as the gRPC client shapes it (as the dicom_node tests do)."""
-    backend = ReferenceBackend(ModelConfig("reference", "reference"))
-    g = Geometry(vol.voxels.shape, vol.spacing_mm, vol.orientation, vol.position, vol.modality, vol.rescaled)
-    item = WorkItem(
-        Volume(vol.voxels, g), AnalysisSpec("", (TaskKind.SEGMENT, TaskKind.REPORT, TaskKind.DETECT))
-    )
-    tasks = [backend.run([item], t)[0] for t in item.spec.tasks]
-    masks = {m.segment_number: m.voxels for t in tasks for m in t.masks}
-    return AnalysisOutcome(result_to_pb(AnalysisResult(backend.identity, tasks)), masks)
-
-
 @pytest.fixture(scope="module")
 def written(small_ct_files: list[Path], tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
     """(volume, outcome, {kind: path}) for RadBridge's real SEG, 9702 and 9704 SRs on a synthetic CT."""
     shuffled = list(small_ct_files)
     random.Random(1).shuffle(shuffled)
     vol = read_series(shuffled)
-    outcome = _analyze(vol)
+    outcome = analyze_reference(vol)
     out = tmp_path_factory.mktemp("radbridge-objects")
     paths = {}
     for obj in ResultWriter(vol.sources, outcome.result, outcome.masks).build_all():

@@ -14,15 +14,12 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from dicom_node._contours import major_components, polygon_area
-from dicom_node.client import AnalysisOutcome
 from dicom_node.results import ResultWriter
 from dicom_node.volume import read_series
-from inference_service.assembly import result_to_pb
-from inference_service.backends.base import ModelConfig, WorkItem
-from inference_service.backends.reference import ReferenceBackend, segment_ct
-from inference_service.types import AnalysisResult, AnalysisSpec, Geometry, TaskKind, Volume
+from inference_service.backends.reference import segment_ct
 from protos.radbridge.v1 import inference_pb2 as pb
 from radbridge.synth import cr_chest_path
+from tests.reference_run import analyze_reference
 
 LUNG = pb.Code(value="39607008", scheme="SCT", meaning="Lung")
 NODULE = pb.Code(value="27925004", scheme="SCT", meaning="Nodule")
@@ -32,24 +29,12 @@ ABNORMAL = pb.Code(value="49755003", scheme="SCT", meaning="Morphologically Abno
 MODEL = pb.ModelIdentity(name="unit-model", backend="test", version="0.1")
 
 
-def _analyze(vol) -> AnalysisOutcome:  # noqa: ANN001
-    """Run the reference backend in-process and shape the outcome as the gRPC client does."""
-    backend = ReferenceBackend(ModelConfig("reference", "reference"))
-    g = Geometry(vol.voxels.shape, vol.spacing_mm, vol.orientation, vol.position, vol.modality, vol.rescaled)
-    item = WorkItem(
-        Volume(vol.voxels, g), AnalysisSpec("", (TaskKind.SEGMENT, TaskKind.REPORT, TaskKind.DETECT))
-    )
-    tasks = [backend.run([item], t)[0] for t in item.spec.tasks]
-    masks = {m.segment_number: m.voxels for t in tasks for m in t.masks}
-    return AnalysisOutcome(result_to_pb(AnalysisResult(backend.identity, tasks)), masks)
-
-
 @pytest.fixture(scope="module")
 def outputs(small_ct_files: list[Path]):  # noqa: ANN201
     shuffled = list(small_ct_files)
     random.Random(1).shuffle(shuffled)
     vol = read_series(shuffled)
-    outcome = _analyze(vol)
+    outcome = analyze_reference(vol)
     objs = {o.kind: o.dataset for o in ResultWriter(vol.sources, outcome.result, outcome.masks).build_all()}
     return vol, outcome, objs
 
@@ -124,7 +109,7 @@ def test_narrative_has_findings_and_impression(outputs) -> None:  # noqa: ANN001
 def test_same_input_same_uids(small_ct_files: list[Path], outputs) -> None:  # noqa: ANN001
     _, _, objs = outputs
     vol = read_series(small_ct_files)
-    outcome = _analyze(vol)
+    outcome = analyze_reference(vol)
     again = {o.kind: o.dataset for o in ResultWriter(vol.sources, outcome.result, outcome.masks).build_all()}
     assert set(again) == set(objs)
     for kind in objs:
