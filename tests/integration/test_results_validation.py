@@ -74,10 +74,10 @@ def test_model_outputs_on_a_cr_validate(tmp_path: Path) -> None:
 
 
 def test_reference_outputs_on_ct_validate(tmp_path: Path, small_ct_files: list[Path]) -> None:
-    from tests.unit.dicom_node.test_results import _analyze
+    from tests.reference_run import analyze_reference
 
     vol = read_series(small_ct_files)
-    outcome = _analyze(vol)
+    outcome = analyze_reference(vol)
     objects = ResultWriter(vol.sources, outcome.result, outcome.masks).build_all()
     assert [o.kind for o in objects] == ["seg", "measurements", "keyslices", "narrative"]
     for obj in objects:
@@ -88,10 +88,10 @@ def test_reference_outputs_on_ct_validate(tmp_path: Path, small_ct_files: list[P
 
 def test_reference_outputs_on_a_cr_validate(tmp_path: Path) -> None:
     """A CR with a mask and a box, PixelSpacing 0\\0: the key-slice SR carries outlines without areas."""
-    from tests.unit.dicom_node.test_results import _analyze
+    from tests.reference_run import analyze_reference
 
     vol = read_series([cr_chest_path()])
-    outcome = _analyze(vol)
+    outcome = analyze_reference(vol)
     objects = ResultWriter(vol.sources, outcome.result, outcome.masks).build_all()
     assert [o.kind for o in objects] == ["seg", "measurements", "keyslices", "narrative"]
     for obj in objects:

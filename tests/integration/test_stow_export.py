@@ -20,10 +20,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("require_dcmtk", 
 @pytest.fixture(scope="module")
 def result_files(small_ct_files: list[Path], tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """Every object the writers make of the reference backend's CT result (SEG, SRs), as files."""
-    from tests.unit.dicom_node.test_results import _analyze
+    from tests.reference_run import analyze_reference
 
     vol = read_series(small_ct_files)
-    outcome = _analyze(vol)
+    outcome = analyze_reference(vol)
     out = tmp_path_factory.mktemp("results")
     paths = []
     for obj in ResultWriter(vol.sources, outcome.result, outcome.masks).build_all():
