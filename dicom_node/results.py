@@ -201,7 +201,17 @@ class ResultWriter:
         if self.modality in PROJECTION and "PatientOrientation" in self.sources[0]:
             seg.PatientOrientation = self.sources[0].PatientOrientation
         _drop_unknown_pixel_spacing(seg)
+        self._derive_dimension_organization(seg)
         return seg
+
+    def _derive_dimension_organization(self, seg: Dataset) -> None:
+        """highdicom draws a random Dimension Organization UID; derive it, so a re-run (or the
+        Slicer panel on the same series) writes the same object."""
+        uid = self.uid("seg", "dimension-organization")
+        for item in seg.get("DimensionOrganizationSequence", []):
+            item.DimensionOrganizationUID = uid
+        for item in seg.get("DimensionIndexSequence", []):
+            item.DimensionOrganizationUID = uid
 
     # -- TID 1500 ----------------------------------------------------------------
     def _observation_context(self) -> hd.sr.ObservationContext:
@@ -408,6 +418,9 @@ class ResultWriter:
             "sop_instance_uid": self.uid(kind, "instance"),
             "instance_number": 1,
             "manufacturer": MANUFACTURER,
+            # General Equipment names the algorithm, as in the SEG (readers group results by it).
+            "manufacturer_model_name": self.model.name[:64],
+            "software_versions": self.model.version or "unknown",
             "is_complete": True,
             "is_verified": False,
             "series_description": self._description(what),

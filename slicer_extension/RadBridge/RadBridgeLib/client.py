@@ -65,6 +65,7 @@ class RadBridgeServerError(RadBridgeError):
 class AnalysisResult:
     """One analysis: the contract result plus its pieces, in the caller's (k, j, i) index order."""
 
+    #: The service's result with box slice indices in the caller's k order.
     result: pb.AnalysisResult
     #: segment number -> bool mask with the shape of the input voxels (k, j, i).
     masks: dict[int, np.ndarray] = field(default_factory=dict)
@@ -302,6 +303,14 @@ class RadBridgeClient:
         flipped: bool,
         on_progress: ProgressCallback | None,
     ) -> AnalysisResult:
+        if flipped:
+            # Back into the caller's slice order, so that result.tasks and out.boxes agree.
+            caller = pb.AnalysisResult()
+            caller.CopyFrom(result)
+            for task in caller.tasks:
+                for box in task.boxes:
+                    box.slice_index = shape[0] - 1 - box.slice_index
+            result = caller
         out = AnalysisResult(result=result)
         n_voxels = int(np.prod(shape))
         reports = []
@@ -317,12 +326,7 @@ class RadBridgeClient:
                 mask = bits.reshape(shape).astype(bool)
                 out.masks[info.segment_number] = mask[::-1].copy() if flipped else mask
                 out.segments[info.segment_number] = info
-            for box in task.boxes:
-                b = pb.Box()
-                b.CopyFrom(box)
-                if flipped:
-                    b.slice_index = shape[0] - 1 - box.slice_index
-                out.boxes.append(b)
+            out.boxes.extend(task.boxes)
             out.findings.extend(task.findings)
             out.measurements.extend(task.measurements)
             text = _report_text(task)
