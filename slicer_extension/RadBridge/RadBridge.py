@@ -44,6 +44,8 @@ TASK_CHECKBOXES = {
 }
 #: Python module -> pip requirement that the client needs and Slicer does not ship.
 DEPENDENCIES = {"grpc": "grpcio", "google.protobuf": "protobuf"}
+#: ... and what Save as DICOM / Load RadBridge results need on top (the node's writer, highdicom).
+DICOM_DEPENDENCIES = {"highdicom": "highdicom==0.28.*", "scipy": "scipy"}
 DEFAULT_ADDRESS = "localhost:50051"
 
 
@@ -89,6 +91,7 @@ class RadBridgeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._volumeNode = None
         self._lastResult = None
         self._importedNodes = None
+        self._seriesEntries = []
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -104,9 +107,13 @@ class RadBridgeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.runButton.connect("clicked(bool)", self.onRunButton)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
         self.ui.saveDicomButton.connect("clicked(bool)", self.onSaveDicomButton)
+        self.ui.refreshDicomButton.connect("clicked(bool)", self.onRefreshDicomButton)
+        self.ui.loadSeriesButton.connect("clicked(bool)", self.onLoadSeriesButton)
+        self.ui.loadResultsButton.connect("clicked(bool)", self.onLoadResultsButton)
         self.ui.tlsCheckBox.connect("toggled(bool)", self.updateGUI)
         self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateGUI)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.refreshDicomSeries(quiet=True)
         self.updateGUI()
 
     def cleanup(self):
@@ -137,6 +144,8 @@ class RadBridgeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         )
         self.ui.cancelButton.enabled = running
         self.ui.saveDicomButton.enabled = not running and self._lastResult is not None
+        self.ui.loadSeriesButton.enabled = not running and bool(self._seriesEntries)
+        self.ui.loadResultsButton.enabled = not running and bool(self._seriesEntries)
 
     def setStatus(self, text):
         self.ui.statusLabel.setText(text)
@@ -182,8 +191,62 @@ class RadBridgeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.setStatus("Cancelling…")
 
     def onSaveDicomButton(self, *_):
-        with slicer.util.tryWithErrorDisplay("Could not save the results as DICOM SEG + SR."):
-            self.logic.saveAsDicom(self._lastResult, self._volumeNode)
+        with slicer.util.tryWithErrorDisplay(
+            "Could not save the results as DICOM SEG + SR.", waitCursor=True
+        ):
+            paths = self.logic.saveAsDicom(
+                self._lastResult, self._volumeNode, self.ui.outputDirectoryLineEdit.text.strip()
+            )
+            folder = os.path.dirname(str(paths[0]))
+            self.setStatus(
+                f"Saved {len(paths)} DICOM object(s) to {folder} and added them to the DICOM database."
+            )
+            self.refreshDicomSeries(quiet=True)
+
+    # -- Slicer's DICOM database -----------------------------------------------------------------
+    def refreshDicomSeries(self, quiet=False):
+        """Fills the series list; quiet: a closed database is a status line, not an error box."""
+        combo = self.ui.dicomSeriesComboBox
+        combo.clear()
+        self._seriesEntries = []
+        try:
+            self._seriesEntries = self.logic.listDicomSeries()
+        except ValueError as exc:
+            if not quiet:
+                raise
+            self.setStatus(str(exc))
+        for entry in self._seriesEntries:
+            combo.addItem(entry.title)
+        self.updateGUI()
+
+    def selectedSeries(self):
+        index = self.ui.dicomSeriesComboBox.currentIndex
+        if not self._seriesEntries or not 0 <= index < len(self._seriesEntries):
+            raise ValueError("Choose a series in the DICOM database list first (Refresh fills it).")
+        return self._seriesEntries[index]
+
+    def onRefreshDicomButton(self, *_):
+        with slicer.util.tryWithErrorDisplay("Could not read Slicer's DICOM database."):
+            self.refreshDicomSeries()
+            self.setStatus(f"{len(self._seriesEntries)} series in the DICOM database.")
+
+    def onLoadSeriesButton(self, *_):
+        with slicer.util.tryWithErrorDisplay("Could not load the series.", waitCursor=True):
+            node = self.logic.loadSeries(self.selectedSeries())
+            self.ui.inputVolumeSelector.setCurrentNode(node)
+            self.setStatus(f"Loaded '{node.GetName()}' as the input volume.")
+        self.updateGUI()
+
+    def onLoadResultsButton(self, *_):
+        with slicer.util.tryWithErrorDisplay("Could not load RadBridge results.", waitCursor=True):
+            loaded = self.logic.loadStoredResults(self.selectedSeries())
+            volumeNode, result, nodes = loaded[-1]
+            self._volumeNode, self._lastResult, self._importedNodes = volumeNode, result, nodes
+            self.ui.inputVolumeSelector.setCurrentNode(volumeNode)
+            self.showResults(result)
+            models = ", ".join(sorted({r.model_name or "unknown model" for _, r, _ in loaded}))
+            self.setStatus(f"Loaded RadBridge results ({models}) onto '{volumeNode.GetName()}'.")
+        self.updateGUI()
 
     # -- polling (main thread) -------------------------------------------------------------------
     def _poll(self):
@@ -217,19 +280,23 @@ class RadBridgeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onAnalysisDone(self, result):
         self._lastResult = result
         with slicer.util.tryWithErrorDisplay("Could not import the results.", waitCursor=True):
-            text = result.report_text
-            if result.answer:
-                text = f"{text}\n\nAnswer: {result.answer}" if text else f"Answer: {result.answer}"
-            self.ui.reportTextBrowser.setPlainText(text)
-            from RadBridgeLib.results import findings_table
-
-            rows = findings_table(result)
-            table = self.ui.findingsTableWidget
-            table.setRowCount(len(rows))
-            for row, cells in enumerate(rows):
-                for column, value in enumerate(cells):
-                    table.setItem(row, column, qt.QTableWidgetItem(value))
+            self.showResults(result)
             self._importedNodes = self.logic.importResults(result, self._volumeNode)
+
+    def showResults(self, result):
+        """The report text (and VQA answer) and the findings table of the panel."""
+        from RadBridgeLib.results import findings_table
+
+        text = result.report_text
+        if result.answer:
+            text = f"{text}\n\nAnswer: {result.answer}" if text else f"Answer: {result.answer}"
+        self.ui.reportTextBrowser.setPlainText(text)
+        rows = findings_table(result)
+        table = self.ui.findingsTableWidget
+        table.setRowCount(len(rows))
+        for row, cells in enumerate(rows):
+            for column, value in enumerate(cells):
+                table.setItem(row, column, qt.QTableWidgetItem(value))
 
 
 #
@@ -258,12 +325,15 @@ class RadBridgeLogic(ScriptedLoadableModuleLogic):
     def running(self):
         return self.job is not None and self.job.running
 
-    def ensureDependencies(self):
-        """Installs grpcio/protobuf into Slicer's Python on first use (never at import time)."""
+    def ensureDependencies(self, dependencies=None):
+        """Installs what is missing into Slicer's Python on first use (never at import time).
+
+        ``dependencies`` maps module -> pip requirement; default: the gRPC client's.
+        """
         import importlib
 
         missing = []
-        for module, requirement in DEPENDENCIES.items():
+        for module, requirement in (dependencies or DEPENDENCIES).items():
             try:
                 importlib.import_module(module)
             except ImportError:
@@ -377,13 +447,111 @@ class RadBridgeLogic(ScriptedLoadableModuleLogic):
                 nodes["markups"].append(node)
         return nodes
 
-    def saveAsDicom(self, result, volumeNode):
+    # -- DICOM ------------------------------------------------------------------------------------
+    def dicomDatabase(self):
+        database = getattr(slicer, "dicomDatabase", None)
+        if database is None or not database.isOpen:
+            raise ValueError("Slicer's DICOM database is not open; open the DICOM module once to create it.")
+        return database
+
+    def listDicomSeries(self):
+        """The database's series (``RadBridgeLib.database.SeriesEntry``), RadBridge outputs marked."""
+        from RadBridgeLib.database import list_series
+
+        return list_series(self.dicomDatabase())
+
+    def loadSeries(self, entry):
+        """Loads an image series with Slicer's DICOM plugins and returns its scalar volume node."""
+        if entry.radbridge_kind is not None:
+            raise ValueError(
+                "This is a RadBridge result series; choose an image series, or use Load RadBridge results."
+            )
+        return self._loadVolume(entry.series_uid, f"the series '{entry.title}'")
+
+    def _loadVolume(self, seriesUID, what):
+        from DICOMLib import DICOMUtils
+
+        for nodeID in DICOMUtils.loadSeriesByUID([seriesUID]):
+            node = slicer.mrmlScene.GetNodeByID(nodeID)
+            if node is not None and node.IsA("vtkMRMLScalarVolumeNode"):
+                return node
+        raise ValueError(f"Slicer loaded no image volume from {what}.")
+
+    def findOrLoadVolume(self, seriesUID):
+        """The scene's volume of that series (same instances), else the series loaded now."""
+        instances = set(self.dicomDatabase().instancesForSeries(seriesUID))
+        for node in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode"):
+            uids = (node.GetAttribute("DICOM.instanceUIDs") or "").split()
+            if uids and set(uids) == instances:
+                return node
+        return self._loadVolume(seriesUID, "the source series of the RadBridge results")
+
+    def sourceHeaders(self, volumeNode):
+        """The DICOM headers (no pixels) of the images Slicer loaded the volume from."""
+        import pydicom
+
+        uids = (volumeNode.GetAttribute("DICOM.instanceUIDs") or "").split()
+        if not uids:
+            raise ValueError(
+                f"'{volumeNode.GetName()}' was not loaded from Slicer's DICOM database, so its source "
+                "images are unknown: load the series with 'Load as input' (or the DICOM module) and run "
+                "the analysis on it."
+            )
+        database = self.dicomDatabase()
+        headers = []
+        for uid in uids:
+            path = database.fileForInstance(uid)
+            if not path:
+                raise ValueError(f"An image of '{volumeNode.GetName()}' is no longer in the DICOM database.")
+            headers.append(pydicom.dcmread(path, stop_before_pixels=True))
+        return headers
+
+    def _grid(self, volumeNode):
+        matrix = vtk.vtkMatrix4x4()
+        volumeNode.GetIJKToRASMatrix(matrix)
+        return slicer.util.arrayFromVTKMatrix(matrix), slicer.util.arrayFromVolume(volumeNode).shape
+
+    def saveAsDicom(self, result, volumeNode, outputDir=""):
+        """Writes SEG + SRs with the node's writer and adds them to the DICOM database; returns paths."""
         if result is None:
             raise ValueError("Run an analysis first.")
-        raise NotImplementedError(
-            "Saving as DICOM SEG + SR is not available yet; the results are in the scene as "
-            "segmentation and markups nodes (see slicer_extension/README.md)."
+        if volumeNode is None:
+            raise ValueError("The analysed volume is no longer in the scene.")
+        self.ensureDependencies(DICOM_DEPENDENCIES)
+        from RadBridgeLib.dicom_objects import save_results
+
+        headers = self.sourceHeaders(volumeNode)
+        ijkToRas, shape = self._grid(volumeNode)
+        folder = outputDir or os.path.join(
+            slicer.app.temporaryPath, "RadBridge", str(headers[0].SeriesInstanceUID)
         )
+        paths = save_results(result, headers, ijkToRas, shape, Path(folder))
+        from DICOMLib import DICOMUtils
+
+        DICOMUtils.importDicom(folder)
+        return paths
+
+    def loadStoredResults(self, entry):
+        """Loads RadBridge's SEG/SR for the entry's series (or, for a RadBridge series, its source).
+
+        Returns ``[(volumeNode, AnalysisResult, imported nodes)]``, one per source series and model.
+        """
+        self.ensureDependencies(DICOM_DEPENDENCIES)
+        import pydicom
+        from RadBridgeLib.database import list_series, stored_results
+        from RadBridgeLib.dicom_objects import read_results
+
+        groups = stored_results(list_series(self.dicomDatabase()), entry)
+        if not groups:
+            raise ValueError(f"There is no RadBridge SEG or SR for '{entry.title}' in its study.")
+        loaded = []
+        for group in groups:
+            volumeNode = self.findOrLoadVolume(group.source_series_uid)
+            ijkToRas, shape = self._grid(volumeNode)
+            datasets = [pydicom.dcmread(path) for path in group.paths]
+            result = read_results(datasets, self.sourceHeaders(volumeNode), ijkToRas, shape)
+            loaded.append((volumeNode, result, self.importResults(result, volumeNode)))
+        return loaded
 
 
 def _terminologyEntry(spec):

@@ -95,7 +95,9 @@ def list_series(db: DicomDatabase) -> list[SeriesEntry]:
                         study_description=_value(db, first, "study_description"),
                         study_date=_value(db, first, "study_date"),
                         files=files,
-                        radbridge_kind=kind_from_attributes(modality, _value(db, first, "manufacturer"), number),
+                        radbridge_kind=kind_from_attributes(
+                            modality, _value(db, first, "manufacturer"), number
+                        ),
                     )
                 )
 

@@ -35,6 +35,7 @@ class FakeWidget:
         self.slots: dict[str, list] = defaultdict(list)
         self._currentNode = None
         self.scene = None
+        self.currentIndex = 0
 
     # signals
     def connect(self, signal: str, slot) -> None:
@@ -68,7 +69,10 @@ class FakeWidget:
 
     @property
     def currentText(self) -> str:
-        return self.items[0] if self.items else ""
+        return self.items[self.currentIndex] if 0 <= self.currentIndex < len(self.items) else ""
+
+    def setCurrentIndex(self, index: int) -> None:
+        self.currentIndex = index
 
     # QTableWidget
     def setRowCount(self, n: int) -> None:
@@ -132,9 +136,23 @@ class FakeVolumeNode:
         self.array = array
         self.ijk_to_ras = np.asarray(ijk_to_ras, dtype=float)
         self.name = name
+        self.attributes: dict[str, str] = {}
+        self.node_id = ""
 
     def GetName(self) -> str:
         return self.name
+
+    def GetID(self) -> str:
+        return self.node_id
+
+    def IsA(self, class_name: str) -> bool:
+        return class_name in ("vtkMRMLScalarVolumeNode", "vtkMRMLVolumeNode", "vtkMRMLNode")
+
+    def GetAttribute(self, key: str) -> str | None:
+        return self.attributes.get(key)
+
+    def SetAttribute(self, key: str, value: str) -> None:
+        self.attributes[key] = value
 
     def GetIJKToRASMatrix(self, matrix: FakeMatrix4x4) -> None:
         matrix.array = self.ijk_to_ras.copy()
@@ -195,14 +213,93 @@ class FakeScene:
 
     def __init__(self) -> None:
         self.nodes: list[FakeNode] = []
+        self.volumes: dict[str, FakeVolumeNode] = {}
 
     def AddNewNodeByClass(self, class_name: str, name: str = "") -> FakeNode:
         node = FakeNode(class_name, name)
         self.nodes.append(node)
         return node
 
+    def add_volume(self, node: FakeVolumeNode) -> str:
+        node.node_id = f"vtkMRMLScalarVolumeNode{len(self.volumes) + 1}"
+        self.volumes[node.node_id] = node
+        return node.node_id
+
+    def GetNodeByID(self, node_id: str) -> FakeVolumeNode | None:
+        return self.volumes.get(node_id)
+
     def Clear(self) -> None:
         self.nodes.clear()
+        self.volumes.clear()
+
+
+class FolderDatabase:
+    """The ctkDICOMDatabase methods the module uses, over real files read with pydicom."""
+
+    def __init__(self, paths: list[Path] = ()) -> None:
+        self.isOpen = True
+        self.headers: dict[str, object] = {}
+        self.asked: list[str] = []
+        self.add(paths)
+
+    def add(self, paths) -> None:
+        import pydicom
+
+        for p in paths:
+            self.headers[str(p)] = pydicom.dcmread(p, stop_before_pixels=True)
+
+    def patients(self) -> list[str]:
+        return sorted({str(ds.PatientID) for ds in self.headers.values()})
+
+    def studiesForPatient(self, patient: str) -> list[str]:
+        return sorted({str(ds.StudyInstanceUID) for ds in self.headers.values() if ds.PatientID == patient})
+
+    def seriesForStudy(self, study: str) -> list[str]:
+        return sorted(
+            {str(ds.SeriesInstanceUID) for ds in self.headers.values() if ds.StudyInstanceUID == study}
+        )
+
+    def filesForSeries(self, series: str) -> list[str]:
+        return sorted(p for p, ds in self.headers.items() if ds.SeriesInstanceUID == series)
+
+    def instancesForSeries(self, series: str) -> list[str]:
+        return [str(self.headers[p].SOPInstanceUID) for p in self.filesForSeries(series)]
+
+    def fileForInstance(self, uid: str) -> str:
+        return next((p for p, ds in self.headers.items() if ds.SOPInstanceUID == uid), "")
+
+    def fileValue(self, path: str, tag: str) -> str:
+        self.asked.append(tag)
+        group, element = (int(x, 16) for x in tag.split(","))
+        value = self.headers[path].get((group, element))
+        return "" if value is None else str(value.value)
+
+
+def slicer_volume(paths: list[Path]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """What Slicer's DICOM scalar-volume loader makes of a single-frame series.
+
+    Returns the (k, j, i) array in modality units, IJKToRAS and the SOP Instance UIDs in k order:
+    slices sorted along the normal, i = DICOM column index, j = row index, RAS = LPS with x and y
+    negated, k spacing from the first and last positions.
+    """
+    import pydicom
+
+    full = [pydicom.dcmread(p) for p in paths]
+    iop = np.array([float(v) for v in full[0].ImageOrientationPatient])
+    normal = np.cross(iop[:3], iop[3:])
+    full.sort(key=lambda ds: float(np.dot(normal, [float(v) for v in ds.ImagePositionPatient])))
+    voxels = np.stack(
+        [ds.pixel_array.astype(np.int16) * int(ds.RescaleSlope) + int(ds.RescaleIntercept) for ds in full]
+    ).astype(np.int16)
+    first = np.array([float(v) for v in full[0].ImagePositionPatient])
+    last = np.array([float(v) for v in full[-1].ImagePositionPatient])
+    row_mm, column_mm = (float(v) for v in full[0].PixelSpacing)
+    m_lps = np.eye(4)
+    m_lps[:3, 0] = iop[:3] * column_mm
+    m_lps[:3, 1] = iop[3:] * row_mm
+    m_lps[:3, 2] = (last - first) / max(len(full) - 1, 1) if len(full) > 1 else normal
+    m_lps[:3, 3] = first
+    return voxels, np.diag([-1.0, -1.0, 1.0, 1.0]) @ m_lps, [str(ds.SOPInstanceUID) for ds in full]
 
 
 class VTKObservationMixin:
@@ -256,6 +353,8 @@ class Recorder:
         self.labelmaps: list[tuple] = []
         self.control_points: list[tuple] = []
         self.caught: list[BaseException] = []
+        self.loaded_series: list[str] = []
+        self.imported_folders: list[str] = []
 
     def run_timers(self, limit: int = 1000) -> int:
         """Fires the pending QTimer.singleShot callbacks (and those they arm); returns how many ran."""
@@ -267,7 +366,9 @@ class Recorder:
         return ran
 
 
-def install(monkeypatch, resource_dir: Path) -> tuple[types.ModuleType, Recorder]:
+def install(
+    monkeypatch, resource_dir: Path, temporary_path: Path | None = None
+) -> tuple[types.ModuleType, Recorder]:
     """Puts the fakes into sys.modules (undone by monkeypatch) and returns (slicer, recorder)."""
     import sys
 
@@ -294,7 +395,8 @@ def install(monkeypatch, resource_dir: Path) -> tuple[types.ModuleType, Recorder
     slicer = types.ModuleType("slicer")
     slicer.__path__ = []  # a package, so that `import slicer.util` works
     slicer.mrmlScene = FakeScene()
-    slicer.app = types.SimpleNamespace(processEvents=lambda: None)
+    slicer.app = types.SimpleNamespace(processEvents=lambda: None, temporaryPath=str(temporary_path or ""))
+    slicer.dicomDatabase = FolderDatabase()
 
     util = types.ModuleType("slicer.util")
 
@@ -334,7 +436,37 @@ def install(monkeypatch, resource_dir: Path) -> tuple[types.ModuleType, Recorder
     util.updateSegmentBinaryLabelmapFromArray = updateSegmentBinaryLabelmapFromArray
     util.updateMarkupsControlPointsFromArray = updateMarkupsControlPointsFromArray
     util.VTKObservationMixin = VTKObservationMixin
+    util.getNodesByClass = lambda class_name: [
+        n for n in slicer.mrmlScene.volumes.values() if n.IsA(class_name)
+    ]
     slicer.util = util
+
+    dicomlib = types.ModuleType("DICOMLib")
+    dicom_utils = types.ModuleType("DICOMLib.DICOMUtils")
+
+    def loadSeriesByUID(series_uids: list[str]) -> list[str]:
+        ids = []
+        for uid in series_uids:
+            rec.loaded_series.append(uid)
+            files = slicer.dicomDatabase.filesForSeries(uid)
+            if not files:
+                continue
+            first = slicer.dicomDatabase.headers[files[0]]
+            if first.Modality in ("SEG", "SR"):
+                continue  # the fake loads image series only
+            voxels, ijk_to_ras, uids = slicer_volume([Path(f) for f in files])
+            node = FakeVolumeNode(voxels, ijk_to_ras, name=f"{first.SeriesNumber}: {first.SeriesDescription}")
+            node.SetAttribute("DICOM.instanceUIDs", " ".join(uids))
+            ids.append(slicer.mrmlScene.add_volume(node))
+        return ids
+
+    def importDicom(folder: str, dicomDatabase=None, copyFiles: bool = False) -> None:
+        rec.imported_folders.append(str(folder))
+        slicer.dicomDatabase.add(sorted(Path(folder).glob("*.dcm")))
+
+    dicom_utils.loadSeriesByUID = loadSeriesByUID
+    dicom_utils.importDicom = importDicom
+    dicomlib.DICOMUtils = dicom_utils
 
     slm = types.ModuleType("slicer.ScriptedLoadableModule")
     slm.ScriptedLoadableModule = ScriptedLoadableModule
@@ -351,6 +483,8 @@ def install(monkeypatch, resource_dir: Path) -> tuple[types.ModuleType, Recorder
         "slicer": slicer,
         "slicer.util": util,
         "slicer.ScriptedLoadableModule": slm,
+        "DICOMLib": dicomlib,
+        "DICOMLib.DICOMUtils": dicom_utils,
     }.items():
         monkeypatch.setitem(sys.modules, name, module)
     return slicer, rec

@@ -37,6 +37,7 @@ from radbridge.embedded import EmbeddedInferenceService
 from radbridge.synth import ct_series, write_series
 from tests.peers import assert_valid_dicom_object
 from tests.unit.slicer_extension.conftest import EXTENSION_DIR
+from tests.unit.slicer_extension.fake_slicer import FolderDatabase, slicer_volume
 
 N_SLICES = 12
 ROW_MM, COLUMN_MM, SLICE_MM = 0.9, 0.7, 2.5
@@ -71,28 +72,9 @@ def _oblique_series() -> list[Dataset]:
 
 
 def _slicer_volume(paths: list[Path]) -> tuple[np.ndarray, np.ndarray, list[Dataset]]:
-    """What Slicer's DICOM loader makes of the series: (k, j, i) array in HU and IJKToRAS.
-
-    Slices sorted along the normal; i = DICOM column index, j = row index; RAS = LPS with x, y negated.
-    """
-    full = [pydicom.dcmread(p) for p in paths]
-    iop = np.array([float(v) for v in full[0].ImageOrientationPatient])
-    normal = np.cross(iop[:3], iop[3:])
-    full.sort(key=lambda ds: float(np.dot(normal, [float(v) for v in ds.ImagePositionPatient])))
-    voxels = np.stack(
-        [ds.pixel_array.astype(np.int16) * int(ds.RescaleSlope) + int(ds.RescaleIntercept) for ds in full]
-    ).astype(np.int16)
-    first = np.array([float(v) for v in full[0].ImagePositionPatient])
-    last = np.array([float(v) for v in full[-1].ImagePositionPatient])
-    row_mm, column_mm = (float(v) for v in full[0].PixelSpacing)
-    m_lps = np.eye(4)
-    m_lps[:3, 0] = iop[:3] * column_mm
-    m_lps[:3, 1] = iop[3:] * row_mm
-    m_lps[:3, 2] = (last - first) / (len(full) - 1)
-    m_lps[:3, 3] = first
-    ijk_to_ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ m_lps
-    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
-    return voxels, ijk_to_ras, headers
+    """Slicer's array and IJKToRAS of the series, and its headers in file order."""
+    voxels, ijk_to_ras, _ = slicer_volume(paths)
+    return voxels, ijk_to_ras, [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
 
 
 @pytest.fixture(scope="module")
@@ -251,34 +233,6 @@ def test_foreign_objects_are_not_taken_for_results(
 
 
 # -- the DICOM database: series to analyse, results to load --------------------------------------
-
-
-class FolderDatabase:
-    """The ctkDICOMDatabase methods RadBridgeLib.database uses, over real files (pydicom)."""
-
-    def __init__(self, paths: list[Path]) -> None:
-        self.headers = {str(p): pydicom.dcmread(p, stop_before_pixels=True) for p in paths}
-        self.asked: list[str] = []
-
-    def patients(self) -> list[str]:
-        return sorted({str(ds.PatientID) for ds in self.headers.values()})
-
-    def studiesForPatient(self, patient: str) -> list[str]:  # noqa: N802
-        return sorted({str(ds.StudyInstanceUID) for ds in self.headers.values() if ds.PatientID == patient})
-
-    def seriesForStudy(self, study: str) -> list[str]:  # noqa: N802
-        return sorted(
-            {str(ds.SeriesInstanceUID) for ds in self.headers.values() if ds.StudyInstanceUID == study}
-        )
-
-    def filesForSeries(self, series: str) -> list[str]:  # noqa: N802
-        return sorted(p for p, ds in self.headers.items() if ds.SeriesInstanceUID == series)
-
-    def fileValue(self, path: str, tag: str) -> str:  # noqa: N802
-        self.asked.append(tag)
-        group, element = (int(x, 16) for x in tag.split(","))
-        value = self.headers[path].get((group, element))
-        return "" if value is None else str(value.value)
 
 
 def test_database_lists_series_and_marks_radbridge_outputs(series: list[Path], saved: list[Path]) -> None:

@@ -6,6 +6,7 @@ every RadBridgeLib file, and the catalog entry has the keys of schema v1.0.2.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import re
@@ -14,6 +15,7 @@ import threading
 import time
 import types
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +23,7 @@ from RadBridgeLib.client import AnalysisResult, RadBridgeServerError
 from RadBridgeLib.jobs import Cancelled, Done, Failed, Progress
 
 from protos.radbridge.v1 import inference_pb2 as pb
+from radbridge.synth import ct_series, write_series
 from tests.unit.slicer_extension import fake_slicer
 from tests.unit.slicer_extension.conftest import EXTENSION_DIR
 
@@ -385,6 +388,172 @@ def test_widget_run_errors_go_through_try_with_error_display(env) -> None:
         getattr(widget.ui, name).checked = False
     widget.ui.runButton.click()
     assert "Select at least one task." in rec.errors[-1]
+
+
+# -- Slicer's DICOM database: load a series, save as DICOM, load RadBridge results ------------
+
+
+@pytest.fixture
+def dicom_env(monkeypatch, tmp_path):
+    """The module against the fakes, with a 6-slice CT series in the fake DICOM database."""
+    slicer, rec = fake_slicer.install(monkeypatch, EXTENSION_DIR / "Resources", tmp_path / "slicer-tmp")
+    paths = write_series(ct_series(n_slices=6, seed=5), tmp_path / "ct")
+    slicer.dicomDatabase.add(paths)
+    sys.modules.pop("RadBridge", None)
+    module = importlib.import_module("RadBridge")
+    yield module, rec, slicer
+    sys.modules.pop("RadBridge", None)
+
+
+def contract_result(shape) -> AnalysisResult:
+    """A result as the client returns it: the contract message plus its masks on ``shape``."""
+    mask = np.zeros(shape, bool)
+    mask[2:4, 200:260, 180:300] = True
+    liver = pb.MaskInfo(
+        segment_number=1,
+        label="Liver",
+        category=pb.Code(value="123037004", scheme="SCT", meaning="Anatomical Structure"),
+        type=pb.Code(value="10200004", scheme="SCT", meaning="Liver"),
+        cielab=[40000, 45000, 30000],
+        voxel_count=int(mask.sum()),
+    )
+    nodule = pb.Code(value="27925004", scheme="SCT", meaning="Nodule")
+    box = pb.Box(
+        slice_index=3, row_min=100, column_min=120, row_max=130, column_max=170, finding=nodule, score=0.7
+    )
+    result = pb.AnalysisResult(
+        model=pb.ModelIdentity(name="reference", backend="reference", version="1.0", non_clinical=True),
+        tasks=[
+            pb.TaskResult(task=pb.TASK_KIND_SEGMENT, masks=[liver]),
+            pb.TaskResult(task=pb.TASK_KIND_DETECT, boxes=[box]),
+            pb.TaskResult(
+                task=pb.TASK_KIND_REPORT,
+                report=pb.ReportText(findings="Liver outlined.", impression="Normal."),
+            ),
+        ],
+    )
+    return AnalysisResult(
+        result=result,
+        masks={1: mask},
+        segments={1: liver},
+        boxes=[box],
+        report_text="Findings: Liver outlined.\n\nImpression: Normal.",
+    )
+
+
+def test_widget_lists_the_database_loads_a_series_saves_and_loads_results(dicom_env) -> None:
+    module, rec, slicer = dicom_env
+    widget = make_widget(module, FakeClient())
+    ui = widget.ui
+    assert ui.dicomSeriesComboBox.items == ["CT CHEST (synthetic phantom) · 2 Axial 2.5mm · CT · 6 images"]
+    ui.loadSeriesButton.click()
+    assert rec.errors == []
+    node = ui.inputVolumeSelector.currentNode()
+    assert node is not None and node.GetName() == "2: Axial 2.5mm" and node.array.shape == (6, 512, 512)
+    assert ui.statusLabel.text == "Loaded '2: Axial 2.5mm' as the input volume."
+
+    widget._volumeNode = node
+    widget.onAnalysisDone(contract_result(node.array.shape))
+    widget.updateGUI()  # as _poll does after the terminal event
+    assert ui.saveDicomButton.enabled
+    ui.saveDicomButton.click()
+    assert rec.errors == []
+    series_uid = widget._seriesEntries[0].series_uid  # before saving: the image series only
+    folder = Path(slicer.app.temporaryPath) / "RadBridge" / str(series_uid)
+    assert rec.imported_folders == [str(folder)]
+    assert sorted(p.name.split("-")[0] for p in folder.iterdir()) == [
+        "keyslices",
+        "measurements",
+        "narrative",
+        "seg",
+    ]
+    assert ui.statusLabel.text.startswith(f"Saved 4 DICOM object(s) to {folder}")
+    # The list now shows the image series and RadBridge's four series, marked as such.
+    assert [t.rsplit("· ", 1)[-1] for t in ui.dicomSeriesComboBox.items] == [
+        "6 images",
+        "RadBridge SEG",
+        "RadBridge SR",
+        "RadBridge report SR",
+        "RadBridge key-slice SR",
+    ]
+
+    # Load them back from the SEG's entry: the volume in the scene is reused, not loaded again.
+    loads_before = list(rec.loaded_series)
+    labelmaps_before = len(rec.labelmaps)
+    ui.reportTextBrowser.setPlainText("")
+    ui.dicomSeriesComboBox.setCurrentIndex(1)
+    ui.loadResultsButton.click()
+    assert rec.errors == []
+    assert rec.loaded_series == loads_before
+    # The narrative SR adds the non-clinical notice of a reference model to the impression.
+    assert ui.reportTextBrowser.plainText == (
+        "Findings: Liver outlined.\n\nImpression: Normal.\n"
+        "Non-clinical reference output; not for diagnostic use."
+    )
+    assert ui.statusLabel.text == "Loaded RadBridge results (reference) onto '2: Axial 2.5mm'."
+    segment_id, array, _, reference = rec.labelmaps[labelmaps_before]
+    assert reference is node and segment_id == "segment_1"
+    np.testing.assert_array_equal(array.astype(bool), contract_result(node.array.shape).masks[1])
+    assert widget._importedNodes["segmentation"].GetSegmentation().GetSegment("segment_1").name == "Liver"
+    assert [n.name for n in widget._importedNodes["markups"]] == ["Nodule"]
+
+
+def test_results_load_into_a_fresh_scene_by_loading_the_source_series(dicom_env, tmp_path) -> None:
+    module, rec, slicer = dicom_env
+    logic = module.RadBridgeLogic()
+    entry = logic.listDicomSeries()[0]
+    node = logic.loadSeries(entry)
+    logic.saveAsDicom(contract_result(node.array.shape), node, str(tmp_path / "out"))
+    assert rec.imported_folders == [str(tmp_path / "out")]
+    slicer.mrmlScene.Clear()
+    [(loaded_node, result, nodes)] = logic.loadStoredResults(entry)
+    assert rec.loaded_series == [entry.series_uid, entry.series_uid]
+    assert loaded_node is not node and loaded_node.GetName() == "2: Axial 2.5mm"
+    assert result.model_name == "reference" and [b.slice_index for b in result.boxes] == [3]
+    assert nodes["segmentation"] is not None
+
+
+def test_dicom_errors_are_said_in_words(dicom_env) -> None:
+    module, rec, slicer = dicom_env
+    logic = module.RadBridgeLogic()
+    entry = logic.listDicomSeries()[0]
+    # A volume that did not come from the DICOM database has no source images to reference.
+    with pytest.raises(ValueError, match="was not loaded from Slicer's DICOM database"):
+        logic.saveAsDicom(contract_result(SHAPE), volume())
+    with pytest.raises(ValueError, match="Run an analysis first"):
+        logic.saveAsDicom(None, volume())
+    with pytest.raises(ValueError, match="There is no RadBridge SEG or SR"):
+        logic.loadStoredResults(entry)
+    output = dataclasses.replace(entry, radbridge_kind="seg")
+    with pytest.raises(ValueError, match="This is a RadBridge result series"):
+        logic.loadSeries(output)
+    # The widget: a closed database is a status line at setup, an error box on Refresh.
+    slicer.dicomDatabase.isOpen = False
+    widget = make_widget(module, FakeClient())
+    assert widget.ui.dicomSeriesComboBox.items == [] and rec.errors == []
+    assert "DICOM database is not open" in widget.ui.statusLabel.text
+    assert not widget.ui.loadSeriesButton.enabled and not widget.ui.loadResultsButton.enabled
+    widget.ui.refreshDicomButton.click()
+    assert "Slicer's DICOM database is not open" in rec.errors[-1]
+    widget.ui.loadResultsButton.click()
+    assert "Choose a series in the DICOM database list first" in rec.errors[-1]
+
+
+def test_save_installs_highdicom_first_when_missing(dicom_env, monkeypatch, tmp_path) -> None:
+    module, rec, _ = dicom_env
+    logic = module.RadBridgeLogic()
+    node = logic.loadSeries(logic.listDicomSeries()[0])
+    real = importlib.import_module
+
+    def without_highdicom(name, *args):
+        if name == "highdicom":  # as in a fresh Slicer; pip_install is faked, the real one is used
+            raise ImportError(name)
+        return real(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", without_highdicom)
+    paths = logic.saveAsDicom(contract_result(node.array.shape), node, str(tmp_path / "out"))
+    assert rec.pip == ["highdicom==0.28.*"] and "installing into Slicer's Python" in rec.status[-1]
+    assert len(paths) == 4
 
 
 def test_module_metadata_and_repo_root_on_sys_path(env) -> None:
