@@ -32,12 +32,17 @@ class ServiceSection:
     max_batch: int = 4
     batch_wait_ms: int = 20
     queue_size: int = 64
+    # TLS: PEM certificate chain and private key (paths, never the secrets themselves); both or none.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.chunk_bytes <= 3 * 1024 * 1024:
             raise ValueError("chunk_bytes must be between 1 and 3 MiB (gRPC limit is 4 MiB).")
         if self.max_batch < 1 or self.queue_size < 1:
             raise ValueError("max_batch and queue_size must be positive.")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("TLS needs both tls_cert_file and tls_key_file (or neither).")
 
 
 @dataclass(frozen=True)

@@ -50,11 +50,20 @@ async def run_server(settings: ServiceSettings, registry: ModelRegistry | None =
     pb_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(registry, scheduler, section), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port(f"{section.host}:{section.port}")
+    address = f"{section.host}:{section.port}"
+    if section.tls_cert_file is not None and section.tls_key_file is not None:
+        try:
+            chain, key = section.tls_cert_file.read_bytes(), section.tls_key_file.read_bytes()
+        except OSError as exc:
+            raise ValueError(f"Cannot read the TLS certificate or key: {exc}") from exc
+        port = server.add_secure_port(address, grpc.ssl_server_credentials([(key, chain)]))
+    else:
+        port = server.add_insecure_port(address)
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    logger.info("inference service listening", extra={"event": "service.start", "port": port})
+    tls = section.tls_cert_file is not None
+    logger.info("inference service listening", extra={"event": "service.start", "port": port, "tls": tls})
     return RunningServer(server, port, scheduler, registry)
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up RadBridge on a fresh Debian 12 machine with Python 3.11 (run as root).
 #   bash scripts/setup.sh            runtime only (what `radbridge demo` needs)
-#   bash scripts/setup.sh test       + the real peers (dcmtk, dicom3tools, Orthanc + DICOMweb),
+#   bash scripts/setup.sh test       + the real peers (dcmtk, dicom3tools, Orthanc + DICOMweb, openssl for TLS certs),
 #                                      Debian chromium (the OHIF browser tests) and the test extra
 #                                      (torch CPU, transformers, pytest, playwright) + the slicer extra (dcmqi, slicer-core)
 # Both modes unpack the pinned prebuilt OHIF (`radbridge viewer`) into $RADBRIDGE_OHIF_DIR
@@ -13,14 +13,14 @@ PY="${PYTHON:-python3}"
 
 if [ "$mode" = "test" ]; then
   need=()
-  for tool in storescu dciodvfy dsrdump Orthanc chromium; do
+  for tool in storescu dciodvfy dsrdump Orthanc chromium openssl; do
     command -v "$tool" >/dev/null 2>&1 || [ -x "/usr/sbin/$tool" ] || need+=("$tool")
   done
   [ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need+=("orthanc-dicomweb")
   if [ "${#need[@]}" -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q
-    apt-get install -y -q --no-install-recommends dcmtk dicom3tools orthanc orthanc-dicomweb chromium
+    apt-get install -y -q --no-install-recommends dcmtk dicom3tools orthanc orthanc-dicomweb chromium openssl
   fi
 fi
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+import shutil
 import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -243,3 +245,48 @@ def test_bad_address_gives_clear_error(ct: np.ndarray) -> None:
 def test_unknown_task_is_refused_locally(ct: np.ndarray) -> None:
     with lib.RadBridgeClient("127.0.0.1:1", deadline_s=1) as c, pytest.raises(ValueError, match="segmnt"):
         c.analyze(ct[:2], oblique_ijk_to_ras(), ["segmnt"])
+
+
+# -- TLS: the panel's "Use TLS" + CA file against a service serving TLS ------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A private CA and a server certificate for localhost / 127.0.0.1, made with openssl."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl missing; apt-get install openssl")
+    d = tmp_path_factory.mktemp("tls")
+    f = {name: d / name for name in ("ca.key", "ca.crt", "server.key", "server.csr", "server.crt", "san.ext")}
+    f["san.ext"].write_text("subjectAltName = DNS:localhost, IP:127.0.0.1\n")
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=RadBridge test CA",
+            "-keyout", str(f["ca.key"]), "-out", str(f["ca.crt"]))  # fmt: skip
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
+            "-keyout", str(f["server.key"]), "-out", str(f["server.csr"]))  # fmt: skip
+    openssl("x509", "-req", "-in", str(f["server.csr"]), "-CA", str(f["ca.crt"]), "-CAkey", str(f["ca.key"]),
+            "-CAcreateserial", "-days", "2", "-extfile", str(f["san.ext"]), "-out", str(f["server.crt"]))  # fmt: skip
+    return f
+
+
+def test_tls_channel_with_the_ca_file_reaches_a_tls_service(tls_files: dict[str, Path]) -> None:
+    section = ServiceSection(port=0, tls_cert_file=tls_files["server.crt"], tls_key_file=tls_files["server.key"])
+    with EmbeddedInferenceService(ServiceSettings(inference_service=section)) as svc:
+        port = svc.address.rsplit(":", 1)[1]
+        with lib.RadBridgeClient(f"localhost:{port}", tls=True, ca_file=str(tls_files["ca.crt"])) as c:
+            assert "reference" in [m.identity.name for m in c.list_models()]
+            result = c.analyze(phantom_hu(n_slices=4), np.diag([-0.7, -0.7, 2.5, 1.0]), ["segment"])
+            assert result.masks and all(m.shape == (4, 512, 512) for m in result.masks.values())
+        # Without our CA (system roots only) the server is not trusted; plaintext is refused too.
+        for kwargs in ({"tls": True}, {"tls": False}):
+            with lib.RadBridgeClient(f"localhost:{port}", deadline_s=5, **kwargs) as c:
+                with pytest.raises(lib.RadBridgeServerError, match="Cannot reach") as info:
+                    c.list_models()
+                assert info.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_tls_needs_both_certificate_and_key(tls_files: dict[str, Path]) -> None:
+    with pytest.raises(ValueError, match="both tls_cert_file and tls_key_file"):
+        ServiceSection(tls_cert_file=tls_files["server.crt"])
