@@ -92,6 +92,7 @@ class RadBridgeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._lastResult = None
         self._importedNodes = None
         self._seriesEntries = []
+        self._models = []
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -111,6 +112,7 @@ class RadBridgeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.loadSeriesButton.connect("clicked(bool)", self.onLoadSeriesButton)
         self.ui.loadResultsButton.connect("clicked(bool)", self.onLoadResultsButton)
         self.ui.tlsCheckBox.connect("toggled(bool)", self.updateGUI)
+        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
         self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateGUI)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.refreshDicomSeries(quiet=True)
@@ -158,11 +160,32 @@ class RadBridgeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             models = self.logic.connect(
                 address, bool(self.ui.tlsCheckBox.checked), self.ui.caFileLineEdit.text.strip()
             )
+            self._models = list(models)
             self.ui.modelComboBox.clear()
-            for model in models:
+            for model in self._models:
                 self.ui.modelComboBox.addItem(model.identity.name)
+            self.ui.modelComboBox.setCurrentIndex(0)
+            self.onModelChanged()
             self.setStatus(f"Connected to {address}: {len(models)} model(s).")
         self.updateGUI()
+
+    def onModelChanged(self, *_):
+        """Shows the chosen model's tasks and modalities; its unsupported tasks are disabled."""
+        index = self.ui.modelComboBox.currentIndex
+        if not 0 <= index < len(self._models):
+            self.ui.modelTasksLabel.setText("")
+            for name in TASK_CHECKBOXES.values():
+                getattr(self.ui, name).enabled = True
+            return
+        from RadBridgeLib.client import model_summary
+
+        tasks, line = model_summary(self._models[index])
+        self.ui.modelTasksLabel.setText(line)
+        for task, name in TASK_CHECKBOXES.items():
+            checkbox = getattr(self.ui, name)
+            checkbox.enabled = task in tasks
+            if task not in tasks:
+                checkbox.checked = False
 
     def onRunButton(self, *_):
         with slicer.util.tryWithErrorDisplay("Could not start the analysis.", waitCursor=True):

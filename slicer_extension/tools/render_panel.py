@@ -37,6 +37,7 @@ CLASS_MAP = {"ctkCollapsibleButton": "QGroupBox", "qMRMLNodeComboBox": "QComboBo
 #: Properties of qMRMLNodeComboBox that QComboBox does not have.
 MRML_ONLY_PROPERTIES = {"nodeTypes", "showChildNodeTypes", "addEnabled", "removeEnabled", "noneEnabled"}
 
+MODEL_TASKS = "Tasks: report, detect, segment · modalities: CT, CR, DX · non-clinical"
 SERIES = [
     "CT chest · 3 Axial 1.0 mm · CT · 120 images",
     "CT chest · 2 Scout · CT · 2 images",
@@ -84,14 +85,17 @@ def fill(panel: QtWidgets.QWidget) -> None:
     child(QtWidgets.QComboBox, "modelComboBox").addItem("reference")
     child(QtWidgets.QComboBox, "dicomSeriesComboBox").addItems(SERIES)
     child(QtWidgets.QComboBox, "inputVolumeSelector").addItem("3: Axial 1.0 mm")
-    for name, checked in [
-        ("segmentCheckBox", True),
-        ("detectCheckBox", False),
-        ("classifyCheckBox", False),
-        ("reportCheckBox", True),
-        ("vqaCheckBox", False),
+    # As after Connect: the reference model's tasks enabled, the others disabled.
+    child(QtWidgets.QLabel, "modelTasksLabel").setText(MODEL_TASKS)
+    for name, checked, enabled in [
+        ("segmentCheckBox", True, True),
+        ("detectCheckBox", False, True),
+        ("classifyCheckBox", False, False),
+        ("reportCheckBox", True, True),
+        ("vqaCheckBox", False, False),
     ]:
         child(QtWidgets.QCheckBox, name).setChecked(checked)
+        child(QtWidgets.QCheckBox, name).setEnabled(enabled)
     child(QtWidgets.QProgressBar, "progressBar").setValue(100)
     child(QtWidgets.QLabel, "statusLabel").setText("Done.")
     child(QtWidgets.QTextBrowser, "reportTextBrowser").setPlainText(REPORT)

@@ -27,6 +27,21 @@ TASKS = {
     "segment": pb.TASK_KIND_SEGMENT,
     "embed": pb.TASK_KIND_EMBED,
 }
+#: Contract task kind -> the name used here.
+TASK_NAMES = {kind: name for name, kind in TASKS.items()}
+
+
+def model_summary(model: pb.ModelInfo) -> tuple[list[str], str]:
+    """(task names, one line for the panel) of a model the service lists."""
+    tasks = [TASK_NAMES[t] for t in model.tasks if t in TASK_NAMES]
+    line = f"Tasks: {', '.join(tasks) or 'none'}"
+    if model.modalities:
+        line += f" · modalities: {', '.join(model.modalities)}"
+    if model.identity.non_clinical:
+        line += " · non-clinical"
+    return tasks, line
+
+
 #: Share of the overall progress bar each server stage ends at (RECEIVING, QUEUED, RUNNING, SENDING).
 _STAGE_SPAN = {
     pb.Progress.RECEIVING: (0.0, 0.1),

@@ -57,7 +57,18 @@ class FakeClient:
         self.closed = False
 
     def list_models(self):
-        return [types.SimpleNamespace(identity=types.SimpleNamespace(name="reference-ct"))]
+        return [
+            pb.ModelInfo(
+                identity=pb.ModelIdentity(name="reference-ct", non_clinical=True),
+                tasks=[pb.TASK_KIND_REPORT, pb.TASK_KIND_CLASSIFY, pb.TASK_KIND_SEGMENT],
+                modalities=["CT"],
+            ),
+            pb.ModelInfo(
+                identity=pb.ModelIdentity(name="medgemma-4b"),
+                tasks=[pb.TASK_KIND_REPORT, pb.TASK_KIND_VQA],
+                modalities=["CR", "DX", "CT"],
+            ),
+        ]
 
     def close(self) -> None:
         self.closed = True
@@ -144,7 +155,7 @@ def volume():
 
 def connected_logic(module, client):
     logic = module.RadBridgeLogic(clientFactory=lambda address, tls, ca_file: client)
-    assert [m.identity.name for m in logic.connect("localhost:1")] == ["reference-ct"]
+    assert [m.identity.name for m in logic.connect("localhost:1")] == ["reference-ct", "medgemma-4b"]
     return logic
 
 
@@ -319,7 +330,7 @@ def test_widget_run_polls_with_qtimer_and_updates_progress_and_status(env) -> No
     assert not ui.runButton.enabled  # not connected yet
     ui.serverAddressLineEdit.text = "localhost:1"
     ui.connectButton.click()
-    assert rec.errors == [] and ui.modelComboBox.items == ["reference-ct"]
+    assert rec.errors == [] and ui.modelComboBox.items == ["reference-ct", "medgemma-4b"]
     node = volume()
     ui.inputVolumeSelector.setCurrentNode(node)
     ui.inputVolumeSelector.emit("currentNodeChanged(vtkMRMLNode*)", node)
@@ -345,6 +356,25 @@ def test_widget_run_polls_with_qtimer_and_updates_progress_and_status(env) -> No
     assert len(rec.labelmaps) == 2 and widget._importedNodes["segmentation"] is not None
     assert ui.runButton.enabled and not ui.cancelButton.enabled and ui.saveDicomButton.enabled
     assert rec.errors == []
+
+
+def test_widget_shows_each_models_tasks_and_disables_the_others(env) -> None:
+    module, rec = env
+    widget = make_widget(module, FakeClient())
+    ui = widget.ui
+    ui.vqaCheckBox.checked = ui.detectCheckBox.checked = True
+    ui.connectButton.click()
+    assert rec.errors == []
+    assert ui.modelTasksLabel.text == "Tasks: report, classify, segment · modalities: CT · non-clinical"
+    enabled = {task: getattr(ui, name).enabled for task, name in module.TASK_CHECKBOXES.items()}
+    assert enabled == {"segment": True, "detect": False, "classify": True, "report": True, "vqa": False}
+    assert not ui.vqaCheckBox.checked and not ui.detectCheckBox.checked  # unsupported: unticked
+    ui.reportCheckBox.checked = True
+    ui.modelComboBox.setCurrentIndex(1)
+    ui.modelComboBox.emit("currentIndexChanged(int)", 1)
+    assert ui.modelTasksLabel.text == "Tasks: report, vqa · modalities: CR, DX, CT"
+    assert widget.selectedTasks() == ["report"]  # segment was ticked; medgemma-4b cannot segment
+    assert ui.vqaCheckBox.enabled and not ui.segmentCheckBox.enabled
 
 
 def test_widget_cancel_button_calls_logic_cancel(env) -> None:
