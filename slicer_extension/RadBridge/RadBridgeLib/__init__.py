@@ -1,13 +1,17 @@
 """Pure-Python core of the RadBridge Slicer extension; it never imports slicer, qt or vtk."""
 
 from .client import (
+    TASK_NAMES,
     TASKS,
     AnalysisResult,
     RadBridgeCancelled,
     RadBridgeClient,
     RadBridgeError,
     RadBridgeServerError,
+    model_summary,
 )
+from .database import SeriesEntry, StoredResults, list_series, stored_results
+from .dicom_objects import DicomMismatchError, output_kind, read_results, save_results, slice_indices
 from .geometry import (
     VolumeGeometry,
     canonical_slice_order,
@@ -24,12 +28,16 @@ from .geometry import (
 )
 
 __all__ = [
+    "TASK_NAMES",
     "TASKS",
     "AnalysisResult",
+    "DicomMismatchError",
     "RadBridgeCancelled",
     "RadBridgeClient",
     "RadBridgeError",
     "RadBridgeServerError",
+    "SeriesEntry",
+    "StoredResults",
     "VolumeGeometry",
     "canonical_slice_order",
     "geometry_from_ijk_to_ras",
@@ -38,8 +46,15 @@ __all__ = [
     "ijk_to_ras_from_geometry",
     "ijk_to_ras_matrix",
     "index_to_ijk",
+    "list_series",
     "lps_to_ras",
+    "model_summary",
+    "output_kind",
     "ras_to_ijk",
     "ras_to_lps",
+    "read_results",
+    "save_results",
+    "slice_indices",
+    "stored_results",
     "volume_geometry_from_pb",
 ]
