@@ -61,6 +61,14 @@ CREATE TABLE IF NOT EXISTS jobs (
     UNIQUE(kind, dedupe_key)
 );
 CREATE INDEX IF NOT EXISTS jobs_due ON jobs(state, next_try_time);
+CREATE TABLE IF NOT EXISTS study_events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    study_instance_uid TEXT NOT NULL,
+    time REAL NOT NULL,
+    event TEXT NOT NULL,
+    detail TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS study_events_study ON study_events(study_instance_uid, id);
 """
 
 
@@ -95,7 +103,15 @@ _LATER_COLUMNS = {
     "instances": {
         "origin": "TEXT NOT NULL DEFAULT 'received'",
         "attributes": "TEXT NOT NULL DEFAULT '{}'",
-    }
+    },
+    # times the node stopped while the job was RUNNING (poison detection)
+    "jobs": {"interruptions": "INTEGER NOT NULL DEFAULT 0"},
+}
+#: What a job of each kind was doing, for the reason of a poison failure.
+_DOING = {
+    "route": "routing this study",
+    "analyze": "analysing this series",
+    "export": "exporting this object",
 }
 
 
@@ -110,6 +126,9 @@ class Job:
     attempts: int
     next_try_time: float
     last_error: str
+    interruptions: int = 0
+    created_time: float = 0.0
+    updated_time: float = 0.0
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Job:
@@ -123,6 +142,9 @@ class Job:
             attempts=row["attempts"],
             next_try_time=row["next_try_time"],
             last_error=row["last_error"],
+            interruptions=row["interruptions"],
+            created_time=row["created_time"],
+            updated_time=row["updated_time"],
         )
 
 
@@ -249,6 +271,15 @@ class Index:
         now = time.time() if now is None else now
         with self._tx() as db:
             self._put_instance(db, ref, modality, calling_aet, now, Origin.RECEIVED, attributes)
+            before = db.execute(
+                "SELECT state FROM studies WHERE study_instance_uid=?", (ref.study_instance_uid,)
+            ).fetchone()
+            if before is None:
+                self._event(db, ref.study_instance_uid, now, "received", "first instance")
+            elif before[0] != StudyState.RECEIVING:
+                self._event(
+                    db, ref.study_instance_uid, now, "reopened", f"an instance arrived after {before[0]}"
+                )
             db.execute(
                 "INSERT INTO studies VALUES (?,?,?,?,'') ON CONFLICT(study_instance_uid) DO UPDATE SET "
                 "state=excluded.state, last_received_time=excluded.last_received_time, "
@@ -272,18 +303,24 @@ class Index:
         return [InstanceRow(r[0], r[1], r[2], r[3], r[4], Path(r[5])) for r in rows.fetchall()]
 
     def has_instance(self, sop_instance_uid: str) -> bool:
-        row = self._conn().execute(
-            "SELECT 1 FROM instances WHERE sop_instance_uid=?", (sop_instance_uid,)
-        ).fetchone()
+        row = (
+            self._conn()
+            .execute("SELECT 1 FROM instances WHERE sop_instance_uid=?", (sop_instance_uid,))
+            .fetchone()
+        )
         return row is not None
 
     # -- read-only DICOMweb ---------------------------------------------------------
     def search_studies(self) -> list[StudySummary]:
-        rows = self._conn().execute(
-            "SELECT study_instance_uid, COUNT(DISTINCT series_instance_uid), COUNT(*), "
-            "GROUP_CONCAT(DISTINCT modality), MIN(CASE origin WHEN 'received' THEN attributes END), "
-            "MIN(attributes) FROM instances GROUP BY study_instance_uid ORDER BY MIN(received_time)"
-        ).fetchall()
+        rows = (
+            self._conn()
+            .execute(
+                "SELECT study_instance_uid, COUNT(DISTINCT series_instance_uid), COUNT(*), "
+                "GROUP_CONCAT(DISTINCT modality), MIN(CASE origin WHEN 'received' THEN attributes END), "
+                "MIN(attributes) FROM instances GROUP BY study_instance_uid ORDER BY MIN(received_time)"
+            )
+            .fetchall()
+        )
         return [
             StudySummary(
                 r[0], r[1], r[2], sorted(m for m in (r[3] or "").split(",") if m), json.loads(r[4] or r[5])
@@ -292,11 +329,15 @@ class Index:
         ]
 
     def search_series(self, study_uid: str) -> list[SeriesSummary]:
-        rows = self._conn().execute(
-            "SELECT series_instance_uid, COUNT(*), MIN(attributes) FROM instances "
-            "WHERE study_instance_uid=? GROUP BY series_instance_uid ORDER BY MIN(received_time)",
-            (study_uid,),
-        ).fetchall()
+        rows = (
+            self._conn()
+            .execute(
+                "SELECT series_instance_uid, COUNT(*), MIN(attributes) FROM instances "
+                "WHERE study_instance_uid=? GROUP BY series_instance_uid ORDER BY MIN(received_time)",
+                (study_uid,),
+            )
+            .fetchall()
+        )
         return [SeriesSummary(study_uid, r[0], r[1], json.loads(r[2])) for r in rows]
 
     def search_instances(
@@ -343,14 +384,37 @@ class Index:
                 "SELECT last_received_time FROM studies WHERE study_instance_uid=?", (study_uid,)
             ).fetchone()[0]
             self._put_job(db, JobKind.ROUTE, f"{study_uid}@{last}", study_uid, {}, now)
+            self._event(db, study_uid, now, "complete", f"no instance for {quiet_window_s:g} s")
             return True
 
     def set_study_state(self, study_uid: str, state: StudyState, reason: str = "") -> None:
+        now = time.time()
         with self._tx() as db:
             db.execute(
                 "UPDATE studies SET state=?, reason=?, updated_time=? WHERE study_instance_uid=?",
-                (state, reason, time.time(), study_uid),
+                (state, reason, now, study_uid),
             )
+            self._event(db, study_uid, now, str(state).lower(), reason)
+
+    # -- study history -----------------------------------------------------------------
+    @staticmethod
+    def _event(db: sqlite3.Connection, study_uid: str, now: float, event: str, detail: str) -> None:
+        db.execute(
+            "INSERT INTO study_events (study_instance_uid, time, event, detail) VALUES (?,?,?,?)",
+            (study_uid, now, event, detail[:500]),
+        )
+
+    def add_event(self, study_uid: str, event: str, detail: str = "", now: float | None = None) -> None:
+        """One line of a study's history (what happened and why); no patient data in ``detail``."""
+        with self._tx() as db:
+            self._event(db, study_uid, time.time() if now is None else now, event, detail)
+
+    def events(self, study_uid: str) -> list[dict[str, Any]]:
+        rows = self._conn().execute(
+            "SELECT time, event, detail FROM study_events WHERE study_instance_uid=? ORDER BY id",
+            (study_uid,),
+        )
+        return [dict(r) for r in rows.fetchall()]
 
     def studies(self) -> list[dict[str, Any]]:
         rows = self._conn().execute("SELECT * FROM studies ORDER BY last_received_time").fetchall()
@@ -372,7 +436,7 @@ class Index:
             "INSERT INTO jobs (kind, dedupe_key, study_instance_uid, payload, state, attempts, "
             "next_try_time, last_error, created_time, updated_time) VALUES (?,?,?,?,?,0,?,'',?,?) "
             "ON CONFLICT(kind, dedupe_key) DO UPDATE SET payload=excluded.payload, "
-            "state=excluded.state, attempts=0, next_try_time=excluded.next_try_time, last_error='', "
+            "state=excluded.state, attempts=0, interruptions=0, next_try_time=excluded.next_try_time, last_error='', "
             "updated_time=excluded.updated_time WHERE jobs.state NOT IN ('PENDING', 'RUNNING')",
             (kind, key, study_uid, json.dumps(payload, sort_keys=True), JobState.PENDING, now, now, now),
         )
@@ -408,14 +472,37 @@ class Index:
                 (state, error[:500], next_try_time, time.time(), job_id),
             )
 
-    def resume_interrupted(self) -> int:
-        """After a restart: RUNNING jobs were cut off; make them PENDING again."""
+    def resume_interrupted(self, max_attempts: dict[JobKind, int] | None = None) -> tuple[int, int]:
+        """After a restart: RUNNING jobs were cut off by the stop. Each such stop counts as a failed
+        attempt; a job that has used its attempts (``max_attempts`` per kind) is FAILED with the
+        reason instead of being run again, so one poison series cannot take the node down in a loop.
+        Returns (resumed, failed)."""
+        now = time.time()
+        resumed = failed = 0
         with self._tx() as db:
-            cur = db.execute(
-                "UPDATE jobs SET state=?, next_try_time=? WHERE state=?",
-                (JobState.PENDING, time.time(), JobState.RUNNING),
-            )
-            return cur.rowcount
+            rows = db.execute("SELECT * FROM jobs WHERE state=?", (JobState.RUNNING,)).fetchall()
+            for row in rows:
+                job = Job.from_row(row)
+                stops = job.interruptions + 1
+                limit = (max_attempts or {}).get(job.kind)
+                if limit is not None and job.attempts >= limit:
+                    reason = (
+                        f"the node stopped {stops} time{'s' if stops != 1 else ''} while "
+                        f"{_DOING[job.kind]} (attempt {job.attempts} of {limit}); not run again"
+                    )
+                    db.execute(
+                        "UPDATE jobs SET state=?, interruptions=?, last_error=?, updated_time=? WHERE id=?",
+                        (JobState.FAILED, stops, reason, now, job.id),
+                    )
+                    self._event(db, job.study_instance_uid, now, f"{job.kind} failed", reason)
+                    failed += 1
+                else:
+                    db.execute(
+                        "UPDATE jobs SET state=?, interruptions=?, next_try_time=?, updated_time=? WHERE id=?",
+                        (JobState.PENDING, stops, now, now, job.id),
+                    )
+                    resumed += 1
+        return resumed, failed
 
     def jobs(self, study_uid: str | None = None, kind: JobKind | None = None) -> list[Job]:
         sql, args = "SELECT * FROM jobs WHERE 1=1", []

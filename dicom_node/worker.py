@@ -27,6 +27,7 @@ from dicom_node.index import Index, Job, JobKind, JobState, StudyState
 from dicom_node.results import ResultWriter
 from dicom_node.routing import group_series, route
 from dicom_node.spool import InstanceRef, Spool, uid_key, write_durably
+from dicom_node.status import job_label, series_labels
 from dicom_node.volume import read_series
 
 logger = logging.getLogger(__name__)
@@ -52,7 +53,14 @@ def run_route(job: Job, ctx: StepContext) -> None:
             job.study_instance_uid,
             {"series_instance_uid": s.series_instance_uid, "rule": rule.name},
         )
-    if not pairs:
+    if pairs:
+        rules = ", ".join(sorted({rule.name for _, rule in pairs}))
+        ctx.index.add_event(
+            job.study_instance_uid,
+            "routed",
+            f"{len(pairs)} analysis job(s) for {len(series)} series; rules {rules}",
+        )
+    else:
         modalities = ",".join(sorted({s.modality for s in series})) or "none"
         ctx.index.set_study_state(
             job.study_instance_uid, StudyState.UNROUTED, f"no rule matched (modalities {modalities})"
@@ -159,9 +167,19 @@ def _policy(ctx: StepContext, kind: JobKind) -> tuple[int, float, float]:
     return w.max_attempts, w.backoff_s, 300.0
 
 
+def _history(ctx: StepContext, job: Job, event: str, detail: str = "") -> None:
+    """A line in the study's history: what the job works on, and what happened."""
+    label = job_label(job, series_labels(ctx.index, job.study_instance_uid))
+    ctx.index.add_event(
+        job.study_instance_uid, f"{job.kind} {event}", f"{label}{': ' if detail else ''}{detail}"
+    )
+
+
 def run_job(job: Job, ctx: StepContext) -> JobState:
-    """Run one claimed job and record its outcome; returns the new state."""
+    """Run one claimed job and record its outcome (job state and study history); returns the new state."""
     started = time.monotonic()
+    if job.kind is JobKind.ANALYZE:
+        _history(ctx, job, "started", f"attempt {job.attempts}")
     try:
         STEPS[job.kind](job, ctx)
     except Exception as exc:
@@ -180,12 +198,14 @@ def run_job(job: Job, ctx: StepContext) -> JobState:
             delay = min(backoff * 2 ** (job.attempts - 1), cap)
             ctx.index.finish_job(job.id, JobState.PENDING, message, time.time() + delay)
             state = JobState.PENDING
+            _history(ctx, job, "retry", f"in {delay:g} s after attempt {job.attempts}: {message}")
         else:
             # An export the destination refused for good is parked (DEAD_LETTER) like one that ran
             # out of attempts: the objects exist and wait for an operator's retry.
             parked = retryable or (job.kind is JobKind.EXPORT and isinstance(exc, ExportError))
             state = JobState.DEAD_LETTER if parked else JobState.FAILED
             ctx.index.finish_job(job.id, state, message)
+            _history(ctx, job, "dead-letter" if parked else "failed", message)
         logger.warning(
             "job state",
             extra={
@@ -199,6 +219,8 @@ def run_job(job: Job, ctx: StepContext) -> JobState:
         )
         return state
     ctx.index.finish_job(job.id, JobState.SUCCEEDED)
+    if job.kind is not JobKind.ROUTE:
+        _history(ctx, job, "done")
     logger.info(
         "job state",
         extra={
@@ -230,9 +252,10 @@ class Worker:
         self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
-        resumed = self.ctx.index.resume_interrupted()
-        if resumed:
-            logger.info("jobs resumed", extra={"event": "jobs.resumed", "count": resumed})
+        limits = {kind: _policy(self.ctx, kind)[0] for kind in JobKind}
+        resumed, failed = self.ctx.index.resume_interrupted(limits)
+        if resumed or failed:
+            logger.info("jobs resumed", extra={"event": "jobs.resumed", "count": resumed, "poisoned": failed})
         loops = [("completion", self._completion_loop, ())]
         loops += [
             (f"jobs-{i}", self._job_loop, (self.ANALYSIS_KINDS,))

@@ -143,25 +143,34 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from dicom_node.index import Index
     from dicom_node.spool import Spool, uid_key
+    from dicom_node.status import describe, find_studies, job_label, series_labels
 
     node_settings, _, _ = _load(args.config)
     index = Index(Spool(node_settings.spool.directory).index_path)
-    doc: dict = {"instances": index.count_instances(), "studies": [], "jobs": []}
-    for study in index.studies():
-        doc["studies"].append(
-            {
-                "study_key": uid_key(study["study_instance_uid"]),
-                "state": study["state"],
-                "reason": study["reason"],
-            }
-        )
+    studies = list(find_studies(index, args.study))
+    if args.study and not studies:
+        print(f"radbridge: no study whose UID or key starts with {args.study!r}", file=sys.stderr)
+        return 1
+    doc: dict = {
+        "instances": index.count_instances(),
+        "studies": [describe(index, s, history=args.history or bool(args.study)) for s in studies],
+        "jobs": [],
+    }
+    wanted = {s["study_instance_uid"] for s in studies}
+    labels: dict[str, dict[str, str]] = {}
     for job in index.jobs():
+        if job.study_instance_uid not in wanted:
+            continue
+        if job.study_instance_uid not in labels:
+            labels[job.study_instance_uid] = series_labels(index, job.study_instance_uid)
         doc["jobs"].append(
             {
                 "id": job.id,
                 "kind": str(job.kind),
+                "what": job_label(job, labels[job.study_instance_uid]),
                 "state": str(job.state),
                 "attempts": job.attempts,
+                "interruptions": job.interruptions,
                 "study_key": uid_key(job.study_instance_uid),
                 "error": job.last_error,
             }
@@ -259,7 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--quiet-window", type=float, default=2.0, help="study quiet window in seconds (default 2)"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--config", help="TOML config; its spool.directory keeps the study (default radbridge-spool)")
+    p.add_argument(
+        "--config", help="TOML config; its spool.directory keeps the study (default radbridge-spool)"
+    )
     p.add_argument("--spool", help="spool directory for this run (overrides the config's)")
     p.set_defaults(func=cmd_demo)
 
@@ -268,7 +279,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="host:port of a running inference service")
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("status", help="instances and jobs recorded in the spool index")
+    p = sub.add_parser(
+        "status",
+        help="each study's state and why it is not (fully) processed; jobs; --study for its history",
+    )
+    p.add_argument(
+        "--study", default="", help="only the study whose UID or key starts with this (adds its history)"
+    )
+    p.add_argument("--history", action="store_true", help="include every study's history")
     p.add_argument("--config")
     p.set_defaults(func=cmd_status)
 

@@ -54,7 +54,7 @@ def test_restart_resumes_running_jobs(tmp_path: Path) -> None:
     assert index.claim_job() is not None
     index.close()
     reopened = Index(tmp_path / "i.db")  # as after kill -9
-    assert reopened.resume_interrupted() == 1
+    assert reopened.resume_interrupted() == (1, 0)
     job = reopened.claim_job()
     assert job is not None and job.attempts == 2
 

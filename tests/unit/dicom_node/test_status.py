@@ -1,0 +1,158 @@
+"""The study state machine (dicom_node.status) and poison jobs (Index.resume_interrupted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from dicom_node.config import NodeSettings, RoutingRule, RoutingSection, RuleMatch, SpoolSection
+from dicom_node.index import Index, Job, JobKind, JobState, StudyState
+from dicom_node.spool import InstanceRef, Spool, uid_key
+from dicom_node.status import StudyStatus, derive, describe
+from dicom_node.worker import StepContext, run_job
+
+STUDY = {"study_instance_uid": "1.2.3", "state": StudyState.COMPLETE, "reason": ""}
+
+
+def job(kind: JobKind, state: JobState, error: str = "", series: str = "1.2.3.4", attempts: int = 1) -> Job:
+    payload = {"series_instance_uid": series, "rule": "ct"} if kind is JobKind.ANALYZE else {}
+    if kind is JobKind.EXPORT:
+        payload = {"path": "/spool/outputs/x/seg-abc.dcm", "target": "pacs"}
+    return Job(1, kind, "k", "1.2.3", payload, state, attempts, 0.0, error)
+
+
+S, F, D, P, R = JobState.SUCCEEDED, JobState.FAILED, JobState.DEAD_LETTER, JobState.PENDING, JobState.RUNNING
+ROUTE, ANALYZE, EXPORT = JobKind.ROUTE, JobKind.ANALYZE, JobKind.EXPORT
+
+
+@pytest.mark.parametrize(
+    ("jobs", "status"),
+    [
+        ([job(ROUTE, P)], StudyStatus.COMPLETE),
+        ([job(ROUTE, S), job(ANALYZE, P)], StudyStatus.QUEUED),
+        ([job(ROUTE, S), job(ANALYZE, R), job(ANALYZE, P)], StudyStatus.ANALYSING),
+        ([job(ROUTE, S), job(ANALYZE, S), job(EXPORT, R)], StudyStatus.EXPORTING),
+        ([job(ROUTE, S), job(ANALYZE, S), job(EXPORT, S)], StudyStatus.DELIVERED),
+        ([job(ROUTE, S), job(ANALYZE, S), job(ANALYZE, F, "VolumeError: x"), job(EXPORT, S)], StudyStatus.PARTIALLY_FAILED),
+        ([job(ROUTE, S), job(ANALYZE, F, "VolumeError: x")], StudyStatus.FAILED),
+        ([job(ROUTE, F, "boom")], StudyStatus.FAILED),
+        ([job(ROUTE, S), job(ANALYZE, S), job(EXPORT, D, "refused")], StudyStatus.DEAD_LETTER),
+        ([job(ROUTE, S), job(ANALYZE, S), job(EXPORT, D), job(EXPORT, F, "gone")], StudyStatus.PARTIALLY_FAILED),
+    ],
+)  # fmt: skip
+def test_status_follows_the_jobs(jobs: list[Job], status: StudyStatus) -> None:
+    got, reasons = derive(STUDY, jobs, {"1.2.3.4": "series 3 (CT)"})
+    assert got is status
+    bad = [j for j in jobs if j.state in (F, D)]
+    assert len(reasons) == len(bad)
+    if any(j.kind is ANALYZE and j.state is F for j in jobs):
+        assert "analysis of series 3 (CT) with rule 'ct': VolumeError: x" in reasons
+
+
+def test_receiving_unrouted_and_retrying_say_why() -> None:
+    assert derive({**STUDY, "state": StudyState.RECEIVING}, []) == (StudyStatus.RECEIVING, [])
+    unrouted = {**STUDY, "state": StudyState.UNROUTED, "reason": "no rule matched (modalities MR)"}
+    assert derive(unrouted, [job(ROUTE, S)]) == (StudyStatus.UNROUTED, ["no rule matched (modalities MR)"])
+    status, reasons = derive(
+        STUDY, [job(ROUTE, S), job(ANALYZE, P, "InferenceUnavailable: down", attempts=2)]
+    )
+    assert status is StudyStatus.QUEUED
+    key = uid_key("1.2.3.4")  # a series without indexed attributes is named by its key
+    assert reasons == [
+        f"analysis of series {key} with rule 'ct' will be retried (attempt 2): InferenceUnavailable: down"
+    ]
+
+
+def test_poison_job_fails_with_its_reason_after_max_attempts(tmp_path: Path) -> None:
+    path = tmp_path / "i.db"
+    index = Index(path)
+    index.add_job(JobKind.ANALYZE, "s|ct", "1.2.3", {"series_instance_uid": "1.2.3.4", "rule": "ct"})
+    limits = {JobKind.ANALYZE: 3}
+    for stop in range(1, 4):
+        claimed = index.claim_job()
+        assert claimed is not None and claimed.attempts == stop
+        index.close()
+        index = Index(path)  # the process died with the job RUNNING
+        resumed, failed = index.resume_interrupted(limits)
+        assert (resumed, failed) == ((1, 0) if stop < 3 else (0, 1))
+    assert index.claim_job() is None  # never run again
+    (poisoned,) = index.jobs()
+    assert poisoned.state is JobState.FAILED and poisoned.interruptions == 3
+    assert (
+        poisoned.last_error
+        == "the node stopped 3 times while analysing this series (attempt 3 of 3); not run again"
+    )
+    assert index.events("1.2.3")[-1]["event"] == "analyze failed"
+    status, reasons = derive(STUDY, index.jobs())
+    assert status is StudyStatus.FAILED and "the node stopped 3 times" in reasons[0]
+
+
+def test_rearmed_job_forgets_its_interruptions(tmp_path: Path) -> None:
+    index = Index(tmp_path / "i.db")
+    index.add_job(JobKind.ROUTE, "k", "1.2.3", {})
+    index.claim_job()
+    index.resume_interrupted({JobKind.ROUTE: 1})
+    assert index.jobs()[0].state is JobState.FAILED
+    index.add_job(JobKind.ROUTE, "k", "1.2.3", {})  # a late instance re-routes the study
+    (rearmed,) = index.jobs()
+    assert rearmed.state is JobState.PENDING and rearmed.interruptions == 0 and rearmed.attempts == 0
+
+
+def _spool_series(index: Index, files: list[Path]) -> str:
+    for path in files:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        ref = InstanceRef(
+            ds.SOPInstanceUID, ds.SOPClassUID, ds.StudyInstanceUID, ds.SeriesInstanceUID,
+            "1.2.840.10008.1.2.1", path, 1,
+        )  # fmt: skip
+        attributes = {"Modality": "CT", "SeriesNumber": int(ds.SeriesNumber)}
+        index.add_instance(ref, "CT", "SCU", now=0.0, attributes=attributes)
+    return str(ds.StudyInstanceUID)
+
+
+def test_a_series_that_cannot_be_analysed_is_failed_with_its_reason_in_status(
+    tmp_path: Path, small_ct_files: list[Path]
+) -> None:
+    """The missing-slice case: before, status said COMPLETE with an empty reason."""
+    settings = NodeSettings(
+        spool=SpoolSection(tmp_path / "spool"),
+        routing=RoutingSection(rules=[RoutingRule(name="ct", match=RuleMatch(modality=["CT"]))]),
+    )
+    spool = Spool(settings.spool.directory)
+    ctx = StepContext(
+        settings, spool, Index(spool.index_path), client_factory=lambda: pytest.fail("no inference")
+    )
+    gapped = small_ct_files[:10] + small_ct_files[11:]
+    study = _spool_series(ctx.index, gapped)
+    ctx.index.complete_study(study, 1.0, now=10.0)
+    assert run_job(ctx.index.claim_job(), ctx) is JobState.SUCCEEDED  # route
+    assert run_job(ctx.index.claim_job(), ctx) is JobState.FAILED  # analyze: not retryable
+    doc = describe(ctx.index, ctx.index.study(study), history=True)
+    assert doc["status"] == "FAILED"
+    assert doc["reasons"] == [
+        "analysis of series 2 (CT) with rule 'ct': VolumeError: Slice spacing is not uniform (gaps 2.50..5.00 mm)."
+    ]
+    assert [e["event"] for e in doc["history"]] == [
+        "received",
+        "complete",
+        "routed",
+        "analyze started",
+        "analyze failed",
+    ]
+    assert doc["jobs"] == {"pending": 0, "running": 0, "succeeded": 1, "failed": 1, "dead_letter": 0}
+    # The CLI shows the same, found by the study key, without patient data.
+    config = tmp_path / "node.toml"
+    config.write_text(f'[spool]\ndirectory = "{settings.spool.directory}"\n')
+    out = subprocess.run(
+        [sys.executable, "-m", "radbridge.cli", "status", "--config", str(config), "--study", uid_key(study)[:8]],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    shown = json.loads(out)
+    assert shown["studies"][0]["status"] == "FAILED" and shown["studies"][0]["reasons"] == doc["reasons"]
+    assert [j["what"] for j in shown["jobs"]] == ["routing", "analysis of series 2 (CT) with rule 'ct'"]
+    assert "PatientName" not in out and "Synthetic" not in out
