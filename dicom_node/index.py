@@ -98,6 +98,8 @@ class Origin(enum.StrEnum):
 
 
 ACTIVE = (JobState.PENDING, JobState.RUNNING)
+#: The heavy lane: a job that was running when the node died runs alone in it afterwards.
+ISOLATED_KINDS = (JobKind.ROUTE, JobKind.ANALYZE)
 #: Columns added after the first release; ``Index`` adds them to an older database.
 _LATER_COLUMNS = {
     "instances": {
@@ -451,11 +453,15 @@ class Index:
         kinds = kinds or tuple(JobKind)
         marks = ",".join("?" * len(kinds))
         with self._tx() as db:
-            row = db.execute(
-                f"SELECT * FROM jobs WHERE state=? AND next_try_time<=? AND kind IN ({marks}) "
-                "ORDER BY next_try_time, id LIMIT 1",
-                (JobState.PENDING, now, *kinds),
-            ).fetchone()
+            row = self._isolated_suspect(db, now, kinds)
+            if row is None:
+                return None
+            if row is False:
+                row = db.execute(
+                    f"SELECT * FROM jobs WHERE state=? AND next_try_time<=? AND kind IN ({marks}) "
+                    "ORDER BY next_try_time, id LIMIT 1",
+                    (JobState.PENDING, now, *kinds),
+                ).fetchone()
             if row is None:
                 return None
             db.execute(
@@ -464,6 +470,36 @@ class Index:
             )
         job = Job.from_row(row)
         return Job(**{**job.__dict__, "state": JobState.RUNNING, "attempts": job.attempts + 1})
+
+    @staticmethod
+    def _isolated_suspect(
+        db: sqlite3.Connection, now: float, kinds: tuple[JobKind, ...]
+    ) -> sqlite3.Row | None | bool:
+        """Suspects (jobs that were RUNNING when the node stopped) run alone among the analysis
+        jobs, so that the next stop is charged to the job that caused it, not to its neighbours.
+
+        Returns the suspect to claim now, None when nothing may start (a suspect runs, or one waits
+        for the running jobs to drain), or False when no suspect is involved.
+        """
+        lane = tuple(k for k in kinds if k in ISOLATED_KINDS)
+        if not lane:
+            return False
+        marks = ",".join("?" * len(ISOLATED_KINDS))
+        running = db.execute(
+            f"SELECT MAX(interruptions > 0), COUNT(*) FROM jobs WHERE state=? AND kind IN ({marks})",
+            (JobState.RUNNING, *ISOLATED_KINDS),
+        ).fetchone()
+        if running[0]:
+            return None  # a suspect is running alone
+        lane_marks = ",".join("?" * len(lane))
+        suspect = db.execute(
+            f"SELECT * FROM jobs WHERE state=? AND next_try_time<=? AND interruptions>0 "
+            f"AND kind IN ({lane_marks}) ORDER BY next_try_time, id LIMIT 1",
+            (JobState.PENDING, now, *lane),
+        ).fetchone()
+        if suspect is None:
+            return False
+        return suspect if running[1] == 0 else None  # let the running jobs drain first
 
     def finish_job(self, job_id: int, state: JobState, error: str = "", next_try_time: float = 0.0) -> None:
         with self._tx() as db:

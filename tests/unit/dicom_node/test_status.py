@@ -156,3 +156,29 @@ def test_a_series_that_cannot_be_analysed_is_failed_with_its_reason_in_status(
     assert shown["studies"][0]["status"] == "FAILED" and shown["studies"][0]["reasons"] == doc["reasons"]
     assert [j["what"] for j in shown["jobs"]] == ["routing", "analysis of series 2 (CT) with rule 'ct'"]
     assert "PatientName" not in out and "Synthetic" not in out
+
+
+def test_a_suspect_runs_alone_so_a_crash_is_charged_to_the_job_that_caused_it(tmp_path: Path) -> None:
+    path = tmp_path / "i.db"
+    index = Index(path)
+    lane = (JobKind.ROUTE, JobKind.ANALYZE)
+    for name in ("a", "b", "c"):
+        index.add_job(JobKind.ANALYZE, name, "1.2.3", {"series_instance_uid": name, "rule": "ct"})
+    index.add_job(JobKind.EXPORT, "e", "1.2.3", {"path": "x", "target": "pacs"})
+    a, b = index.claim_job(kinds=lane), index.claim_job(kinds=lane)
+    assert (a.dedupe_key, b.dedupe_key) == ("a", "b")
+    index.close()
+    index = Index(path)  # both were running when the node died: both are suspects now
+    assert index.resume_interrupted({JobKind.ANALYZE: 5}) == (2, 0)
+    first = index.claim_job(kinds=lane)
+    assert first.dedupe_key == "a" and first.interruptions == 1
+    assert index.claim_job(kinds=lane) is None  # nothing else in the lane while a suspect runs
+    assert index.claim_job(kinds=(JobKind.EXPORT,)).dedupe_key == "e"  # exports are not held up
+    index.finish_job(first.id, JobState.SUCCEEDED)
+    second = index.claim_job(kinds=lane)
+    assert second.dedupe_key == "b"
+    index.finish_job(second.id, JobState.SUCCEEDED)
+    plain = index.claim_job(kinds=lane)
+    assert plain.dedupe_key == "c" and plain.interruptions == 0
+    index.add_job(JobKind.ANALYZE, "d", "1.2.3", {"series_instance_uid": "d", "rule": "ct"})
+    assert index.claim_job(kinds=lane).dedupe_key == "d"  # ordinary jobs run side by side
