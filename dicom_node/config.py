@@ -83,6 +83,13 @@ class ViewerSection:
 @dataclass(frozen=True)
 class SpoolSection:
     directory: Path = DEFAULT_SPOOL
+    # New C-STOREs are answered 0xA700 and STOW-RS 503 (Retry-After) while less is free on the
+    # spool's disk: senders retry later instead of having an instance accepted and then lost.
+    min_free_bytes: int = 256 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        if self.min_free_bytes < 0:
+            raise ValueError("spool.min_free_bytes must not be negative.")
 
 
 @dataclass(frozen=True)

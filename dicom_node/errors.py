@@ -22,6 +22,9 @@ class RadBridgeError(Exception):
     """Base of every error a peer or an operator must see."""
 
     retryable: bool = False
+    #: A dependency is down (not the job's fault): retried with backoff for as long as it lasts,
+    #: without using up the job's attempts.
+    outage: bool = False
 
 
 class InvalidInstance(RadBridgeError):
@@ -41,9 +44,10 @@ class StudyMismatch(InvalidInstance):
 class StowRequestError(RadBridgeError):
     """A STOW-RS request as a whole is refused (media type, syntax, size): an HTTP status."""
 
-    def __init__(self, http_status: int, message: str) -> None:
+    def __init__(self, http_status: int, message: str, retry_after_s: int | None = None) -> None:
         super().__init__(message)
         self.http_status = http_status
+        self.retry_after_s = retry_after_s
 
 
 class SopClassNotSupported(RadBridgeError):
@@ -55,12 +59,25 @@ class StorageError(RadBridgeError):
     retryable = True
 
 
+class SpoolFull(StorageError):
+    """Free space on the spool's disk is below the watermark: refuse before accepting anything
+    (0xA700 for C-STORE, 503 + Retry-After for STOW-RS)."""
+
+    retry_after_s = 60
+
+    def __init__(self, message: str, free_bytes: int = 0, min_free_bytes: int = 0) -> None:
+        super().__init__(message)
+        self.free_bytes = free_bytes
+        self.min_free_bytes = min_free_bytes
+
+
 class VolumeError(RadBridgeError):
     """The instances of a series cannot form a volume."""
 
 
 class InferenceUnavailable(RadBridgeError):
     retryable = True
+    outage = True
 
 
 class InferenceRejected(RadBridgeError):
@@ -108,6 +125,11 @@ DUPLICATE_SOP_INSTANCE = 0x0111
 #: (400 malformed, 401/403 credentials, 404 wrong URL, 413 too large, 415 media type,
 #: 501/505 the server cannot do STOW-RS at all).
 TRANSIENT_HTTP_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504, 507})
+
+
+def dimse_status_is_transient(status: int) -> bool:
+    """Whether a C-STORE failure status may clear on a later attempt (same rule as STOW-RS)."""
+    return failure_reason_is_transient(status)
 
 
 def failure_reason_is_transient(reason: int) -> bool:

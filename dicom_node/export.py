@@ -28,6 +28,7 @@ from dicom_node.errors import (
     TRANSIENT_HTTP_STATUSES,
     ExportError,
     PermanentExportError,
+    dimse_status_is_transient,
     failure_reason_is_transient,
 )
 
@@ -48,24 +49,55 @@ def send_cstore(paths: Sequence[Path], target: ExportTarget, calling_ae: str) ->
             {ts for c, ts in contexts if c == sop_class} | {ExplicitVRLittleEndian, ImplicitVRLittleEndian}
         )
         ae.add_requested_context(sop_class, syntaxes)
+    where = f"{target.ae_title}@{target.host}:{target.port}"
     try:
         assoc = ae.associate(target.host, target.port, ae_title=target.ae_title)
     except Exception as exc:
-        raise ExportError(f"Cannot connect to {target.ae_title}@{target.host}:{target.port}: {exc}") from exc
+        raise ExportError(f"Cannot connect to {where}: {exc}") from exc
+    if assoc.is_rejected:
+        raise _rejection(assoc, where)
     if not assoc.is_established:
-        raise ExportError(
-            f"Association with {target.ae_title}@{target.host}:{target.port} was not established."
-        )
+        raise ExportError(f"Association with {where} was not established (no answer or aborted).")
     try:
         for path in paths:
             status = assoc.send_c_store(path)
             code = getattr(status, "Status", None)
             if code not in SUCCESS_STATUSES:
                 comment = status.get("ErrorComment", "") if status else "no response"
-                raise ExportError(f"C-STORE to {target.ae_title} failed: status {code!r} {comment}".strip())
+                detail = f"C-STORE to {target.ae_title} failed: status {_hex(code)} {comment}".strip()
+                if code is not None and not dimse_status_is_transient(int(code)):
+                    raise PermanentExportError(detail)
+                raise ExportError(detail)
     finally:
         if assoc.is_established:
             assoc.release()
+
+
+#: A-ASSOCIATE-RJ (PS3.8 9.3.4): result 1 = rejected-permanent, 2 = rejected-transient; the
+#: diagnostic by source: 1 service user, 2 service provider (ACSE), 3 service provider (presentation).
+_REJECT_REASONS = {
+    1: {1: "no reason given", 2: "application context name not supported",
+        3: "calling AE title not recognised", 7: "called AE title not recognised"},
+    2: {1: "no reason given", 2: "protocol version not supported"},
+    3: {1: "temporary congestion", 2: "local limit exceeded"},
+}  # fmt: skip
+
+
+def _hex(code: object) -> str:
+    return f"0x{code:04X}" if isinstance(code, int) else repr(code)
+
+
+def _rejection(assoc: object, where: str) -> ExportError:
+    """A refused association: an unknown AE (rejected-permanent) is parked at once, a busy peer
+    (rejected-transient: congestion, local limit exceeded) is retried."""
+    primitive = getattr(getattr(assoc, "acceptor", None), "primitive", None)
+    result = getattr(primitive, "result", None)
+    source = getattr(primitive, "result_source", None)
+    diagnostic = getattr(primitive, "diagnostic", None)
+    reason = _REJECT_REASONS.get(source, {}).get(diagnostic, f"source {source}, diagnostic {diagnostic}")
+    if result == 1:
+        return PermanentExportError(f"{where} rejected the association permanently: {reason}.")
+    return ExportError(f"{where} rejected the association for now: {reason}.")
 
 
 #: requests errors of the transport: the peer may be back on a later attempt.

@@ -107,7 +107,7 @@ _LATER_COLUMNS = {
         "attributes": "TEXT NOT NULL DEFAULT '{}'",
     },
     # times the node stopped while the job was RUNNING (poison detection)
-    "jobs": {"interruptions": "INTEGER NOT NULL DEFAULT 0"},
+    "jobs": {"interruptions": "INTEGER NOT NULL DEFAULT 0", "outage_waits": "INTEGER NOT NULL DEFAULT 0"},
 }
 #: What a job of each kind was doing, for the reason of a poison failure.
 _DOING = {
@@ -129,6 +129,7 @@ class Job:
     next_try_time: float
     last_error: str
     interruptions: int = 0
+    outage_waits: int = 0
     created_time: float = 0.0
     updated_time: float = 0.0
 
@@ -145,6 +146,7 @@ class Job:
             next_try_time=row["next_try_time"],
             last_error=row["last_error"],
             interruptions=row["interruptions"],
+            outage_waits=row["outage_waits"],
             created_time=row["created_time"],
             updated_time=row["updated_time"],
         )
@@ -438,7 +440,7 @@ class Index:
             "INSERT INTO jobs (kind, dedupe_key, study_instance_uid, payload, state, attempts, "
             "next_try_time, last_error, created_time, updated_time) VALUES (?,?,?,?,?,0,?,'',?,?) "
             "ON CONFLICT(kind, dedupe_key) DO UPDATE SET payload=excluded.payload, "
-            "state=excluded.state, attempts=0, interruptions=0, next_try_time=excluded.next_try_time, last_error='', "
+            "state=excluded.state, attempts=0, interruptions=0, outage_waits=0, next_try_time=excluded.next_try_time, last_error='', "
             "updated_time=excluded.updated_time WHERE jobs.state NOT IN ('PENDING', 'RUNNING')",
             (kind, key, study_uid, json.dumps(payload, sort_keys=True), JobState.PENDING, now, now, now),
         )
@@ -507,6 +509,35 @@ class Index:
                 "UPDATE jobs SET state=?, last_error=?, next_try_time=?, updated_time=? WHERE id=?",
                 (state, error[:500], next_try_time, time.time(), job_id),
             )
+
+    def wait_out_outage(self, job_id: int, error: str, next_try_time: float) -> None:
+        """Back to PENDING after a dependency was down: the attempt is given back (an outage is not
+        the job's fault) and the wait is counted for the backoff."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE jobs SET state=?, attempts=MAX(attempts-1, 0), outage_waits=outage_waits+1, "
+                "last_error=?, next_try_time=?, updated_time=? WHERE id=?",
+                (JobState.PENDING, error[:500], next_try_time, time.time(), job_id),
+            )
+
+    def retry_dead_letters(self, study_uid: str | None = None) -> int:
+        """Operator's retry: DEAD_LETTER jobs (of one study, or all) become PENDING with fresh attempts."""
+        now = time.time()
+        where, args = "state=?", [JobState.DEAD_LETTER]
+        if study_uid is not None:
+            where, args = where + " AND study_instance_uid=?", [*args, study_uid]
+        with self._tx() as db:
+            studies = [
+                r[0] for r in db.execute(f"SELECT DISTINCT study_instance_uid FROM jobs WHERE {where}", args)
+            ]
+            count = db.execute(
+                "UPDATE jobs SET state=?, attempts=0, interruptions=0, outage_waits=0, next_try_time=?, "
+                f"updated_time=? WHERE {where}",
+                [JobState.PENDING, now, now, *args],
+            ).rowcount
+            for uid in studies:
+                self._event(db, uid, now, "retry", "dead letters queued again by the operator")
+        return count
 
     def resume_interrupted(self, max_attempts: dict[JobKind, int] | None = None) -> tuple[int, int]:
         """After a restart: RUNNING jobs were cut off by the stop. Each such stop counts as a failed

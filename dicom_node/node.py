@@ -25,7 +25,7 @@ class Node:
             raise ValueError("An inference service address (host:port) is required.")
         self.settings = settings
         self.inference_address = inference_address
-        self.spool = Spool(settings.spool.directory)
+        self.spool = Spool(settings.spool.directory, settings.spool.min_free_bytes)
         removed = self.spool.remove_partials()
         if removed:
             logger.info("removed partial writes", extra={"event": "spool.partials", "count": removed})

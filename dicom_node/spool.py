@@ -9,11 +9,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from dicom_node.errors import StorageError
+from dicom_node.errors import SpoolFull, StorageError
 
 INSTANCES = "instances"
 OUTPUTS = "outputs"
@@ -68,8 +69,9 @@ def write_durably(path: Path, data: bytes) -> None:
 class Spool:
     """The spool directory tree: instances/<study>/<series>/<sop>.dcm, outputs/<study>/."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, min_free_bytes: int = 0) -> None:
         self.root = Path(root)
+        self.min_free_bytes = int(min_free_bytes)
         (self.root / INSTANCES).mkdir(parents=True, exist_ok=True)
         (self.root / OUTPUTS).mkdir(parents=True, exist_ok=True)
         (self.root / STAGING).mkdir(parents=True, exist_ok=True)
@@ -77,6 +79,19 @@ class Spool:
     @property
     def index_path(self) -> Path:
         return self.root / INDEX_DB
+
+    def check_space(self, incoming: int = 0) -> None:
+        """Raise SpoolFull when writing ``incoming`` bytes would leave less than the watermark free:
+        a sender is refused (and retries later) rather than accepted and then lost."""
+        if self.min_free_bytes <= 0:
+            return
+        free = shutil.disk_usage(self.root).free
+        if free - incoming < self.min_free_bytes:
+            raise SpoolFull(
+                "Out of resources: spool disk below its free-space watermark",
+                free_bytes=free,
+                min_free_bytes=self.min_free_bytes,
+            )
 
     def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
         return (
@@ -96,6 +111,7 @@ class Spool:
         series_instance_uid: str,
         transfer_syntax_uid: str,
     ) -> InstanceRef:
+        self.check_space(len(data))
         path = self.instance_path(study_instance_uid, series_instance_uid, sop_instance_uid)
         write_durably(path, data)
         return InstanceRef(
@@ -123,6 +139,7 @@ class Spool:
         transfer_syntax_uid: str,
     ) -> InstanceRef:
         """Move a fully written staged file into place durably: fsync -> rename -> fsync(dir)."""
+        self.check_space()
         path = self.instance_path(study_instance_uid, series_instance_uid, sop_instance_uid)
         try:
             fd = os.open(staged, os.O_RDONLY)

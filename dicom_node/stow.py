@@ -33,6 +33,7 @@ from dicom_node.config import HttpSection
 from dicom_node.errors import (
     InvalidInstance,
     RadBridgeError,
+    SpoolFull,
     StowRequestError,
     StudyMismatch,
     UndecodableInstance,
@@ -301,6 +302,10 @@ async def receive(
         if length is not None and length.isdigit() and int(length) > settings.max_request_bytes:
             raise StowRequestError(413, f"Request body larger than {settings.max_request_bytes} bytes.")
         parser = receiver.parser(_boundary(request.headers.get("content-type", "")))
+        try:
+            spool.check_space(int(length) if length is not None and length.isdigit() else 0)
+        except SpoolFull as exc:
+            raise StowRequestError(503, str(exc), retry_after_s=exc.retry_after_s) from exc
         async for chunk in request.stream():
             received += len(chunk)
             if received > settings.max_request_bytes:
@@ -335,7 +340,8 @@ async def receive(
         body: dict[str, Any] = {"error": {"code": exc.http_status, "message": str(exc)}}
         if outcome.stored or outcome.failed:
             body["result"] = _response_dataset(outcome, base_url)
-        return JSONResponse(body, status_code=exc.http_status)
+        headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s is not None else None
+        return JSONResponse(body, status_code=exc.http_status, headers=headers)
     outcome = receiver.outcome
     if settings.stow_completes_study:
         for study_uid in outcome.studies():

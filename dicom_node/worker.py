@@ -31,6 +31,8 @@ from dicom_node.status import job_label, series_labels
 from dicom_node.volume import read_series
 
 logger = logging.getLogger(__name__)
+#: Longest wait between two tries while a dependency (the inference service) is down.
+OUTAGE_MAX_BACKOFF_S = 60.0
 ProgressHook = Callable[[Job, float, str], None]
 
 
@@ -194,7 +196,12 @@ def run_job(job: Job, ctx: StepContext) -> JobState:
             logger.error(
                 "job crashed", exc_info=True, extra={"event": "job.error", "job_id": job.id, "kind": job.kind}
             )
-        if retryable and job.attempts < max_attempts:
+        if isinstance(exc, RadBridgeError) and exc.outage:
+            delay = min(backoff * 2**job.outage_waits, OUTAGE_MAX_BACKOFF_S)
+            ctx.index.wait_out_outage(job.id, message, time.time() + delay)
+            state = JobState.PENDING
+            _history(ctx, job, "waiting", f"retry in {delay:g} s, dependency down: {message}")
+        elif retryable and job.attempts < max_attempts:
             delay = min(backoff * 2 ** (job.attempts - 1), cap)
             ctx.index.finish_job(job.id, JobState.PENDING, message, time.time() + delay)
             state = JobState.PENDING

@@ -29,7 +29,8 @@ EPILOG = """\
 examples:
   radbridge demo --out out/           synthetic CT in, SEG + SRs out, on loopback
   radbridge serve --config node.toml  run the node and the inference service
-  radbridge status --config node.toml studies and jobs in the spool index
+  radbridge status --config node.toml each study's state, and why; --study KEY for its history
+  radbridge retry --config node.toml  send the dead letters again
   radbridge models                    models the inference service offers
   radbridge viewer                    OHIF at http://127.0.0.1:3000/ over the spool's studies
 
@@ -179,6 +180,26 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_retry(args: argparse.Namespace) -> int:
+    """Queue dead letters again; a running node (or the next start) sends them."""
+    from dicom_node.index import Index
+    from dicom_node.spool import Spool
+    from dicom_node.status import find_studies
+
+    node_settings, _, _ = _load(args.config)
+    index = Index(Spool(node_settings.spool.directory).index_path)
+    if args.study:
+        studies = [s["study_instance_uid"] for s in find_studies(index, args.study)]
+        if not studies:
+            print(f"radbridge: no study whose UID or key starts with {args.study!r}", file=sys.stderr)
+            return 1
+        count = sum(index.retry_dead_letters(uid) for uid in studies)
+    else:
+        count = index.retry_dead_letters()
+    print(f"radbridge: {count} dead-letter job(s) queued again")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     node_settings, service_settings, _ = _load(args.config)
     print(json.dumps({"node": redacted(node_settings), "inference": redacted(service_settings)}, indent=2))
@@ -289,6 +310,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--history", action="store_true", help="include every study's history")
     p.add_argument("--config")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("retry", help="queue dead-letter jobs (refused or failed exports) again")
+    p.add_argument("--study", default="", help="only the study whose UID or key starts with this")
+    p.add_argument("--config")
+    p.set_defaults(func=cmd_retry)
 
     p = sub.add_parser("viewer", help="OHIF in the browser over the spool's DICOMweb (or a PACS's)")
     p.add_argument("--config")

@@ -26,7 +26,7 @@ from starlette.routing import Route
 
 from dicom_node.config import ExportSection, ExportTarget, NodeSettings, SpoolSection
 from dicom_node.errors import ExportError, PermanentExportError, failure_reason_is_transient
-from dicom_node.export import EXPORTERS, export, send_stow
+from dicom_node.export import EXPORTERS, export, send_cstore, send_stow
 from dicom_node.index import Index, JobKind, JobState
 from dicom_node.spool import Spool
 from dicom_node.worker import StepContext, run_job
@@ -289,3 +289,65 @@ class TestRunJob:
         ctx.index.add_job(JobKind.EXPORT, "k", "1.2.3", {"path": str(two_files[0]), "target": "web"})
         assert run_job(ctx.index.claim_job(), ctx) is JobState.PENDING
         assert "HTTP 503" in ctx.index.jobs()[0].last_error
+
+
+class TestSendCstore:
+    """C-STORE export against pynetdicom SCPs that refuse in the ways a PACS does."""
+
+    @staticmethod
+    def _scp(status: int = 0x0000, **ae_settings: object):  # noqa: ANN205
+        from pynetdicom import AE, evt
+        from pynetdicom.sop_class import CTImageStorage
+
+        ae = AE(ae_title="PACS")
+        for key, value in ae_settings.items():
+            setattr(ae, key, value)
+        ae.add_supported_context(CTImageStorage)
+        handlers = [(evt.EVT_C_STORE, lambda event: status)]
+        return ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=handlers)
+
+    @staticmethod
+    def _send(server, path: Path, ae_title: str = "PACS") -> None:  # noqa: ANN001
+        target = ExportTarget(host="127.0.0.1", port=server.server_address[1], ae_title=ae_title)
+        send_cstore([path], target, "RADBRIDGE")
+
+    def test_unknown_called_ae_is_permanent(self, small_ct_files: list[Path]) -> None:
+        server = self._scp(require_called_aet=True)
+        try:
+            with pytest.raises(PermanentExportError, match="rejected the association permanently: called AE"):
+                self._send(server, small_ct_files[0], ae_title="NOTPACS")
+        finally:
+            server.shutdown()
+
+    def test_busy_peer_rejection_is_retried(self, small_ct_files: list[Path]) -> None:
+        from pynetdicom import AE
+        from pynetdicom.sop_class import CTImageStorage
+
+        server = self._scp(maximum_associations=1)
+        holder = AE(ae_title="HOLDER")
+        holder.add_requested_context(CTImageStorage)
+        held = holder.associate("127.0.0.1", server.server_address[1], ae_title="PACS")
+        assert held.is_established
+        try:
+            with pytest.raises(
+                ExportError, match="rejected the association for now: local limit exceeded"
+            ) as info:
+                self._send(server, small_ct_files[0])
+            assert not isinstance(info.value, PermanentExportError)
+        finally:
+            held.release()
+            server.shutdown()
+
+    @pytest.mark.parametrize(
+        ("status", "permanent"), [(0xA700, False), (0xA702, False), (0xC000, True), (0xA900, True)]
+    )
+    def test_store_status_decides_retry_or_park(
+        self, small_ct_files: list[Path], status: int, permanent: bool
+    ) -> None:
+        server = self._scp(status=status)
+        try:
+            with pytest.raises(ExportError, match=f"status 0x{status:04X}") as info:
+                self._send(server, small_ct_files[0])
+        finally:
+            server.shutdown()
+        assert isinstance(info.value, PermanentExportError) is permanent

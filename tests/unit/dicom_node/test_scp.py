@@ -105,3 +105,21 @@ def test_write_failure_answers_a700(scp, small_ct_files: list[Path]) -> None:  #
     assoc.release()
     assert status.Status == 0xA700
     assert "cannot write spool" in status.ErrorComment
+
+
+def test_spool_below_its_watermark_answers_a700_and_keeps_nothing(
+    tmp_path: Path, small_ct_files: list[Path]
+) -> None:
+    spool = Spool(tmp_path / "spool", min_free_bytes=1 << 60)  # more than any disk has
+    index = Index(spool.index_path)
+    server = start_scp(ScpSection(port=0, ae_title="RADBRIDGE"), spool, index)
+    try:
+        assoc = _assoc(server.server_address[1])
+        status = assoc.send_c_store(small_ct_files[0])
+        assoc.release()
+    finally:
+        server.shutdown()
+    assert status.Status == 0xA700
+    assert "watermark" in status.ErrorComment
+    assert index.count_instances() == 0 and not any((spool.root / "instances").rglob("*.dcm"))
+    index.close()

@@ -283,3 +283,20 @@ def test_logs_hold_no_patient_data(stow: Stow, ct: list[Dataset], caplog: pytest
     for line in lines:
         for secret in (patient.name, patient.patient_id, patient.accession, patient.birth_date):
             assert secret not in line
+
+
+def test_spool_below_its_watermark_is_503_with_retry_after(tmp_path: Path, ct: list[Dataset]) -> None:
+    settings = NodeSettings(spool=SpoolSection(directory=tmp_path / "spool"))
+    spool = Spool(settings.spool.directory, min_free_bytes=1 << 60)  # more than any disk has
+    index = Index(spool.index_path)
+    server = HttpServer(create_app(settings, spool, index), "127.0.0.1", 0)
+    port = server.start()
+    try:
+        response = _post(f"http://127.0.0.1:{port}/dicom-web", _multipart([_file_bytes(ct[0])], "b0"), "b0")
+    finally:
+        server.stop()
+    assert response.status_code == 503
+    assert response.headers["Retry-After"] == "60"
+    assert "watermark" in response.json()["error"]["message"]
+    assert index.count_instances() == 0 and _staging_empty(spool)
+    index.close()
