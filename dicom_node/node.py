@@ -6,13 +6,18 @@ import logging
 
 from dicom_node.client import InferenceClient
 from dicom_node.config import NodeSettings
+from dicom_node.errors import RadBridgeError
 from dicom_node.http import HttpServer, create_app
 from dicom_node.index import Index
+from dicom_node.routing import RulePlanner
 from dicom_node.scp import start_scp
 from dicom_node.spool import Spool
 from dicom_node.worker import ProgressHook, StepContext, Worker
+from protos.radbridge.v1 import inference_pb2 as pb
 
 logger = logging.getLogger(__name__)
+#: How long start-up (and a plan refresh) waits for ListModels before going on without it.
+LIST_MODELS_TIMEOUT_S = 3.0
 
 
 class Node:
@@ -31,6 +36,16 @@ class Node:
             logger.info("removed partial writes", extra={"event": "spool.partials", "count": removed})
         self.index = Index(self.spool.index_path)
         inf = settings.inference
+
+        def list_models() -> list[pb.ModelInfo]:
+            client = InferenceClient(inference_address, inf.deadline_s, 0, inf.chunk_bytes)
+            try:
+                return list(client.list_models(timeout_s=LIST_MODELS_TIMEOUT_S).models)
+            finally:
+                client.close()
+
+        self.planner = RulePlanner(settings.routing.rules, list_models)
+        self.rule_problems: list[str] = []
         self.ctx = StepContext(
             settings=settings,
             spool=self.spool,
@@ -39,6 +54,7 @@ class Node:
                 inference_address, inf.deadline_s, inf.connect_retries, inf.chunk_bytes
             ),
             progress=progress,
+            planner=self.planner,
         )
         self.worker = Worker(self.ctx)
         self._server = None
@@ -56,7 +72,20 @@ class Node:
             raise RuntimeError("The HTTP front is not started (http.enabled = false?).")
         return self._http.port
 
+    def check_rules(self) -> list[str]:
+        """Every routing rule against the models' declared tasks; the problems in words (also logged)."""
+        try:
+            plans = self.planner.plans()
+        except RadBridgeError as exc:
+            problems = [f"routing rules not checked yet, the inference service did not answer ({exc})"]
+        else:
+            problems = [plan.problem for plan in plans.values() if plan.problem]
+        for problem in problems:
+            logger.warning("routing rule check", extra={"event": "routing.check", "problem": problem})
+        return problems
+
     def start(self) -> Node:
+        self.rule_problems = self.check_rules()
         self._server = start_scp(self.settings.scp, self.spool, self.index)
         if self.settings.http.enabled:
             http = self.settings.http

@@ -21,11 +21,11 @@ from dicom_node.attributes import searchable_attributes
 from dicom_node.client import InferenceClient, make_spec
 from dicom_node.completion import complete_quiet_studies
 from dicom_node.config import NodeSettings, RoutingRule
-from dicom_node.errors import ExportError, RadBridgeError
+from dicom_node.errors import ExportError, InferenceRejected, RadBridgeError
 from dicom_node.export import export
 from dicom_node.index import Index, Job, JobKind, JobState, StudyState
 from dicom_node.results import ResultWriter
-from dicom_node.routing import group_series, route
+from dicom_node.routing import RulePlanner, group_series, route
 from dicom_node.spool import InstanceRef, Spool, uid_key, write_durably
 from dicom_node.status import job_label, series_labels
 from dicom_node.volume import read_series
@@ -43,6 +43,8 @@ class StepContext:
     index: Index
     client_factory: Callable[[], InferenceClient]
     progress: ProgressHook | None = None
+    #: The rules checked against the models' tasks; None = send every task of the rule as it is.
+    planner: RulePlanner | None = None
 
 
 def run_route(job: Job, ctx: StepContext) -> None:
@@ -87,9 +89,17 @@ def run_analyze(job: Job, ctx: StepContext) -> None:
         for r in ctx.index.study_instances(job.study_instance_uid)
         if r.series_instance_uid == series_uid
     ]
+    tasks = list(rule.tasks)
+    plan = ctx.planner.plan(rule.name) if ctx.planner is not None else None
+    if plan is not None:
+        if not plan.runnable:
+            raise InferenceRejected(plan.problem)
+        tasks = list(plan.runnable)
+        if plan.skipped:
+            ctx.index.add_event(job.study_instance_uid, "tasks skipped", plan.problem)
     volume = read_series(paths)
     spec = make_spec(
-        rule.tasks,
+        tasks,
         model=rule.model,
         question=rule.question,
         labels=rule.labels,

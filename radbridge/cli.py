@@ -68,6 +68,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         service = EmbeddedInferenceService(service_settings).start()
         address = service.address
     node = Node(node_settings, address).start()
+    for problem in node.rule_problems:
+        print(f"radbridge: warning: {problem}", file=sys.stderr, flush=True)
     print(
         f"radbridge: AE {node_settings.scp.ae_title} listening on {node_settings.scp.host}:{node.port}; "
         f"inference at {address}",

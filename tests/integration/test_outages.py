@@ -1,4 +1,5 @@
-"""Outages ridden out by a real `radbridge serve`: the inference service down, then the PACS down.
+"""Outages ridden out by a real `radbridge serve` (the inference service down, then the PACS down),
+and routing rules checked against the models at start-up.
 
 Inference down: the analysis waits with backoff for as long as the outage lasts, without using up
 its attempts, and finishes when the service comes up. PACS down: the export retries, ends in
@@ -117,3 +118,28 @@ def test_pacs_outage_ends_in_dead_letter_and_retry_delivers_once(tmp_path: Path)
             orthanc.stop()
     finally:
         assert serve.stop() == 0
+
+
+def test_rule_with_a_task_the_model_cannot_do_is_named_at_start_and_the_rest_runs(
+    tmp_path: Path, orthanc: OrthancServer
+) -> None:
+    """The reference model cannot do VQA: start-up says so by name, segment + report still run."""
+    port = free_port()
+    cfg = _config(tmp_path, port, orthanc)
+    cfg.write_text(
+        cfg.read_text()
+        + '\n[[routing.rules]]\nname = "ct-vqa"\ntasks = ["segment", "vqa", "report"]\n'
+        + 'question = "Is there an effusion?"\nmatch = { modality = ["CT"] }\n'
+    )
+    serve = Serve(cfg, tmp_path / "serve.log")
+    try:
+        study = _send_study(tmp_path, port, seed=43)
+        objs = _wait_for_outputs(orthanc, study, {"SEG": 1, "SR": 3})
+        assert len(objs["SEG"]) == 1
+        _until(lambda: _study(cfg, study)["status"] == "DELIVERED", "DELIVERED")
+        skipped = [e for e in _study(cfg, study)["history"] if e["event"] == "tasks skipped"]
+        assert len(skipped) == 1 and "cannot do vqa" in skipped[0]["detail"]
+    finally:
+        assert serve.stop() == 0
+    warning = "radbridge: warning: routing rule 'ct-vqa': model 'reference' cannot do vqa"
+    assert warning in (tmp_path / "serve.log").read_text()
