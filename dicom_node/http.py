@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 
+import anyio
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -38,7 +39,7 @@ def create_app(
     viewer: bool = False,
     upstream: str | None = None,
 ) -> Starlette:
-    """The app: /healthz; STOW-RS if ``stow``; DICOMweb of the spool, or a proxy to ``upstream``
+    """The app: /healthz, /metrics (Prometheus); STOW-RS if ``stow``; DICOMweb of the spool, or a proxy to ``upstream``
     (default ``settings.viewer.upstream``); OHIF at / if ``viewer``."""
     upstream = settings.viewer.upstream if upstream is None else upstream
     web = DicomWeb(index, DICOMWEB_ROOT)
@@ -46,12 +47,21 @@ def create_app(
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
+    async def metrics(request: Request) -> Response:
+        from dicom_node.metrics import CONTENT_TYPE, exposition
+
+        body = await anyio.to_thread.run_sync(exposition, index)
+        return Response(body, media_type=CONTENT_TYPE)
+
     async def stow_rs(request: Request) -> Response:
         return await receive(
             request, spool, index, settings.http, web.base_url(request), request.path_params.get("study")
         )
 
-    routes: list[BaseRoute] = [Route("/healthz", healthz, methods=["GET"])]
+    routes: list[BaseRoute] = [
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+    ]
     if stow:
         routes += [
             Route(f"{DICOMWEB_ROOT}/studies", stow_rs, methods=["POST"]),

@@ -69,6 +69,10 @@ CREATE TABLE IF NOT EXISTS study_events (
     detail TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS study_events_study ON study_events(study_instance_uid, id);
+CREATE TABLE IF NOT EXISTS node (
+    key TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
 """
 
 
@@ -578,6 +582,23 @@ class Index:
         if kind is not None:
             sql, args = sql + " AND kind=?", [*args, kind]
         return [Job.from_row(r) for r in self._conn().execute(sql + " ORDER BY id", args).fetchall()]
+
+    def job_counts(self) -> dict[tuple[JobKind, JobState], int]:
+        rows = self._conn().execute("SELECT kind, state, COUNT(*) FROM jobs GROUP BY kind, state").fetchall()
+        return {(JobKind(r[0]), JobState(r[1])): int(r[2]) for r in rows}
+
+    def count_start(self) -> int:
+        """Record one start of the node on this spool; returns how many there have been."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO node (key, value) VALUES ('starts', 1) "
+                "ON CONFLICT(key) DO UPDATE SET value = value + 1"
+            )
+            return int(db.execute("SELECT value FROM node WHERE key='starts'").fetchone()[0])
+
+    def starts(self) -> int:
+        row = self._conn().execute("SELECT value FROM node WHERE key='starts'").fetchone()
+        return int(row[0]) if row else 0
 
     def pending_count(self) -> int:
         return int(

@@ -85,6 +85,8 @@ class Node:
         return problems
 
     def start(self) -> Node:
+        starts = self.index.count_start()
+        logger.info("node start", extra={"event": "node.start", "starts": starts})
         self.rule_problems = self.check_rules()
         self._server = start_scp(self.settings.scp, self.spool, self.index)
         if self.settings.http.enabled:

@@ -21,6 +21,7 @@ from dicom_node.attributes import identifiers, searchable_attributes
 from dicom_node.config import ScpSection
 from dicom_node.errors import InvalidInstance, RadBridgeError, UndecodableInstance, to_dimse_status
 from dicom_node.index import Index
+from dicom_node.metrics import BYTES_RECEIVED, INSTANCES_RECEIVED, INSTANCES_REFUSED
 from dicom_node.spool import Spool, uid_key
 
 logger = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ def handle_store(event: evt.Event, spool: Spool, index: Index) -> Dataset | int:
         index.add_instance(ref, values["Modality"], peer_ae, attributes=searchable_attributes(ds))
     except RadBridgeError as exc:
         status = to_dimse_status(exc)
+        INSTANCES_REFUSED.labels(via="dimse", status=f"0x{status.Status:04X}").inc()
         logger.warning(
             "C-STORE refused",
             extra={**log, "status": f"0x{status.Status:04X}", "reason": status.ErrorComment},
@@ -77,8 +79,11 @@ def handle_store(event: evt.Event, spool: Spool, index: Index) -> Dataset | int:
         return status
     except Exception as exc:  # e.g. SQLite failure: never answer success
         status = to_dimse_status(exc)
+        INSTANCES_REFUSED.labels(via="dimse", status=f"0x{status.Status:04X}").inc()
         logger.error("C-STORE failed", exc_info=True, extra={**log, "status": f"0x{status.Status:04X}"})
         return status
+    INSTANCES_RECEIVED.labels(via="dimse").inc()
+    BYTES_RECEIVED.labels(via="dimse").inc(ref.size)
     logger.debug(
         "C-STORE stored",
         extra={

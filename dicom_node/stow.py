@@ -40,6 +40,7 @@ from dicom_node.errors import (
     to_stow_failure,
 )
 from dicom_node.index import Index
+from dicom_node.metrics import BYTES_RECEIVED, INSTANCES_RECEIVED, INSTANCES_REFUSED, STOW_REQUESTS
 from dicom_node.spool import Spool, uid_key
 
 logger = logging.getLogger(__name__)
@@ -206,6 +207,7 @@ class StowReceiver:
         except Exception as exc:  # every failure becomes this part's FailureReason
             reason = to_stow_failure(exc)
             self.outcome.failed.append((sop_class, sop_instance, reason))
+            INSTANCES_REFUSED.labels(via="stow", status=f"0x{reason:04X}").inc()
             if isinstance(exc, RadBridgeError):
                 logger.warning(
                     "STOW-RS part refused",
@@ -223,6 +225,8 @@ class StowReceiver:
         self.outcome.stored.append(
             (values["SOPClassUID"], values["SOPInstanceUID"], ref.study_instance_uid, ref.series_instance_uid)
         )
+        INSTANCES_RECEIVED.labels(via="stow").inc()
+        BYTES_RECEIVED.labels(via="stow").inc(ref.size)
 
     def discard_open_part(self) -> None:
         """A request cut short: its unfinished part was never acknowledged; drop it."""
@@ -340,6 +344,7 @@ async def receive(
         body: dict[str, Any] = {"error": {"code": exc.http_status, "message": str(exc)}}
         if outcome.stored or outcome.failed:
             body["result"] = _response_dataset(outcome, base_url)
+        STOW_REQUESTS.labels(status=str(exc.http_status)).inc()
         headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s is not None else None
         return JSONResponse(body, status_code=exc.http_status, headers=headers)
     outcome = receiver.outcome
@@ -347,6 +352,7 @@ async def receive(
         for study_uid in outcome.studies():
             await anyio.to_thread.run_sync(index.complete_study, study_uid, 0.0)
     code = status_of(outcome)
+    STOW_REQUESTS.labels(status=str(code)).inc()
     logger.info(
         "STOW-RS request",
         extra={

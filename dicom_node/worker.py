@@ -24,6 +24,7 @@ from dicom_node.config import NodeSettings, RoutingRule
 from dicom_node.errors import ExportError, InferenceRejected, RadBridgeError
 from dicom_node.export import export
 from dicom_node.index import Index, Job, JobKind, JobState, StudyState
+from dicom_node.metrics import ANALYSIS_SECONDS, EXPORTS, JOB_OUTCOMES, JOBS_RESUMED
 from dicom_node.results import ResultWriter
 from dicom_node.routing import RulePlanner, group_series, route
 from dicom_node.spool import InstanceRef, Spool, uid_key, write_durably
@@ -187,8 +188,16 @@ def _history(ctx: StepContext, job: Job, event: str, detail: str = "") -> None:
     )
 
 
+def _count(job: Job, outcome: str, started: float) -> None:
+    JOB_OUTCOMES.labels(kind=str(job.kind), outcome=outcome).inc()
+    if job.kind is JobKind.EXPORT:
+        EXPORTS.labels(target=str(job.payload.get("target", "")), outcome=outcome).inc()
+    elif job.kind is JobKind.ANALYZE:
+        ANALYSIS_SECONDS.labels(rule=str(job.payload.get("rule", ""))).observe(time.monotonic() - started)
+
+
 def run_job(job: Job, ctx: StepContext) -> JobState:
-    """Run one claimed job and record its outcome (job state and study history); returns the new state."""
+    """Run one claimed job and record its outcome (job state, study history, metrics); returns the new state."""
     started = time.monotonic()
     if job.kind is JobKind.ANALYZE:
         _history(ctx, job, "started", f"attempt {job.attempts}")
@@ -210,11 +219,13 @@ def run_job(job: Job, ctx: StepContext) -> JobState:
             delay = min(backoff * 2**job.outage_waits, OUTAGE_MAX_BACKOFF_S)
             ctx.index.wait_out_outage(job.id, message, time.time() + delay)
             state = JobState.PENDING
+            _count(job, "waiting", started)
             _history(ctx, job, "waiting", f"retry in {delay:g} s, dependency down: {message}")
         elif retryable and job.attempts < max_attempts:
             delay = min(backoff * 2 ** (job.attempts - 1), cap)
             ctx.index.finish_job(job.id, JobState.PENDING, message, time.time() + delay)
             state = JobState.PENDING
+            _count(job, "retry", started)
             _history(ctx, job, "retry", f"in {delay:g} s after attempt {job.attempts}: {message}")
         else:
             # An export the destination refused for good is parked (DEAD_LETTER) like one that ran
@@ -222,6 +233,7 @@ def run_job(job: Job, ctx: StepContext) -> JobState:
             parked = retryable or (job.kind is JobKind.EXPORT and isinstance(exc, ExportError))
             state = JobState.DEAD_LETTER if parked else JobState.FAILED
             ctx.index.finish_job(job.id, state, message)
+            _count(job, "dead_letter" if parked else "failed", started)
             _history(ctx, job, "dead-letter" if parked else "failed", message)
         logger.warning(
             "job state",
@@ -236,6 +248,7 @@ def run_job(job: Job, ctx: StepContext) -> JobState:
         )
         return state
     ctx.index.finish_job(job.id, JobState.SUCCEEDED)
+    _count(job, "succeeded", started)
     if job.kind is not JobKind.ROUTE:
         _history(ctx, job, "done")
     logger.info(
@@ -271,6 +284,8 @@ class Worker:
     def start(self) -> None:
         limits = {kind: _policy(self.ctx, kind)[0] for kind in JobKind}
         resumed, failed = self.ctx.index.resume_interrupted(limits)
+        JOBS_RESUMED.labels(outcome="resumed").inc(resumed)
+        JOBS_RESUMED.labels(outcome="failed").inc(failed)
         if resumed or failed:
             logger.info("jobs resumed", extra={"event": "jobs.resumed", "count": resumed, "poisoned": failed})
         loops = [("completion", self._completion_loop, ())]

@@ -9,12 +9,14 @@ DEAD_LETTER (visible in `radbridge status`), and `radbridge retry` delivers it o
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import pydicom
 import pytest
 
@@ -102,6 +104,10 @@ def test_pacs_outage_ends_in_dead_letter_and_retry_delivers_once(tmp_path: Path)
         assert len(parked["reasons"]) == 4  # SEG and three SRs
         assert all("export of the" in r and "to 'orthanc'" in r for r in parked["reasons"])
         assert any(e["event"] == "export dead-letter" for e in parked["history"])
+        http_port = int(re.search(r"\[http\]\nport = (\d+)", cfg.read_text()).group(1))
+        metrics = httpx.get(f"http://127.0.0.1:{http_port}/metrics", timeout=10).text
+        assert 'radbridge_exports_total{outcome="dead_letter",target="orthanc"} 4.0' in metrics
+        assert 'radbridge_jobs{kind="export",state="DEAD_LETTER"} 4.0' in metrics
         orthanc.start()
         try:
             assert (
