@@ -310,6 +310,14 @@ class Index:
         )
         return [InstanceRow(r[0], r[1], r[2], r[3], r[4], Path(r[5])) for r in rows.fetchall()]
 
+    def outputs_in_series(self, series_uid: str) -> list[Path]:
+        """Files of the objects RadBridge wrote into one output series, oldest first."""
+        rows = self._conn().execute(
+            "SELECT path FROM instances WHERE series_instance_uid=? AND origin=? ORDER BY received_time",
+            (series_uid, Origin.OUTPUT),
+        )
+        return [Path(r[0]) for r in rows.fetchall()]
+
     def has_instance(self, sop_instance_uid: str) -> bool:
         row = (
             self._conn()

@@ -19,7 +19,8 @@ Two TID 1500 reports, one per kind of reader:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import highdicom as hd
@@ -115,10 +116,18 @@ class ResultWriter:
         result: pb.AnalysisResult,
         masks: dict[int, np.ndarray],
         uid_root: str = DEFAULT_UID_ROOT,
+        previous: Mapping[str, Sequence[Dataset]] | None = None,
     ) -> None:
+        """``previous``: by kind, the objects an earlier analysis of this series wrote (headers are
+        enough); the new SRs name them in PredecessorDocumentsSequence, and instance numbers go on."""
         if not sources:
             raise ValueError("At least one source image is needed.")
         self.sources = list(sources)
+        self.previous = {kind: list(objs) for kind, objs in (previous or {}).items()}
+        # The input's identity: the same images give the same instance UIDs (a re-run after a crash
+        # replaces, never duplicates); images added later give new instances (a revision).
+        digest = hashlib.sha256("\\".join(sorted(str(ds.SOPInstanceUID) for ds in self.sources)).encode())
+        self.input_key = digest.hexdigest()[:32]
         self.result = result
         self.masks = masks
         self.uid_root = uid_root
@@ -137,6 +146,13 @@ class ResultWriter:
     # -- identities ------------------------------------------------------------
     def uid(self, *parts: object) -> str:
         return derive_uid(self.uid_root, self.series_uid, self.model.name, self.model.version, *parts)
+
+    def instance_uid(self, kind: str) -> str:
+        """Series UIDs stay per (series, model, kind); the instance UID also follows the input."""
+        return self.uid(kind, "instance", self.input_key)
+
+    def instance_number(self, kind: str) -> int:
+        return 1 + len(self.previous.get(kind, []))
 
     def _description(self, what: str) -> str:
         tag = " (non-clinical)" if self.model.non_clinical else " (AI draft, unverified)"
@@ -188,8 +204,8 @@ class ResultWriter:
             segment_descriptions=descriptions,
             series_instance_uid=self.uid("seg", "series"),
             series_number=SERIES_NUMBERS["seg"],
-            sop_instance_uid=self.uid("seg", "instance"),
-            instance_number=1,
+            sop_instance_uid=self.instance_uid("seg"),
+            instance_number=self.instance_number("seg"),
             manufacturer=MANUFACTURER,
             manufacturer_model_name=self.model.name[:64],
             software_versions=self.model.version or "unknown",
@@ -415,8 +431,9 @@ class ResultWriter:
         return {
             "series_instance_uid": self.uid(kind, "series"),
             "series_number": SERIES_NUMBERS[kind],
-            "sop_instance_uid": self.uid(kind, "instance"),
-            "instance_number": 1,
+            "sop_instance_uid": self.instance_uid(kind),
+            "instance_number": self.instance_number(kind),
+            "previous_versions": self.previous.get(kind) or None,
             "manufacturer": MANUFACTURER,
             # General Equipment names the algorithm, as in the SEG (readers group results by it).
             "manufacturer_model_name": self.model.name[:64],

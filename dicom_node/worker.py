@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
 
+import pydicom
 from pydicom.dataset import Dataset
 
 from dicom_node.attributes import searchable_attributes
@@ -25,7 +26,7 @@ from dicom_node.errors import ExportError, InferenceRejected, RadBridgeError
 from dicom_node.export import export
 from dicom_node.index import Index, Job, JobKind, JobState, StudyState
 from dicom_node.metrics import ANALYSIS_SECONDS, EXPORTS, JOB_OUTCOMES, JOBS_RESUMED
-from dicom_node.results import ResultWriter
+from dicom_node.results import SERIES_NUMBERS, ResultWriter
 from dicom_node.routing import RulePlanner, group_series, route
 from dicom_node.spool import InstanceRef, Spool, uid_key, write_durably
 from dicom_node.status import job_label, series_labels
@@ -114,9 +115,16 @@ def run_analyze(job: Job, ctx: StepContext) -> None:
         )
     finally:
         client.close()
-    objects = ResultWriter(
-        volume.sources, outcome.result, outcome.masks, ctx.settings.worker.uid_root
-    ).build_all()
+    writer = ResultWriter(volume.sources, outcome.result, outcome.masks, ctx.settings.worker.uid_root)
+    writer.previous = _previous_outputs(ctx.index, writer)
+    if writer.previous:
+        replaced = sum(len(v) for v in writer.previous.values())
+        ctx.index.add_event(
+            job.study_instance_uid,
+            "analysis revised",
+            f"the series changed since its last analysis; the new objects replace {replaced} earlier one(s)",
+        )
+    objects = writer.build_all()
     written = [keep_output(ctx.spool, ctx.index, obj.kind, obj.dataset) for obj in objects]
     for name in ctx.settings.export.targets:
         for path in written:
@@ -135,6 +143,20 @@ def run_analyze(job: Job, ctx: StepContext) -> None:
             "study_key": uid_key(job.study_instance_uid),
         },
     )
+
+
+def _previous_outputs(index: Index, writer: ResultWriter) -> dict[str, list[Dataset]]:
+    """Headers of what earlier analyses of this series (other input) wrote, by kind."""
+    previous: dict[str, list[Dataset]] = {}
+    for kind in SERIES_NUMBERS:
+        headers = [
+            pydicom.dcmread(p, stop_before_pixels=True)
+            for p in index.outputs_in_series(writer.uid(kind, "series"))
+        ]
+        earlier = [ds for ds in headers if str(ds.SOPInstanceUID) != writer.instance_uid(kind)]
+        if earlier:
+            previous[kind] = earlier
+    return previous
 
 
 def keep_output(spool: Spool, index: Index, kind: str, ds: Dataset) -> Path:
