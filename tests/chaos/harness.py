@@ -154,6 +154,7 @@ class Sender(threading.Thread):
         rng: random.Random,
         workdir: Path,
         stow_chunk: int = 4,
+        gap_s: float = 1.0,
     ) -> None:
         super().__init__(name="chaos-sender", daemon=True)
         self.studies = studies
@@ -161,15 +162,18 @@ class Sender(threading.Thread):
         self.http_port = http_port
         self.rng = rng
         self.stow_chunk = stow_chunk
+        self.gap_s = gap_s
         self.workdir = workdir
         self.sent = 0
         self.attempts = 0
         self.failures = 0
         self.stop_event = threading.Event()
         self.lock = threading.Lock()
-        # What is on the wire now: "association" / "stow" and how many instances it acknowledged.
+        # The send under way ("association" / "stow"), how many instances it has had acknowledged so
+        # far, and whether a request of it is on the wire right now.
         self.in_flight: str | None = None
         self.in_flight_acks = 0
+        self.on_wire = False
         self.error: BaseException | None = None
 
     def run(self) -> None:
@@ -180,7 +184,7 @@ class Sender(threading.Thread):
                     if not ok:
                         self.failures += 1
                         self.stop_event.wait(0.1 + 0.2 * self.rng.random())
-                self.stop_event.wait(self.rng.uniform(0.2, 1.5))  # the next study comes a little later
+                self.stop_event.wait(self.rng.uniform(0.5, 1.5) * self.gap_s)  # the next study, later
         except BaseException as exc:  # reported by the harness
             self.error = exc
 
@@ -188,6 +192,7 @@ class Sender(threading.Thread):
         with self.lock:
             self.in_flight = what
             self.in_flight_acks = 0
+            self.on_wire = what == "association"  # a storescu process is on the wire all along
 
     def _ack(self, study: Study, uid: str) -> None:
         with self.lock:
@@ -229,6 +234,13 @@ class Sender(threading.Thread):
     def _send_stow(self, study: Study) -> bool:
         """STOW-RS requests of a few instances each; True if every request was answered in full."""
         pending = study.pending
+        self._flight("stow")
+        try:
+            return self._send_stow_chunks(study, pending)
+        finally:
+            self._flight(None)
+
+    def _send_stow_chunks(self, study: Study, pending: list[str]) -> bool:
         for start in range(0, len(pending), self.stow_chunk):
             chunk = pending[start : start + self.stow_chunk]
             boundary = uuid.uuid4().hex
@@ -239,7 +251,7 @@ class Sender(threading.Thread):
                 body.write(b"\r\n")
             body.write(f"--{boundary}--\r\n".encode())
             self.attempts += 1
-            self._flight("stow")
+            self.on_wire = True
             try:
                 response = requests.post(
                     f"http://127.0.0.1:{self.http_port}/dicom-web/studies",
@@ -255,7 +267,7 @@ class Sender(threading.Thread):
                     self.sent += len(chunk)
                 return False
             finally:
-                self._flight(None)
+                self.on_wire = False
             self.sent += len(chunk)
             if response.status_code not in (200, 202):
                 return False
@@ -385,7 +397,7 @@ class CrashHarness:
         while time.monotonic() < deadline:
             if mode == "association":
                 with self.sender.lock:
-                    if self.sender.in_flight and self.sender.in_flight_acks >= 1:
+                    if self.sender.on_wire and self.sender.in_flight_acks >= 1:
                         return
                 if not self.sender.is_alive():
                     return
@@ -398,15 +410,22 @@ class CrashHarness:
     def _phases_now(self) -> set[str]:
         phases = set()
         with self.sender.lock:
-            if self.sender.in_flight:
+            if self.sender.in_flight and self.sender.on_wire:
                 phases.add(self.sender.in_flight)
         phases |= self.jobs.running() & {"analyze", "export"}
         return phases or {"idle"}
 
     def _modes(self) -> list[str]:
+        """A seeded schedule: each mode a quarter of the cycles; the association kills fall in the
+        first two thirds, while the sender still has studies to send."""
         modes = [MODES[i % len(MODES)] for i in range(self.n_kills)]
-        self.rng.shuffle(modes)
-        return modes
+        early = max(1, 2 * self.n_kills // 3)
+        n_assoc = modes.count("association")
+        slots = sorted(self.rng.sample(range(early), min(n_assoc, early)))
+        others = [m for m in modes if m != "association"] + ["random"] * (n_assoc - len(slots))
+        self.rng.shuffle(others)
+        it = iter(others)
+        return ["association" if i in slots else next(it) for i in range(self.n_kills)]
 
     # -- the run -------------------------------------------------------------------------------
     def run(self) -> Figures:
@@ -428,7 +447,12 @@ class CrashHarness:
             f.studies, f.studies_stow = len(studies), sum(s.stow for s in studies)
             f.instances = sum(len(s.files) for s in studies)
             self._start_node()
-            self.sender = Sender(studies, scp_port, http_port, random.Random(self.rng.random()), self.workdir)
+            # Spread the studies over about the time the kill cycles take (~4 s each), so that
+            # associations are still under way for the late cycles.
+            gap_s = max(0.3, 0.8 * 4.0 * self.n_kills / max(1, len(studies)))
+            self.sender = Sender(
+                studies, scp_port, http_port, random.Random(self.rng.random()), self.workdir, gap_s=gap_s
+            )
             self.sender.start()
             try:
                 for cycle, mode in enumerate(self._modes(), 1):
