@@ -67,6 +67,8 @@ class Serve:
                 self.proc.kill()
                 self.proc.wait()
         self._log.close()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
         return self.proc.returncode
 
 
