@@ -67,10 +67,21 @@ class Serve:
                 self.proc.kill()
                 self.proc.wait()
         self._log.close()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
         return self.proc.returncode
 
 
-def _config(tmp_path: Path, scp_port: int, orthanc: OrthancServer) -> Path:
+def _config(
+    tmp_path: Path,
+    scp_port: int,
+    orthanc: OrthancServer,
+    *,
+    http_port: int | None = None,
+    quiet_window_s: float = 2.0,
+    extra: str = "",
+) -> Path:
+    """The node's config for these tests; ``extra`` is TOML appended as is (more sections)."""
     cfg = tmp_path / "radbridge.toml"
     cfg.write_text(
         f"""
@@ -79,13 +90,13 @@ port = {scp_port}
 ae_title = "RADBRIDGE"
 
 [http]
-port = {free_port()}
+port = {http_port or free_port()}
 
 [spool]
 directory = "{tmp_path / "spool"}"
 
 [completion]
-quiet_window_s = 2.0
+quiet_window_s = {quiet_window_s}
 
 [worker]
 poll_interval_s = 0.2
@@ -95,7 +106,7 @@ backoff_s = 1.0
 host = "127.0.0.1"
 port = {orthanc.dicom_port}
 ae_title = "{orthanc.aet}"
-"""
+{extra}"""
     )
     return cfg
 
