@@ -385,6 +385,16 @@ class Index:
         )
         return [r[0] for r in rows.fetchall()]
 
+    def restart_quiet_windows(self, now: float | None = None) -> int:
+        """At start: the time the node was down is not quiet time (a sender cut off by the stop had
+        no chance to resume), so every RECEIVING study's quiet window starts again now."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            return db.execute(
+                "UPDATE studies SET last_received_time=? WHERE state=? AND last_received_time<?",
+                (now, StudyState.RECEIVING, now),
+            ).rowcount
+
     def complete_study(self, study_uid: str, quiet_window_s: float, now: float | None = None) -> bool:
         """RECEIVING -> COMPLETE and queue its route job, atomically, if still quiet."""
         now = time.time() if now is None else now

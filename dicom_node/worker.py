@@ -304,6 +304,7 @@ class Worker:
         self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
+        self.ctx.index.restart_quiet_windows()
         limits = {kind: _policy(self.ctx, kind)[0] for kind in JobKind}
         resumed, failed = self.ctx.index.resume_interrupted(limits)
         JOBS_RESUMED.labels(outcome="resumed").inc(resumed)

@@ -20,24 +20,26 @@ What counts as what:
 * **lost**: acknowledged, but at the end not in the node's index as a received instance, or its
   spooled file is missing, of another size, or does not parse to the same SOP Instance UID.
 * **completed study**: every instance acknowledged, and Orthanc holds the study's results: one
-  SEG and the expected SRs, whose SOP Instance UIDs are exactly the node's output objects for the
-  study, with the SEG referencing every acknowledged instance of the series (results of the whole
-  study, not of the part that had arrived before a crash).
-* **"exactly once"** -- precisely: the node writes its results with SOP Instance UIDs derived from
-  the source series and the model, so re-running a job cut off by a crash re-creates the *same*
-  objects. Delivery to the destination is at-least-once: an export killed after Orthanc stored the
-  object but before the node recorded SUCCEEDED is sent again on restart, and Orthanc keeps the
-  one copy it has (same UID). So "exactly once" here means exactly-once *effect*:
+  SEG series and the expected SR series, whose objects are exactly the node's output objects for
+  the study, the latest SEG referencing every acknowledged instance of the series (results of the
+  whole study, not of the part that had arrived before a crash).
+* **"exactly once"** -- precisely: the node derives its output SOP Instance UIDs from the source
+  series, the model and the source images, so re-running a job cut off by a crash re-creates the
+  *same* objects. Delivery to the destination is at-least-once: an export killed after Orthanc
+  stored the object but before the node recorded SUCCEEDED is sent again on restart, and Orthanc
+  keeps the one copy it has (same UID). So "exactly once" here means exactly-once *effect*:
 
-  - Orthanc holds, per study, exactly 1 SEG and exactly the expected number of SRs, no two with
-    the same SOP Instance UID, and none that is not one of the node's output objects
-    (a re-analysis that minted new UIDs would show up here as a second SEG);
+  - Orthanc holds, per study, no two objects with the same SOP Instance UID and none that is not
+    one of the node's output objects, in exactly 1 SEG series and the expected SR series;
   - the node's index has exactly those output objects for the study and exactly one export job
     per (output object, target), in state SUCCEEDED (no FAILED / DEAD_LETTER / stuck job).
 
   ``duplicates`` counts every violation of these. Resends of the same UID (export jobs that ran
   more than once: ``export re-runs``) and analyses that ran again (``analysis re-runs``) are
   reported as figures, not as duplicates: they are the idempotent retries the design relies on.
+  A study completed before all its images arrived (a sender that resumed after the quiet window)
+  is analysed again when the rest arrives: that gives a *revision* (new instances in the same
+  series, the SRs naming their predecessors), counted as ``revised results``, not as duplicates.
 
 Run it by hand for more cycles (from the repository root)::
 
@@ -96,6 +98,7 @@ class Figures:
     studies_completed: int = 0
     result_objects: int = 0  # SEG + SR instances at Orthanc
     duplicates: int = 0
+    revisions: int = 0  # earlier result objects replaced by a revision (a study completed early)
     export_reruns: int = 0
     analysis_reruns: int = 0
     wall_s: float = 0.0
@@ -118,6 +121,7 @@ class Figures:
             ("studies completed", f"{self.studies_completed} of {self.studies}"),
             ("result objects at Orthanc", self.result_objects),
             ("duplicates", self.duplicates),
+            ("revised results (study completed early)", self.revisions),
             ("export re-runs (same UID resent)", self.export_reruns),
             ("analysis re-runs", self.analysis_reruns),
             ("wall time", f"{self.wall_s:.1f} s"),
@@ -560,19 +564,27 @@ class CrashHarness:
         mine = {r["sop_instance_uid"]: r for r in outputs if r["study_instance_uid"] == study.study_uid}
         problems: list[str] = []
         duplicates = 0
+        latest: dict[str, tuple[int, str]] = {}  # output series -> (instance number, SOP UID)
+        for uid, row in mine.items():
+            ds = pydicom.dcmread(row["path"], stop_before_pixels=True)
+            series, number = str(ds.SeriesInstanceUID), int(ds.InstanceNumber)
+            if series not in latest or number > latest[series][0]:
+                latest[series] = (number, uid)
+        f.revisions += len(mine) - len(latest)
         for modality, expected in EXPECTED_OUTPUTS.items():
             uids = at_orthanc.get(modality, [])
-            node_uids = [u for u, r in mine.items() if r["modality"] == modality]
-            if len(uids) > expected or len(uids) != len(set(uids)):
-                duplicates += len(uids) - min(expected, len(set(uids)))
-            if len(node_uids) > expected:
-                duplicates += len(node_uids) - expected
-            strangers = set(uids) - set(node_uids)
+            node_uids = {u for u, r in mine.items() if r["modality"] == modality}
+            duplicates += len(uids) - len(set(uids))
+            strangers = set(uids) - node_uids
             duplicates += len(strangers)
-            if len(uids) != expected or strangers or len(node_uids) != expected:
+            series = {
+                str(pydicom.dcmread(mine[u]["path"], stop_before_pixels=True).SeriesInstanceUID)
+                for u in node_uids
+            }
+            if strangers or set(uids) != node_uids or len(series) != expected:
                 problems.append(
-                    f"{modality}: Orthanc has {len(uids)} ({len(strangers)} not the node's), "
-                    f"the node wrote {len(node_uids)}, expected {expected}"
+                    f"{modality}: Orthanc has {len(uids)} ({len(strangers)} not the node's), the node wrote "
+                    f"{len(node_uids)} in {len(series)} series, expected {expected} series"
                 )
         exports = Counter(
             json.loads(j["payload"])["path"]
@@ -592,12 +604,16 @@ class CrashHarness:
                 duplicates += n - 1
             if ok != 1:
                 problems.append(f"output {row['sop_instance_uid']}: {ok} SUCCEEDED export job(s) of {n}")
-        seg = at_orthanc.get("SEG", [])
-        if len(seg) == 1:
-            refs = _seg_references(self.orthanc, study.study_uid, seg[0])
+        seg_series = [u for _, u in latest.values() if mine[u]["modality"] == "SEG"]
+        for seg in seg_series:  # the latest revision covers the whole series
+            refs = (
+                _seg_references(self.orthanc, study.study_uid, seg)
+                if seg in at_orthanc.get("SEG", [])
+                else set()
+            )
             if refs != set(study.files):
                 problems.append(
-                    f"the SEG at Orthanc references {len(refs)} of the series' {len(study.files)} "
+                    f"the latest SEG at Orthanc references {len(refs)} of the series' {len(study.files)} "
                     "instances (results of a partial study)"
                 )
         f.duplicates += duplicates

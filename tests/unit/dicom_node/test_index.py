@@ -69,3 +69,13 @@ def test_re_adding_a_finished_job_rearms_it_but_not_a_pending_one(tmp_path: Path
     index.add_job(JobKind.EXPORT, "k", "1.2.3", {"v": 3})
     (only,) = index.jobs()
     assert only.state is JobState.PENDING and only.payload == {"v": 3} and only.attempts == 0
+
+
+def test_quiet_windows_restart_when_the_node_starts(tmp_path: Path) -> None:
+    """Down time is not quiet time: a study cut off by a stop waits a full window after the start."""
+    index = Index(tmp_path / "i.db")
+    index.add_instance(_ref(tmp_path, "1"), "CT", "SCU", now=100.0)
+    assert index.quiet_studies(30.0, now=200.0) == ["1.2.3"]  # as if the node had been down 100 s
+    assert index.restart_quiet_windows(now=200.0) == 1
+    assert index.quiet_studies(30.0, now=200.0) == []
+    assert index.quiet_studies(30.0, now=230.0) == ["1.2.3"]
