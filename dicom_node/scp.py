@@ -139,6 +139,8 @@ class GuardedAssociationServer(ThreadedAssociationServer):
       pynetdicom then reads a complete PDU. Anything else is closed unread.
     """
 
+    request_queue_size = 64  # listen() backlog; socketserver's 5 drops SYNs (1 s client retry) in a burst
+
     def __init__(
         self,
         *args: Any,
