@@ -17,6 +17,10 @@ from radbridge_common.settings import build, read_layers
 
 DEFAULT_AE_TITLE = "RADBRIDGE"
 DEFAULT_SCP_PORT = 11112
+DEFAULT_MAX_ASSOCIATIONS = 10  # pynetdicom's own default
+DEFAULT_MAX_ASSOCIATIONS_PER_PEER = 8
+DEFAULT_FIRST_PDU_TIMEOUT_S = 5.0  # ARTIM: connection accepted -> whole A-ASSOCIATE-RQ received
+DEFAULT_MAX_FIRST_PDU_BYTES = 256 * 1024  # a 128-context A-ASSOCIATE-RQ is ~100 KiB at most in practice
 DEFAULT_SPOOL = Path("radbridge-spool")
 DEFAULT_QUIET_WINDOW_S = 30.0
 DEFAULT_HTTP_PORT = 8080
@@ -42,9 +46,22 @@ class ScpSection:
     ae_title: str = DEFAULT_AE_TITLE
     allowed_calling_aets: list[str] = field(default_factory=list)  # empty = any
     max_pdu: int = 0  # 0 = unlimited
+    max_associations: int = DEFAULT_MAX_ASSOCIATIONS  # beyond: A-ASSOCIATE-RJ "local limit exceeded"
+    max_associations_per_peer: int = DEFAULT_MAX_ASSOCIATIONS_PER_PEER  # per IP address; beyond: closed
+    first_pdu_timeout_s: float = DEFAULT_FIRST_PDU_TIMEOUT_S
+    max_first_pdu_bytes: int = DEFAULT_MAX_FIRST_PDU_BYTES
 
     def __post_init__(self) -> None:
         _check_ae(self.ae_title, "scp.ae_title")
+        for key in ("max_associations", "max_associations_per_peer", "first_pdu_timeout_s"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                raise ValueError(f"scp.{key} must be a positive number, not {value!r}.")
+        if self.max_first_pdu_bytes < 1024:
+            raise ValueError(
+                f"scp.max_first_pdu_bytes must be at least 1024 (an A-ASSOCIATE-RQ with one presentation"
+                f" context is a few hundred bytes), not {self.max_first_pdu_bytes!r}."
+            )
 
 
 @dataclass(frozen=True)

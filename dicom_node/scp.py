@@ -3,12 +3,21 @@
 The C-STORE handler does I/O only: the encoded bytes go to the durable spool,
 the index records them, and only then is 0x0000 returned. Failures become a
 specific DIMSE status with an Error Comment (errors.to_dimse_status).
+
+Before a connection reaches pynetdicom, GuardedAssociationServer bounds what an
+unassociated peer can hold: connections per IP address, the wait for the whole
+A-ASSOCIATE-RQ (the ARTIM timer) and that PDU's announced length.
 """
 
 from __future__ import annotations
 
 import logging
+import select
+import socket
+import struct
+import threading
 import time
+from collections import Counter
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -25,6 +34,10 @@ from dicom_node.metrics import BYTES_RECEIVED, INSTANCES_RECEIVED, INSTANCES_REF
 from dicom_node.spool import Spool, uid_key
 
 logger = logging.getLogger(__name__)
+
+A_ASSOCIATE_RQ_PDU_TYPE = 0x01
+_PDU_HEADER = struct.Struct(">BBL")  # PDU type, reserved, length of what follows (PS3.8 9.3.1)
+_POLL_S = 0.05
 
 
 def configure_pynetdicom() -> None:
@@ -101,11 +114,166 @@ def handle_echo(event: evt.Event) -> int:
     return 0x0000
 
 
+def handle_rejected(event: evt.Event) -> None:
+    rj = event.assoc.acceptor.primitive
+    logger.warning(
+        "Association rejected",
+        extra={
+            "event": "scp.association_rejected",
+            "peer_address": event.assoc.requestor.address,
+            "peer_ae": event.assoc.requestor.ae_title,
+            "result": rj.result,
+            "source": rj.result_source,
+            "diagnostic": rj.diagnostic,  # source 3, diagnostic 2: local limit exceeded
+        },
+    )
+
+
+class GuardedAssociationServer(ThreadedAssociationServer):
+    """A ThreadedAssociationServer that bounds what a peer can hold before it has associated.
+
+    pynetdicom starts an association thread for every accepted connection, counts it
+    against ``AE.maximum_associations`` while it waits ``AE.acse_timeout`` (30 s) for the
+    A-ASSOCIATE-RQ, and reads a PDU's body with a blocking ``recv`` of whatever length
+    its header announces. Here, before pynetdicom sees a connection:
+
+    - at most ``max_per_peer`` connections (waiting or associated) per IP address; more
+      are closed at once, in the accepting thread;
+    - the peer has ``first_pdu_timeout_s`` to deliver a whole A-ASSOCIATE-RQ announcing
+      at most ``max_first_pdu_bytes``. The bytes are only peeked (``MSG_PEEK``), so
+      pynetdicom then reads a complete PDU. Anything else is closed unread.
+    """
+
+    request_queue_size = 64  # listen() backlog; socketserver's 5 drops SYNs (1 s client retry) in a burst
+
+    def __init__(
+        self,
+        *args: Any,
+        max_per_peer: int,
+        first_pdu_timeout_s: float,
+        max_first_pdu_bytes: int,
+        **kwargs: Any,
+    ) -> None:
+        self.max_per_peer = max_per_peer
+        self.first_pdu_timeout_s = first_pdu_timeout_s
+        self.max_first_pdu_bytes = max_first_pdu_bytes
+        self._waiting: Counter[str] = Counter()  # per IP: accepted, A-ASSOCIATE-RQ not yet handed over
+        self._lock = threading.Lock()
+        self._closing = threading.Event()
+        super().__init__(*args, **kwargs)
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        peer = client_address[0]
+        with self._lock:
+            associated = sum(1 for a in self.active_associations if _peer_address(a) == peer)
+            if self._waiting[peer] + associated >= self.max_per_peer:
+                _log_refused(peer, "peer_limit", limit=self.max_per_peer)
+                return False  # socketserver closes it
+            self._waiting[peer] += 1
+        return True
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request(request, client_address)  # starts process_request_thread
+        except BaseException:
+            self._done_waiting(client_address[0])
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        peer = client_address[0]
+        started = time.monotonic()
+        try:
+            try:
+                refusal = self._await_associate_rq(request)
+            except OSError:
+                refusal = "connection_error", {}
+            if refusal is None:
+                # As pynetdicom does for the sockets it connects: a stalled read or write ends.
+                request.settimeout(self.ae.network_timeout)
+                super().process_request_thread(request, client_address)  # association thread
+            else:
+                reason, details = refusal
+                _log_refused(peer, reason, duration_ms=round(1000 * (time.monotonic() - started)), **details)
+                self.shutdown_request(request)
+        finally:
+            self._done_waiting(peer)
+
+    def server_close(self) -> None:
+        self._closing.set()  # waiting connections give up within _POLL_S
+        super().server_close()
+
+    def _done_waiting(self, peer: str) -> None:
+        with self._lock:
+            self._waiting[peer] -= 1
+            if self._waiting[peer] <= 0:
+                del self._waiting[peer]
+
+    def _await_associate_rq(self, request: socket.socket) -> tuple[str, dict[str, int]] | None:
+        """None once a whole A-ASSOCIATE-RQ is buffered, else (reason, details) to refuse."""
+        deadline = time.monotonic() + self.first_pdu_timeout_s
+        wanted, length = _PDU_HEADER.size, None
+        while not self._closing.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return "first_pdu_timeout", {"received_bytes": len(_peek(request, wanted) or b"")}
+            readable, _, _ = select.select([request], [], [], min(remaining, _POLL_S))
+            if not readable:
+                continue
+            data = _peek(request, wanted)
+            if data is None:
+                continue
+            if not data:
+                return "closed_before_associate_rq", {}
+            if length is None and len(data) == _PDU_HEADER.size:
+                pdu_type, _, length = _PDU_HEADER.unpack(data)
+                if pdu_type != A_ASSOCIATE_RQ_PDU_TYPE:
+                    return "not_associate_rq", {"pdu_type": pdu_type}
+                if length > self.max_first_pdu_bytes:
+                    return "first_pdu_too_large", {"pdu_bytes": length, "limit": self.max_first_pdu_bytes}
+                wanted += length
+                _make_room(request, wanted)
+            elif len(data) >= wanted:
+                return None
+            else:
+                self._closing.wait(_POLL_S)  # a partial PDU: select would wake at once
+        return "server_stopping", {}
+
+
+def _peer_address(assoc: Any) -> str | None:
+    info = assoc.requestor.address_info
+    return info.address if info is not None else None
+
+
+def _peek(request: socket.socket, size: int) -> bytes | None:
+    """Up to ``size`` bytes the peer has sent, left unread; b"" once it has gone, None if nothing yet."""
+    try:
+        return request.recv(size, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return None
+    except OSError:
+        return b""
+
+
+def _make_room(request: socket.socket, size: int) -> None:
+    """Let the kernel buffer a whole PDU unread (the default holds about 128 KiB)."""
+    if request.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) < 2 * size:
+        request.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2 * size)
+
+
+def _log_refused(peer: str, reason: str, **details: int) -> None:
+    logger.warning(
+        "SCP connection refused",
+        extra={"event": "scp.connection_refused", "peer_address": peer, "reason": reason, **details},
+    )
+
+
 def start_scp(settings: ScpSection, spool: Spool, index: Index) -> ThreadedAssociationServer:
     """Start the SCP in the background; ``server.server_address[1]`` is the bound port."""
     configure_pynetdicom()
     ae = AE(ae_title=settings.ae_title)
     ae.maximum_pdu_size = settings.max_pdu
+    ae.maximum_associations = settings.max_associations
+    ae.acse_timeout = settings.first_pdu_timeout_s  # pynetdicom's ARTIM, behind the server's own wait
     ae.require_calling_aet = list(settings.allowed_calling_aets)
     for context in AllStoragePresentationContexts:
         ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
@@ -113,8 +281,19 @@ def start_scp(settings: ScpSection, spool: Spool, index: Index) -> ThreadedAssoc
     handlers = [
         (evt.EVT_C_STORE, handle_store, [spool, index]),
         (evt.EVT_C_ECHO, handle_echo),
+        (evt.EVT_REJECTED, handle_rejected),
     ]
-    server = ae.start_server((settings.host, settings.port), block=False, evt_handlers=handlers)
+    server = ae.make_server(
+        (settings.host, settings.port),
+        evt_handlers=handlers,
+        server_class=GuardedAssociationServer,
+        max_per_peer=settings.max_associations_per_peer,
+        first_pdu_timeout_s=settings.first_pdu_timeout_s,
+        max_first_pdu_bytes=settings.max_first_pdu_bytes,
+    )
+    # As AE.start_server(block=False) does; the server removes itself from ae._servers on shutdown.
+    ae._servers.append(server)
+    threading.Thread(target=server.serve_forever, name="AcceptorServer", daemon=True).start()
     logger.info(
         "SCP listening",
         extra={"event": "scp.start", "ae_title": settings.ae_title, "port": server.server_address[1]},

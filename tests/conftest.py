@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from dicom_node.config import ScpSection
+from dicom_node.index import Index
+from dicom_node.scp import start_scp
+from dicom_node.spool import Spool
 from radbridge.synth import ct_series, write_series
 from tests.peers import DICOMWEB_PLUGIN, ORTHANC_BIN, OrthancServer, missing_tools
 
@@ -39,3 +44,25 @@ def require_dicom3tools() -> None:
 def small_ct_files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """A 512x512 synthetic CT series of 24 slices written to disk (slice order)."""
     return write_series(ct_series(n_slices=24), tmp_path_factory.mktemp("ct"))
+
+
+#: start_node_scp(**scp_keys) -> (port, spool, index): the node's SCP on a free loopback port.
+StartScp = Callable[..., tuple[int, Spool, Index]]
+
+
+@pytest.fixture
+def start_node_scp(tmp_path: Path) -> Iterator[StartScp]:
+    """Start the node's SCP (AE title RADBRIDGE) with [scp] keys; each is stopped after the test."""
+    started: list[tuple[Any, Index]] = []
+
+    def start(**scp_keys: Any) -> tuple[int, Spool, Index]:
+        spool = Spool(tmp_path / f"spool-{len(started)}")
+        index = Index(spool.index_path)
+        server = start_scp(ScpSection(port=0, ae_title="RADBRIDGE", **scp_keys), spool, index)
+        started.append((server, index))
+        return server.server_address[1], spool, index
+
+    yield start
+    for server, index in started:
+        server.shutdown()
+        index.close()

@@ -7,11 +7,14 @@ TCP_NODELAY=1 (dcmtk FAQ #48: Nagle's algorithm makes them ~30x slower).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import time
 import urllib.request
@@ -75,6 +78,53 @@ def storescu(
 
 def echoscu(host: str, port: int, called_aet: str, calling_aet: str = "ECHOSCU") -> ToolResult:
     return _run_dcmtk(["echoscu", "-aet", calling_aet, "-aec", called_aet, host, str(port)], 30)
+
+
+# -- hostile peers ------------------------------------------------------------------
+#: What a port scanner or a broken client may send first. A PDU starts with its type, a reserved
+#: byte and a 4-byte big-endian length (PS3.8 9.3); 0x01 is an A-ASSOCIATE-RQ.
+GARBAGE_KINDS = ("random", "huge_pdu", "truncated_rq", "idle")
+_TRUNCATED_RQ = (
+    struct.pack(">BBL", 0x01, 0, 205)
+    + b"\x00\x01\x00\x00"  # protocol version 1, reserved
+    + b"RADBRIDGE".ljust(16)  # called AE title; the calling AE title and the items never come
+)
+
+
+def garbage_connection(
+    kind: str, port: int, source: str = "127.0.0.1", rng: random.Random | None = None
+) -> socket.socket:
+    """Connect from ``source`` to 127.0.0.1:``port`` and send one kind of garbage.
+
+    ``random``: 64 random bytes; ``huge_pdu``: an A-ASSOCIATE-RQ header announcing 0xFFFFFFFF
+    bytes; ``truncated_rq``: the first bytes of an A-ASSOCIATE-RQ; ``idle``: nothing.
+    The socket is left open (half-open, as an attacker holds it); the caller closes it.
+    """
+    payload = {
+        "random": (rng or random.Random(0)).randbytes(64),
+        "huge_pdu": struct.pack(">BBL", 0x01, 0, 0xFFFFFFFF),
+        "truncated_rq": _TRUNCATED_RQ,
+        "idle": b"",
+    }[kind]
+    sock = socket.create_connection(("127.0.0.1", port), timeout=2, source_address=(source, 0))
+    with contextlib.suppress(OSError):  # the node may close it first; that is what it should do
+        sock.sendall(payload)
+    return sock
+
+
+def closed_by_peer(sock: socket.socket, within_s: float) -> bool:
+    """True if the other end closed ``sock`` (EOF or reset) within ``within_s`` seconds."""
+    deadline = time.monotonic() + within_s
+    try:
+        while (left := deadline - time.monotonic()) > 0:
+            sock.settimeout(left)
+            if not sock.recv(4096):
+                return True
+    except TimeoutError:
+        return False
+    except OSError:  # reset
+        return True
+    return False
 
 
 # -- validators ----------------------------------------------------------------------

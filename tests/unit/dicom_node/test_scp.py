@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import socket
+import time
+from collections.abc import Callable, Iterator
 from io import BytesIO
 from pathlib import Path
 
@@ -11,31 +15,35 @@ import pytest
 from pydicom.filebase import DicomFileLike
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
-from pynetdicom import AE, _config
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config
+from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 
-from dicom_node.config import ScpSection
+from dicom_node.config import ScpSection, settings_from
 from dicom_node.index import Index
 from dicom_node.scp import start_scp
 from dicom_node.spool import Spool
 from radbridge_common.logs import JsonFormatter
+from tests.conftest import StartScp
+from tests.peers import closed_by_peer, garbage_connection
+
+ATTACKER = "127.0.0.2"  # loopback is 127.0.0.0/8: another peer address on the same machine
 
 
 @pytest.fixture
-def scp(tmp_path: Path):  # noqa: ANN201
-    spool = Spool(tmp_path / "spool")
-    index = Index(spool.index_path)
-    server = start_scp(ScpSection(port=0, ae_title="RADBRIDGE"), spool, index)
-    yield server.server_address[1], spool, index
-    server.shutdown()
-    index.close()
+def scp(start_node_scp: StartScp) -> tuple[int, Spool, Index]:
+    return start_node_scp()
 
 
-def _assoc(port: int):  # noqa: ANN202
+def _try_assoc(port: int, source: str = "127.0.0.1"):  # noqa: ANN202
     ae = AE(ae_title="TESTSCU")
     ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
     ae.add_requested_context(Verification)
-    assoc = ae.associate("127.0.0.1", port, ae_title="RADBRIDGE")
+    return ae.associate("127.0.0.1", port, ae_title="RADBRIDGE", bind_address=(source, 0))
+
+
+def _assoc(port: int, source: str = "127.0.0.1"):  # noqa: ANN202
+    assoc = _try_assoc(port, source)
     assert assoc.is_established
     return assoc
 
@@ -123,3 +131,118 @@ def test_spool_below_its_watermark_answers_a700_and_keeps_nothing(
     assert "watermark" in status.ErrorComment
     assert index.count_instances() == 0 and not any((spool.root / "instances").rglob("*.dcm"))
     index.close()
+
+
+def _refusals(caplog: pytest.LogCaptureFixture) -> list[dict]:
+    docs = [json.loads(JsonFormatter().format(r)) for r in caplog.records]
+    return [d for d in docs if d.get("event") == "scp.connection_refused"]
+
+
+Held = Callable[[list[socket.socket]], list[socket.socket]]
+
+
+@pytest.fixture
+def held() -> Iterator[Held]:
+    """held(sockets) -> sockets, closed after the test (a raw peer's side of the connection)."""
+    sockets: list[socket.socket] = []
+
+    def hold(new: list[socket.socket]) -> list[socket.socket]:
+        sockets.extend(new)
+        return new
+
+    yield hold
+    for sock in sockets:
+        sock.close()
+
+
+class TestScpSection:
+    @pytest.mark.parametrize("key", ["max_associations", "max_associations_per_peer", "first_pdu_timeout_s"])
+    @pytest.mark.parametrize("value", [0, -1])
+    def test_limits_must_be_positive(self, key: str, value: int) -> None:
+        with pytest.raises(ValueError, match=f"scp.{key} must be a positive number"):
+            ScpSection(**{key: value})
+
+    def test_max_first_pdu_bytes_has_a_floor(self) -> None:
+        with pytest.raises(ValueError, match="scp.max_first_pdu_bytes must be at least 1024"):
+            ScpSection(max_first_pdu_bytes=100)
+
+    def test_keys_come_from_config(self) -> None:
+        scp = settings_from({"scp": {"max_associations_per_peer": "3", "first_pdu_timeout_s": "0.5"}}).scp
+        assert (scp.max_associations_per_peer, scp.first_pdu_timeout_s) == (3, 0.5)
+        assert (ScpSection().max_associations, ScpSection().max_associations_per_peer) == (10, 8)
+
+
+class TestGuardedAssociationServer:
+    def test_peer_limit_closes_extra_connections_at_once(
+        self, start_node_scp: StartScp, held: Held, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        port, _, _ = start_node_scp(max_associations_per_peer=2, first_pdu_timeout_s=30)
+        caplog.set_level(logging.WARNING, logger="dicom_node.scp")
+        waiting = held([garbage_connection("idle", port, ATTACKER) for _ in range(2)])
+        extra = held([garbage_connection("idle", port, ATTACKER)])[0]
+        assert closed_by_peer(extra, within_s=1.0)
+        assert not closed_by_peer(waiting[0], within_s=0.2)
+        _assoc(port).release()  # another peer is not limited by this one
+        # Associated connections count too: one waiting + one associated = 2.
+        waiting.pop().close()
+        deadline = time.monotonic() + 2
+        while not (assoc := _try_assoc(port, ATTACKER)).is_established:
+            assert time.monotonic() < deadline, "the closed connection's slot was not given back"
+        refused = _try_assoc(port, ATTACKER)
+        assert not refused.is_established and not refused.is_rejected  # closed at accept, no A-ASSOCIATE-RJ
+        assoc.release()
+        limited = [r for r in _refusals(caplog) if r["reason"] == "peer_limit"]
+        assert [(r["peer_address"], r["limit"]) for r in limited] == [(ATTACKER, 2)] * 2  # extra, refused
+
+    def test_silent_and_truncated_connections_time_out_without_a_global_slot(
+        self, start_node_scp: StartScp, held: Held, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        port, _, _ = start_node_scp(max_associations=1, first_pdu_timeout_s=0.5)
+        caplog.set_level(logging.WARNING, logger="dicom_node.scp")
+        started = time.monotonic()
+        idle, truncated = held([garbage_connection(k, port, ATTACKER) for k in ("idle", "truncated_rq")])
+        _assoc(port).release()  # the only association slot is free while they wait
+        assert closed_by_peer(idle, within_s=2.0) and closed_by_peer(truncated, within_s=2.0)
+        assert 0.4 < time.monotonic() - started < 2.0
+        timeouts = [r for r in _refusals(caplog) if r["reason"] == "first_pdu_timeout"]
+        assert sorted(r["received_bytes"] for r in timeouts) == [0, 26]  # the truncated RQ: its 26 bytes
+        assert all(r["peer_address"] == ATTACKER and 400 <= r["duration_ms"] < 2000 for r in timeouts)
+
+    @pytest.mark.parametrize(
+        ("kind", "reason"), [("huge_pdu", "first_pdu_too_large"), ("random", "not_associate_rq")]
+    )
+    def test_oversized_or_foreign_first_pdu_is_closed_unread(
+        self, start_node_scp: StartScp, held: Held, caplog: pytest.LogCaptureFixture, kind: str, reason: str
+    ) -> None:
+        port, _, _ = start_node_scp(first_pdu_timeout_s=30)
+        caplog.set_level(logging.WARNING, logger="dicom_node.scp")
+        (sock,) = held([garbage_connection(kind, port, ATTACKER)])
+        assert closed_by_peer(sock, within_s=1.0)  # not after 30 s, and no 4 GB read
+        (refusal,) = _refusals(caplog)
+        assert (refusal["peer_address"], refusal["reason"]) == (ATTACKER, reason)
+        if kind == "huge_pdu":
+            assert (refusal["pdu_bytes"], refusal["limit"]) == (0xFFFFFFFF, 256 * 1024)
+
+    def test_large_associate_rq_fits(self, start_node_scp: StartScp) -> None:
+        """128 contexts x every transfer syntax: bigger than the default socket buffer can hold unread."""
+        port, _, _ = start_node_scp(first_pdu_timeout_s=2)
+        ae = AE(ae_title="TESTSCU")
+        for context in AllStoragePresentationContexts[:128]:
+            ae.add_requested_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        assoc = ae.associate("127.0.0.1", port, ae_title="RADBRIDGE")
+        assert assoc.is_established
+        assoc.release()
+
+    def test_global_limit_rejects_with_local_limit_exceeded(
+        self, start_node_scp: StartScp, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        port, _, _ = start_node_scp(max_associations=1)
+        caplog.set_level(logging.WARNING, logger="dicom_node.scp")
+        first = _assoc(port)
+        second = _try_assoc(port, ATTACKER)
+        first.release()
+        assert second.is_rejected
+        docs = [json.loads(JsonFormatter().format(r)) for r in caplog.records]
+        (rejected,) = [d for d in docs if d.get("event") == "scp.association_rejected"]
+        assert (rejected["peer_address"], rejected["peer_ae"]) == (ATTACKER, "TESTSCU")
+        assert (rejected["result"], rejected["source"], rejected["diagnostic"]) == (2, 3, 2)
