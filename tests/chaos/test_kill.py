@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,7 +10,7 @@ import pydicom
 import pytest
 
 from radbridge.synth import ct_series, write_series
-from tests.e2e.test_pipeline import Serve, _config, _study_objects, _wait_for_outputs
+from tests.e2e.test_pipeline import Serve, _config, _status, _study_objects, _wait_for_outputs
 from tests.peers import OrthancServer, free_port, storescu
 
 pytestmark = [
@@ -25,13 +22,7 @@ pytestmark = [
 
 
 def _jobs(cfg: Path) -> list[dict]:
-    out = subprocess.run(
-        [sys.executable, "-m", "radbridge.cli", "status", "--config", str(cfg)],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return json.loads(out.stdout)["jobs"]
+    return _status(cfg)["jobs"]
 
 
 def test_sigkill_during_analysis_then_restart(tmp_path: Path, orthanc: OrthancServer) -> None:
@@ -63,13 +54,6 @@ def test_sigkill_during_analysis_then_restart(tmp_path: Path, orthanc: OrthancSe
         assert len(objs["SEG"]) == 1 and len(objs["SR"]) == 3
         analyze = [j for j in _jobs(cfg) if j["kind"] == "analyze"]
         assert len(analyze) == 1 and analyze[0]["state"] == "SUCCEEDED" and analyze[0]["attempts"] == 2
-        assert json.loads(
-            subprocess.run(
-                [sys.executable, "-m", "radbridge.cli", "status", "--config", str(cfg)],
-                capture_output=True,
-                text=True,
-                check=True,
-            ).stdout
-        )["instances"] == len(files)
+        assert _status(cfg)["instances"] == len(files)
     finally:
         assert restarted.stop() == 0

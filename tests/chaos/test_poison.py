@@ -8,20 +8,17 @@ running, and a supervisor that restarts `radbridge serve` each time.
 
 from __future__ import annotations
 
-import json
 import signal
 import sqlite3
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pydicom
 import pytest
 
-from dicom_node.spool import Spool, uid_key
+from dicom_node.spool import Spool
 from radbridge.synth import ct_series, write_series
-from tests.e2e.test_pipeline import Serve, _config, _study_objects, _wait_for_outputs
+from tests.e2e.test_pipeline import Serve, _config, _study_objects, _wait_for_outputs, study_status
 from tests.peers import OrthancServer, free_port, storescu
 
 pytestmark = [
@@ -90,14 +87,7 @@ def test_poison_study_is_failed_after_max_attempts_and_the_node_carries_on(
         time.sleep(2)  # a poison re-run would have started by now
         assert _analysis(index_path, poison_uid) == ("FAILED", MAX_ATTEMPTS, MAX_ATTEMPTS)
         assert not _study_objects(orthanc, poison_uid).get("SEG")
-        status = json.loads(
-            subprocess.run(
-                [sys.executable, "-m", "radbridge.cli", "status", "--config", str(cfg), "--study",
-                 uid_key(poison_uid)],
-                capture_output=True, text=True, check=True,
-            ).stdout
-        )  # fmt: skip
-        (study,) = status["studies"]
+        study, _ = study_status(cfg, poison_uid)
         assert study["status"] == "FAILED"
         assert (
             f"the node stopped {MAX_ATTEMPTS} times while analysing this series "

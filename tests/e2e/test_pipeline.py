@@ -134,14 +134,24 @@ def _wait_for_outputs(
     )
 
 
-def _status(config: Path) -> dict:
+def _status(config: Path, *args: str) -> dict:
+    """`radbridge status --config config [args]` as JSON."""
     out = subprocess.run(
-        [sys.executable, "-m", "radbridge.cli", "status", "--config", str(config)],
+        [sys.executable, "-m", "radbridge.cli", "status", "--config", str(config), *args],
         capture_output=True,
         text=True,
         check=True,
     )
     return json.loads(out.stdout)
+
+
+def study_status(config: Path, study_uid: str) -> tuple[dict, list[dict]]:
+    """(the study as `radbridge status --study` shows it, with its history; its jobs)."""
+    from dicom_node.spool import uid_key
+
+    doc = _status(config, "--study", uid_key(study_uid))
+    (study,) = doc["studies"]
+    return study, doc["jobs"]
 
 
 @pytest.fixture

@@ -7,9 +7,6 @@ history says why. Nothing earlier is overwritten (new SOP Instance UIDs, same se
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,9 +14,8 @@ import highdicom as hd
 import pydicom
 import pytest
 
-from dicom_node.spool import uid_key
 from radbridge.synth import ct_series, write_series
-from tests.e2e.test_pipeline import Serve, _config, _study_objects, _wait_for_outputs
+from tests.e2e.test_pipeline import Serve, _config, _study_objects, _wait_for_outputs, study_status
 from tests.peers import OrthancServer, assert_valid_dicom_object, free_port, storescu
 
 pytestmark = [
@@ -27,25 +23,6 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.usefixtures("require_dcmtk", "require_dicom3tools"),
 ]
-
-
-def _history(cfg: Path, study_uid: str) -> list[dict]:
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "radbridge.cli",
-            "status",
-            "--config",
-            str(cfg),
-            "--study",
-            uid_key(study_uid),
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    return json.loads(out)["studies"][0]["history"]
 
 
 def test_late_image_gives_a_revised_result_set(tmp_path: Path, orthanc: OrthancServer) -> None:
@@ -97,6 +74,6 @@ def test_late_image_gives_a_revised_result_set(tmp_path: Path, orthanc: OrthancS
         for ref in s.ReferencedInstanceSequence
     }
     assert len(sources) == 16  # the late slice included
-    events = [e["event"] for e in _history(cfg, study)]
+    events = [e["event"] for e in study_status(cfg, study)[0]["history"]]
     assert "reopened" in events and "analysis revised" in events
     assert events.index("reopened") < events.index("analysis revised")

@@ -8,7 +8,6 @@ DEAD_LETTER (visible in `radbridge status`), and `radbridge retry` delivers it o
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from dicom_node.spool import uid_key
 from inference_service.config import ServiceSection, ServiceSettings
 from radbridge.embedded import EmbeddedInferenceService
 from radbridge.synth import ct_series, write_series
-from tests.e2e.test_pipeline import Serve, _config, _study_objects, _wait_for_outputs
+from tests.e2e.test_pipeline import Serve, _config, _study_objects, _wait_for_outputs, study_status
 from tests.peers import OrthancServer, free_port, storescu
 
 pytestmark = [
@@ -44,8 +43,7 @@ def _cli(cfg: Path, *args: str) -> str:
 
 
 def _study(cfg: Path, study_uid: str) -> dict:
-    (study,) = json.loads(_cli(cfg, "status", "--study", uid_key(study_uid)))["studies"]
-    return study
+    return study_status(cfg, study_uid)[0]
 
 
 def _until(predicate: Callable[[], bool], what: str, timeout_s: float = 120.0) -> None:
@@ -84,8 +82,7 @@ def test_inference_outage_is_waited_out_without_using_attempts(
             objs = _wait_for_outputs(orthanc, study, {"SEG": 1, "SR": 3})
             _until(lambda: _study(cfg, study)["status"] == "DELIVERED", "DELIVERED")
         assert len(objs["SEG"]) == 1 and len(objs["SR"]) == 3
-        jobs = json.loads(_cli(cfg, "status", "--study", uid_key(study)))["jobs"]
-        (analysis,) = [j for j in jobs if j["kind"] == "analyze"]
+        (analysis,) = [j for j in study_status(cfg, study)[1] if j["kind"] == "analyze"]
         assert analysis["state"] == "SUCCEEDED" and analysis["attempts"] == 1  # the waits were given back
     finally:
         assert serve.stop() == 0
