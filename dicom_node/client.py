@@ -45,13 +45,31 @@ class AnalysisOutcome:
     masks: dict[int, np.ndarray] = field(default_factory=dict)
 
 
-def _pixel_payload(volume: SeriesVolume) -> tuple[int, bytes]:
+def _pixel_payload(volume: SeriesVolume) -> tuple[int, memoryview]:
+    """The voxels as wire bytes: int16 volumes (CT in HU) are sent as they are, without a copy."""
     v = volume.voxels
+    if v.dtype == np.int16:
+        return pb.PIXEL_TYPE_INT16, memoryview(np.ascontiguousarray(v)).cast("B")
     if volume.rescaled and np.all(np.mod(v, 1) == 0) and v.min() >= -32768 and v.max() <= 32767:
-        return pb.PIXEL_TYPE_INT16, v.astype("<i2").tobytes()
+        return pb.PIXEL_TYPE_INT16, memoryview(v.astype("<i2")).cast("B")
     if not volume.rescaled and v.min() >= 0 and v.max() <= 65535 and np.all(np.mod(v, 1) == 0):
-        return pb.PIXEL_TYPE_UINT16, v.astype("<u2").tobytes()
-    return pb.PIXEL_TYPE_FLOAT32, v.astype("<f4").tobytes()
+        return pb.PIXEL_TYPE_UINT16, memoryview(v.astype("<u2")).cast("B")
+    return pb.PIXEL_TYPE_FLOAT32, memoryview(np.ascontiguousarray(v, dtype="<f4")).cast("B")
+
+
+@dataclass
+class Upload:
+    """One volume ready to send: the header and the voxel bytes, which the client lets go of as
+    soon as the service has them all (so the node holds no volume while the model runs)."""
+
+    header: pb.VolumeHeader
+    data: memoryview | None
+    shape: tuple[int, ...]
+
+    @classmethod
+    def of(cls, volume: SeriesVolume, spec: pb.AnalysisSpec) -> Upload:
+        pixel_type, data = _pixel_payload(volume)
+        return cls(build_header(volume, spec, pixel_type, len(data)), data, tuple(volume.voxels.shape))
 
 
 def build_header(volume: SeriesVolume, spec: pb.AnalysisSpec, pixel_type: int, total: int) -> pb.VolumeHeader:
@@ -79,11 +97,11 @@ def build_header(volume: SeriesVolume, spec: pb.AnalysisSpec, pixel_type: int, t
 
 
 def request_stream(
-    header: pb.VolumeHeader, data: bytes, chunk_bytes: int
+    header: pb.VolumeHeader, data: bytes | memoryview, chunk_bytes: int
 ) -> Iterator[pb.AnalyzeVolumeRequest]:
     yield pb.AnalyzeVolumeRequest(header=header)
-    view = memoryview(data)
-    for off in range(0, len(data), chunk_bytes):
+    view = memoryview(data).cast("B")
+    for off in range(0, len(view), chunk_bytes):
         yield pb.AnalyzeVolumeRequest(
             chunk=pb.PixelChunk(offset=off, data=bytes(view[off : off + chunk_bytes]))
         )
@@ -119,8 +137,9 @@ def unpack_masks(
                     f"Mask {info.segment_number} arrived with {len(data)} of {info.packed_bytes} bytes."
                 )
             n = int(np.prod(shape))
-            bits = np.unpackbits(np.frombuffer(bytes(data), dtype=np.uint8), count=n)
-            masks[info.segment_number] = bits.reshape(shape).astype(bool)
+            bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8), count=n)
+            chunks[info.segment_number] = bytearray()  # the packed bytes are not needed any more
+            masks[info.segment_number] = bits.reshape(shape).view(bool)  # 0/1 bytes: no copy
     return masks
 
 
@@ -153,16 +172,20 @@ class InferenceClient:
         self, volume: SeriesVolume, spec: pb.AnalysisSpec, on_progress: ProgressHandler | None = None
     ) -> AnalysisOutcome:
         """Stream one volume and collect the result; retries UNAVAILABLE a few times."""
-        pixel_type, data = _pixel_payload(volume)
-        header = build_header(volume, spec, pixel_type, len(data))
+        return self.analyze_upload(Upload.of(volume, spec), on_progress)
+
+    def analyze_upload(self, upload: Upload, on_progress: ProgressHandler | None = None) -> AnalysisOutcome:
+        """As ``analyze``; the voxel bytes are dropped once the service has received them all
+        (a failure after that is not retried here: the job runs again and reads the volume again)."""
         attempt = 0
         while True:
             attempt += 1
             try:
-                return self._analyze_once(header, data, volume.voxels.shape, on_progress)
+                return self._analyze_once(upload, on_progress)
             except grpc.RpcError as exc:
                 error = self._translate(exc)
-                if isinstance(error, InferenceUnavailable) and attempt <= self.connect_retries:
+                retry = isinstance(error, InferenceUnavailable) and attempt <= self.connect_retries
+                if retry and upload.data is not None:
                     delay = min(2.0 ** (attempt - 1), 10.0)
                     logger.warning(
                         "inference unavailable, retrying",
@@ -172,22 +195,21 @@ class InferenceClient:
                     continue
                 raise error from exc
 
-    def _analyze_once(
-        self,
-        header: pb.VolumeHeader,
-        data: bytes,
-        shape: tuple[int, ...],
-        on_progress: ProgressHandler | None,
-    ) -> AnalysisOutcome:
+    def _analyze_once(self, upload: Upload, on_progress: ProgressHandler | None) -> AnalysisOutcome:
+        if upload.data is None:
+            raise InferenceUnavailable("The volume was already handed over; the job must read it again.")
         chunks: dict[int, bytearray] = {}
         result: pb.AnalysisResult | None = None
         responses = self._stub.AnalyzeVolume(
-            request_stream(header, data, self.chunk_bytes), timeout=self.deadline_s
+            request_stream(upload.header, upload.data, self.chunk_bytes), timeout=self.deadline_s
         )
         for response in responses:
             kind = response.WhichOneof("payload")
-            if kind == "progress" and on_progress:
-                on_progress(response.progress)
+            if kind == "progress":
+                if response.progress.stage != pb.Progress.RECEIVING:
+                    upload.data = None  # the service has the whole volume
+                if on_progress:
+                    on_progress(response.progress)
             elif kind == "mask_chunk":
                 buf = chunks.setdefault(response.mask_chunk.segment_number, bytearray())
                 if response.mask_chunk.offset != len(buf):
@@ -197,7 +219,7 @@ class InferenceClient:
                 result = response.result
         if result is None:
             raise InferenceUnavailable("The inference stream ended without a result.")
-        return AnalysisOutcome(result=result, masks=unpack_masks(result, chunks, shape))
+        return AnalysisOutcome(result=result, masks=unpack_masks(result, chunks, upload.shape))
 
     @staticmethod
     def _translate(exc: grpc.RpcError) -> InferenceUnavailable | InferenceRejected:

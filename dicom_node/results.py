@@ -107,6 +107,21 @@ def _pixel_area_mm2(ds: Dataset) -> float | None:
     return None
 
 
+def _segment_pixels(masks: Sequence[np.ndarray]) -> np.ndarray:
+    """Segments 1..n as highdicom takes them: one uint8 label map (1 byte a voxel) when no two
+    overlap, which is the usual case; else the 4-D stack (n bytes a voxel, and highdicom sums it
+    in int64 to find the overlaps). Both give the same SEG frames."""
+    if len(masks) > 255:
+        return np.stack(masks, axis=-1)
+    labels = np.zeros(masks[0].shape, dtype=np.uint8)
+    for number, mask in enumerate(masks, start=1):
+        mask = np.asarray(mask, dtype=bool)
+        if np.logical_and(labels, mask).any():
+            return np.stack(masks, axis=-1)
+        labels[mask] = number
+    return labels
+
+
 class ResultWriter:
     """Builds the output objects of one analysis of one series."""
 
@@ -194,12 +209,12 @@ class ResultWriter:
             )
             for m in infos
         ]
-        stack = np.stack([self.masks[m.segment_number] for m in infos], axis=-1)
-        if stack.shape[0] != len(self.sources):
-            raise ValueError(f"Masks have {stack.shape[0]} slices for {len(self.sources)} source images.")
+        pixels = _segment_pixels([self.masks[m.segment_number] for m in infos])
+        if pixels.shape[0] != len(self.sources):
+            raise ValueError(f"Masks have {pixels.shape[0]} slices for {len(self.sources)} source images.")
         seg = hd.seg.Segmentation(
             source_images=self.sources,
-            pixel_array=stack,
+            pixel_array=pixels,
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
             segment_descriptions=descriptions,
             series_instance_uid=self.uid("seg", "series"),

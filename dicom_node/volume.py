@@ -21,6 +21,8 @@ from dicom_node.errors import VolumeError
 
 PROJECTION_MODALITIES = frozenset({"CR", "DX", "MG", "XA", "RF", "IO", "PX"})
 SPACING_TOLERANCE = 0.05  # relative deviation allowed between slice gaps
+FLOAT32 = np.dtype(np.float32)
+DEFER_BYTES = 16 * 1024  # values larger than this (pixel data) are read when first used
 DEFAULT_ORIENTATION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 
 
@@ -28,7 +30,7 @@ DEFAULT_ORIENTATION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 class SeriesVolume:
     """Voxels (slices, rows, columns) plus geometry and the sorted source headers."""
 
-    voxels: np.ndarray
+    voxels: np.ndarray  # modality units: int16 when exact (CT in HU), else float32
     spacing_mm: tuple[float, float, float]  # slice, row, column
     orientation: tuple[float, ...]
     position: tuple[float, float, float]
@@ -71,8 +73,28 @@ def _pixel_spacing(ds: Dataset) -> tuple[float, float]:
     return 0.0, 0.0
 
 
-def _modality_values(ds: Dataset) -> tuple[np.ndarray, bool]:
-    """Decoded pixels in modality units (rescaled) as float32 or raw."""
+def _has_rescale(ds: Dataset) -> bool:
+    return ds.get("RescaleSlope") is not None and ds.get("RescaleIntercept") is not None
+
+
+def _volume_dtype(stack: Sequence[Dataset]) -> np.dtype:
+    """int16 when every slice's modality values are integers that fit (CT in HU: slope 1, integral
+    intercept, 12-16 stored bits): half the memory of float32 and sent as is; else float32."""
+    for ds in stack:
+        if ds.get("PhotometricInterpretation") == "MONOCHROME1" or int(ds.get("SamplesPerPixel", 1)) != 1:
+            return np.dtype(np.float32)
+        slope, intercept = (float(ds.get(k) or d) for k, d in (("RescaleSlope", 1), ("RescaleIntercept", 0)))
+        bits = int(ds.get("BitsStored") or ds.get("BitsAllocated") or 16)
+        signed = int(ds.get("PixelRepresentation") or 0) == 1
+        lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+        values = (lo * slope + intercept, hi * slope + intercept)
+        if slope != int(slope) or intercept != int(intercept) or min(values) < -32768 or max(values) > 32767:
+            return np.dtype(np.float32)
+    return np.dtype(np.int16)
+
+
+def _modality_values(ds: Dataset, dtype: np.dtype = FLOAT32) -> tuple[np.ndarray, bool]:
+    """Decoded pixels in modality units (rescaled) or raw, in ``dtype``; and whether rescaled."""
     try:
         arr = ds.pixel_array
     except Exception as exc:  # unsupported or corrupt compression
@@ -82,11 +104,13 @@ def _modality_values(ds: Dataset) -> tuple[np.ndarray, bool]:
         raise VolumeError("Only single-sample (grey) images are supported for volumes.")
     slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
     if slope is not None and intercept is not None:
-        return arr.astype(np.float32) * float(slope) + float(intercept), True
+        if dtype.kind == "i":  # integral slope and intercept (see _volume_dtype): exact in int32
+            return (arr.astype(np.int32) * int(float(slope)) + int(float(intercept))).astype(dtype), True
+        return (arr.astype(np.float32) * float(slope) + float(intercept)).astype(dtype), True
     if ds.get("PhotometricInterpretation") == "MONOCHROME1":
         top = float(2 ** int(ds.BitsStored) - 1)
-        return (top - arr.astype(np.float32)).astype(np.float32), False
-    return arr.astype(np.float32), False
+        return (top - arr.astype(np.float32)).astype(dtype), False
+    return arr.astype(dtype), False
 
 
 def read_series(paths: Sequence[Path]) -> SeriesVolume:
@@ -96,7 +120,9 @@ def read_series(paths: Sequence[Path]) -> SeriesVolume:
     datasets = []
     for path in paths:
         try:
-            ds = pydicom.dcmread(path)
+            # Pixel data stays on disk until its slice is decoded into the volume (one slice in
+            # memory at a time, not the whole series twice).
+            ds = pydicom.dcmread(path, defer_size=DEFER_BYTES)
         except Exception as exc:
             raise VolumeError(f"An instance of the series cannot be read: {exc}") from exc
         if "PixelData" not in ds:
@@ -165,22 +191,24 @@ def _stack(datasets: list[Dataset], modality: str) -> SeriesVolume:
             raise VolumeError(f"Slice spacing is not uniform (gaps {gaps.min():.2f}..{gaps.max():.2f} mm).")
     else:
         mean_gap = float(stack[0].get("SliceThickness") or 0.0)
-    slices, rescaled_all = [], []
-    for ds in stack:
-        values, rescaled = _modality_values(ds)
-        slices.append(values)
-        rescaled_all.append(rescaled)
-        del ds.PixelData
-    if len(set(rescaled_all)) != 1:
+    rescaled_all = {_has_rescale(ds) for ds in stack}
+    if len(rescaled_all) != 1:
         raise VolumeError("Some instances have a rescale and others do not.")
     first = stack[0]
+    voxels = np.empty((len(stack), int(first.Rows), int(first.Columns)), dtype=_volume_dtype(stack))
+    for k, ds in enumerate(stack):
+        if (int(ds.Rows), int(ds.Columns)) != voxels.shape[1:]:
+            raise VolumeError("The instances of the stack differ in size.")
+        values, _ = _modality_values(ds, voxels.dtype)
+        voxels[k] = values
+        del ds.PixelData  # the sources are kept as headers only
     return SeriesVolume(
-        voxels=np.stack(slices).astype(np.float32),
+        voxels=voxels,
         spacing_mm=(abs(mean_gap), *_pixel_spacing(first)),
         orientation=tuple(float(v) for v in iop),
         position=_float_tuple(first.ImagePositionPatient, 3),  # type: ignore[arg-type]
         modality=modality,
-        rescaled=rescaled_all[0],
+        rescaled=rescaled_all.pop(),
         body_part=str(first.get("BodyPartExamined", "")),
         window=_window(first),
         sources=stack,

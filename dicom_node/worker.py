@@ -19,7 +19,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from dicom_node.attributes import searchable_attributes
-from dicom_node.client import InferenceClient, make_spec
+from dicom_node.client import InferenceClient, Upload, make_spec
 from dicom_node.completion import complete_quiet_studies
 from dicom_node.config import NodeSettings, RoutingRule
 from dicom_node.errors import ExportError, InferenceRejected, RadBridgeError
@@ -100,6 +100,7 @@ def run_analyze(job: Job, ctx: StepContext) -> None:
         if plan.skipped:
             ctx.index.add_event(job.study_instance_uid, "tasks skipped", plan.problem)
     volume = read_series(paths)
+    sources = volume.sources
     spec = make_spec(
         tasks,
         model=rule.model,
@@ -108,14 +109,16 @@ def run_analyze(job: Job, ctx: StepContext) -> None:
         language=rule.language,
         correlation_id=f"job-{job.id}",
     )
+    upload = Upload.of(volume, spec)
+    del volume  # only the upload holds the voxels now, and it lets go once the service has them
     client = ctx.client_factory()
     try:
-        outcome = client.analyze(
-            volume, spec, lambda p: ctx.progress(job, p.fraction, p.message) if ctx.progress else None
+        outcome = client.analyze_upload(
+            upload, lambda p: ctx.progress(job, p.fraction, p.message) if ctx.progress else None
         )
     finally:
         client.close()
-    writer = ResultWriter(volume.sources, outcome.result, outcome.masks, ctx.settings.worker.uid_root)
+    writer = ResultWriter(sources, outcome.result, outcome.masks, ctx.settings.worker.uid_root)
     writer.previous = _previous_outputs(ctx.index, writer)
     if writer.previous:
         replaced = sum(len(v) for v in writer.previous.values())

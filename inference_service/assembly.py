@@ -108,9 +108,9 @@ async def receive_volume(
     if received != expected:
         raise InvalidInput(f"Stream ended after {received} of {expected} voxel bytes.")
     shape = geometry.shape + ((geometry.samples_per_pixel,) if geometry.samples_per_pixel > 1 else ())
-    voxels = np.frombuffer(buffer, dtype=dtype).reshape(shape)  # no copy of the received bytes
-    if dtype.kind in "iu" and geometry.rescaled:
-        voxels = voxels.astype(np.float32)
+    # No copy of the received bytes, and no float conversion of the whole volume: values are in
+    # modality units in the dtype they came in (int16 HU for CT); backends convert what they use.
+    voxels = np.frombuffer(buffer, dtype=dtype).reshape(shape)
     return spec, Volume(voxels=voxels, geometry=geometry)
 
 

@@ -13,6 +13,7 @@ largest component, holes filled; intensity statistics inside it.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 
 import numpy as np
@@ -69,33 +70,61 @@ CT_MODALITIES = frozenset({"CT"})
 XRAY_MODALITIES = frozenset({"CR", "DX"})
 
 
+def _component_sizes(labels: np.ndarray, n: int, slab: int = 32) -> np.ndarray:
+    """Voxels per label, counted a slab at a time: np.bincount would first copy the whole int32
+    label volume to int64 (8 bytes a voxel)."""
+    sizes = np.zeros(n + 1, dtype=np.int64)
+    for start in range(0, labels.shape[0], slab):
+        sizes += np.bincount(labels[start : start + slab].ravel(), minlength=n + 1)
+    return sizes
+
+
 def _largest_component(mask: np.ndarray) -> np.ndarray:
     labels, n = ndimage.label(mask)
     if n == 0:
         return mask
-    sizes = np.bincount(labels.ravel())
+    sizes = _component_sizes(labels, n)
     sizes[0] = 0
     return labels == int(sizes.argmax())
 
 
-def _fill_per_slice(mask: np.ndarray) -> np.ndarray:
+#: 4-connectivity within a slice and none across slices: one 3-D labelling does every slice at once.
+_IN_PLANE = np.zeros((3, 3, 3), dtype=bool)
+_IN_PLANE[1] = ndimage.generate_binary_structure(2, 1)
+
+
+def _fill_per_slice(mask: np.ndarray, slab: int = 64) -> np.ndarray:
+    """``binary_fill_holes`` of every slice (4-connected background): the background components
+    that touch no slice edge are holes. Slices are independent, so a few at a time are labelled in
+    one call (one C call per slab, and the int32 labels of one slab in memory, not of the volume)."""
     out = np.empty_like(mask)
-    for i in range(mask.shape[0]):
-        out[i] = ndimage.binary_fill_holes(mask[i])
+    for start in range(0, mask.shape[0], slab):
+        part = mask[start : start + slab]
+        labels, n = ndimage.label(~part, structure=_IN_PLANE)
+        if n == 0:
+            out[start : start + slab] = part
+            continue
+        outside = np.zeros(n + 1, dtype=bool)
+        for edge in (labels[:, 0, :], labels[:, -1, :], labels[:, :, 0], labels[:, :, -1]):
+            outside[np.unique(edge)] = True
+        hole = ~outside
+        hole[0] = False  # label 0 is the mask itself
+        np.logical_or(part, hole[labels], out=out[start : start + slab])
     return out
 
 
 def segment_ct(hu: np.ndarray, voxel_ml: float) -> dict[str, np.ndarray]:
-    """Body, lungs, bone and soft tissue masks of a CT volume in HU."""
+    """Body, lungs, bone and soft tissue masks of a CT volume in HU (any real dtype)."""
     body = _fill_per_slice(_largest_component(hu > BODY_HU))
     lungs = body & (hu < LUNG_HU)
     labels, n = ndimage.label(lungs)
     if n:
-        sizes = np.bincount(labels.ravel())
+        sizes = _component_sizes(labels, n)
         sizes[0] = 0
         min_voxels = MIN_LUNG_ML / voxel_ml if voxel_ml > 0 else 1000
-        keep = np.flatnonzero(sizes >= min_voxels)
-        lungs = np.isin(labels, keep)
+        keep = sizes >= min_voxels  # a lookup table: far faster than np.isin on the label volume
+        lungs = keep[labels]
+    del labels
     bone = body & (hu > BONE_HU)
     soft = body & ~lungs & ~bone
     return {"body": body, "lungs": lungs, "bone": bone, "soft": soft}
@@ -135,13 +164,22 @@ class ReferenceBackend(Backend):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
-        self._memo: tuple[np.ndarray, dict[str, np.ndarray]] | None = None
+        self._memo: tuple[weakref.ref[np.ndarray], dict[str, np.ndarray]] | None = None
 
     def _ct_masks(self, volume: Volume) -> dict[str, np.ndarray]:
-        """segment_ct, computed once per volume even when several tasks ask."""
-        if self._memo is None or self._memo[0] is not volume.voxels:
-            self._memo = (volume.voxels, segment_ct(volume.voxels, volume.geometry.voxel_volume_ml))
-        return self._memo[1]
+        """segment_ct, computed once per volume even when several tasks ask. The memo holds the
+        voxels weakly and is dropped with them, so no volume outlives its request here."""
+        memo = self._memo
+        if memo is None or memo[0]() is not volume.voxels:
+            masks = segment_ct(volume.voxels, volume.geometry.voxel_volume_ml)
+            self._memo = (weakref.ref(volume.voxels), masks)
+            weakref.finalize(volume.voxels, self._forget, id(masks))
+            return masks
+        return memo[1]
+
+    def _forget(self, masks_id: int) -> None:
+        if self._memo is not None and id(self._memo[1]) == masks_id:
+            self._memo = None
 
     @property
     def tasks(self) -> frozenset[TaskKind]:
@@ -185,7 +223,7 @@ class ReferenceBackend(Backend):
             raise InvalidInput("The reference CT analysis needs a grey volume in Hounsfield units.")
         voxel_ml = g.voxel_volume_ml
         m = self._ct_masks(volume)
-        ml = {k: float(v.sum()) * voxel_ml for k, v in m.items()}
+        ml = {k: float(np.count_nonzero(v)) * voxel_ml for k, v in m.items()}
         result = TaskResult(task=task, prompt_id=f"reference-ct-{task.value}")
         if task is TaskKind.SEGMENT:
             specs = [
@@ -197,7 +235,7 @@ class ReferenceBackend(Backend):
                 result.masks.append(Mask(number, label, cat, typ, lab, m[key]))
                 result.measurements.append(Measurement(VOLUME, round(ml[key], 1), ML, number))
         elif task is TaskKind.DETECT:
-            area = m["lungs"].sum(axis=(1, 2))
+            area = np.count_nonzero(m["lungs"], axis=(1, 2))
             if area.max() > 0:
                 k = int(area.argmax())
                 labels, n = ndimage.label(m["lungs"][k])

@@ -105,7 +105,7 @@ def test_completion_and_exports_do_not_wait_behind_a_long_analysis(
     release = threading.Event()
 
     class StuckClient:
-        def analyze(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        def analyze_upload(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
             release.wait(20)
             raise RuntimeError("released")
 
