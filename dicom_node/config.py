@@ -8,6 +8,7 @@ overridden by RADBRIDGE_<SECTION>__<KEY>; defaults are safe on one machine.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -212,6 +213,24 @@ class WorkerSection:
     max_attempts: int = 5
     backoff_s: float = 5.0
     uid_root: str = "1.2.826.0.1.3680043.8.498."
+    # Memory one analysis may use (the volume and everything made from it, node + embedded
+    # service); 0 = half of this machine's memory, shared by the analysis threads. A larger series
+    # is refused with its reason instead of risking an out-of-memory kill.
+    memory_budget_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        if self.memory_budget_bytes < 0:
+            raise ValueError("worker.memory_budget_bytes must not be negative (0 = automatic).")
+
+    def analysis_budget_bytes(self) -> int:
+        """The memory budget of one analysis thread."""
+        if self.memory_budget_bytes:
+            return self.memory_budget_bytes
+        try:
+            physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            return 0
+        return physical // 2 // max(1, self.threads)
 
 
 @dataclass(frozen=True)

@@ -75,6 +75,10 @@ class VolumeError(RadBridgeError):
     """The instances of a series cannot form a volume."""
 
 
+class VolumeTooLarge(VolumeError):
+    """The volume would take more memory than the node's budget allows (refused, not retried)."""
+
+
 class InferenceUnavailable(RadBridgeError):
     retryable = True
     outage = True

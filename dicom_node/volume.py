@@ -17,7 +17,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
-from dicom_node.errors import VolumeError
+from dicom_node.errors import VolumeError, VolumeTooLarge
 
 PROJECTION_MODALITIES = frozenset({"CR", "DX", "MG", "XA", "RF", "IO", "PX"})
 SPACING_TOLERANCE = 0.05  # relative deviation allowed between slice gaps
@@ -113,8 +113,12 @@ def _modality_values(ds: Dataset, dtype: np.dtype = FLOAT32) -> tuple[np.ndarray
     return arr.astype(dtype), False
 
 
-def read_series(paths: Sequence[Path]) -> SeriesVolume:
-    """Read and assemble one series; raises VolumeError with the reason if it cannot."""
+def read_series(paths: Sequence[Path], max_voxel_bytes: int = 0) -> SeriesVolume:
+    """Read and assemble one series; raises VolumeError with the reason if it cannot.
+
+    ``max_voxel_bytes`` (0 = no limit): a volume that would need more is refused from its headers,
+    before any pixel is decoded (VolumeTooLarge), rather than risking the process's memory.
+    """
     if not paths:
         raise VolumeError("The series has no instances.")
     datasets = []
@@ -137,7 +141,7 @@ def read_series(paths: Sequence[Path]) -> SeriesVolume:
         raise VolumeError("The series has no Modality.")
     if modality in PROJECTION_MODALITIES or len(datasets) == 1:
         return _single_image(datasets, modality)
-    return _stack(datasets, modality)
+    return _stack(datasets, modality, max_voxel_bytes)
 
 
 def _single_image(datasets: list[Dataset], modality: str) -> SeriesVolume:
@@ -163,7 +167,7 @@ def _single_image(datasets: list[Dataset], modality: str) -> SeriesVolume:
     )
 
 
-def _stack(datasets: list[Dataset], modality: str) -> SeriesVolume:
+def _stack(datasets: list[Dataset], modality: str, max_voxel_bytes: int = 0) -> SeriesVolume:
     candidates = [ds for ds in datasets if not _is_localizer(ds)]
     stacks: dict[tuple[object, ...], list[Dataset]] = defaultdict(list)
     for ds in candidates:
@@ -195,7 +199,16 @@ def _stack(datasets: list[Dataset], modality: str) -> SeriesVolume:
     if len(rescaled_all) != 1:
         raise VolumeError("Some instances have a rescale and others do not.")
     first = stack[0]
-    voxels = np.empty((len(stack), int(first.Rows), int(first.Columns)), dtype=_volume_dtype(stack))
+    dtype = _volume_dtype(stack)
+    shape = (len(stack), int(first.Rows), int(first.Columns))
+    needed = int(np.prod(shape)) * dtype.itemsize
+    if max_voxel_bytes and needed > max_voxel_bytes:
+        raise VolumeTooLarge(
+            f"The series' volume needs {needed / 1e6:.0f} MB ({shape[0]} x {shape[1]} x {shape[2]} "
+            f"{dtype.name}), over the {max_voxel_bytes / 1e6:.0f} MB its analysis may use under "
+            "worker.memory_budget_bytes."
+        )
+    voxels = np.empty(shape, dtype=dtype)
     for k, ds in enumerate(stack):
         if (int(ds.Rows), int(ds.Columns)) != voxels.shape[1:]:
             raise VolumeError("The instances of the stack differ in size.")

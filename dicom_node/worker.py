@@ -33,6 +33,9 @@ from dicom_node.status import job_label, series_labels
 from dicom_node.volume import read_series
 
 logger = logging.getLogger(__name__)
+#: Peak memory of one analysis as a multiple of its volume's bytes (node + embedded reference
+#: engine, measured with bench/bench_analysis.py); the budget check divides by it.
+ANALYSIS_MEMORY_FACTOR = 6
 #: Longest wait between two tries while a dependency (the inference service) is down.
 OUTAGE_MAX_BACKOFF_S = 60.0
 ProgressHook = Callable[[Job, float, str], None]
@@ -99,7 +102,8 @@ def run_analyze(job: Job, ctx: StepContext) -> None:
         tasks = list(plan.runnable)
         if plan.skipped:
             ctx.index.add_event(job.study_instance_uid, "tasks skipped", plan.problem)
-    volume = read_series(paths)
+    budget = ctx.settings.worker.analysis_budget_bytes()
+    volume = read_series(paths, max_voxel_bytes=budget // ANALYSIS_MEMORY_FACTOR if budget else 0)
     sources = volume.sources
     spec = make_spec(
         tasks,

@@ -182,3 +182,29 @@ def test_a_suspect_runs_alone_so_a_crash_is_charged_to_the_job_that_caused_it(tm
     assert plain.dedupe_key == "c" and plain.interruptions == 0
     index.add_job(JobKind.ANALYZE, "d", "1.2.3", {"series_instance_uid": "d", "rule": "ct"})
     assert index.claim_job(kinds=lane).dedupe_key == "d"  # ordinary jobs run side by side
+
+
+def test_a_series_over_the_memory_budget_is_refused_with_its_reason(
+    tmp_path: Path, small_ct_files: list[Path]
+) -> None:
+    """Refused from its headers before any pixel is decoded, never an out-of-memory kill."""
+    from dicom_node.config import WorkerSection
+
+    settings = NodeSettings(
+        spool=SpoolSection(tmp_path / "spool"),
+        routing=RoutingSection(rules=[RoutingRule(name="ct", match=RuleMatch(modality=["CT"]))]),
+        worker=WorkerSection(memory_budget_bytes=6 * 1024 * 1024),  # 1 MiB of voxels at most
+    )
+    spool = Spool(settings.spool.directory)
+    ctx = StepContext(
+        settings, spool, Index(spool.index_path), client_factory=lambda: pytest.fail("no inference")
+    )
+    study = _spool_series(ctx.index, small_ct_files)
+    ctx.index.complete_study(study, 1.0, now=10.0)
+    assert run_job(ctx.index.claim_job(), ctx) is JobState.SUCCEEDED  # route
+    assert run_job(ctx.index.claim_job(), ctx) is JobState.FAILED  # not retried: it will not shrink
+    (reason,) = describe(ctx.index, ctx.index.study(study))["reasons"]
+    assert reason == (
+        "analysis of series 2 (CT) with rule 'ct': VolumeTooLarge: The series' volume needs 13 MB "
+        "(24 x 512 x 512 int16), over the 1 MB its analysis may use under worker.memory_budget_bytes."
+    )
