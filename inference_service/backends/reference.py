@@ -79,8 +79,19 @@ def _component_sizes(labels: np.ndarray, n: int, slab: int = 32) -> np.ndarray:
     return sizes
 
 
+def _label(mask: np.ndarray, structure: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+    """ndimage.label into uint16 (2 bytes a voxel) when the labels fit, else int32."""
+    labels = np.empty(mask.shape, dtype=np.uint16)
+    try:
+        n = ndimage.label(mask, structure=structure, output=labels)
+    except RuntimeError:  # more than 65535 components
+        del labels
+        return ndimage.label(mask, structure=structure)
+    return labels, int(n)
+
+
 def _largest_component(mask: np.ndarray) -> np.ndarray:
-    labels, n = ndimage.label(mask)
+    labels, n = _label(mask)
     if n == 0:
         return mask
     sizes = _component_sizes(labels, n)
@@ -100,7 +111,7 @@ def _fill_per_slice(mask: np.ndarray, slab: int = 64) -> np.ndarray:
     out = np.empty_like(mask)
     for start in range(0, mask.shape[0], slab):
         part = mask[start : start + slab]
-        labels, n = ndimage.label(~part, structure=_IN_PLANE)
+        labels, n = _label(~part, structure=_IN_PLANE)
         if n == 0:
             out[start : start + slab] = part
             continue
@@ -117,7 +128,7 @@ def segment_ct(hu: np.ndarray, voxel_ml: float) -> dict[str, np.ndarray]:
     """Body, lungs, bone and soft tissue masks of a CT volume in HU (any real dtype)."""
     body = _fill_per_slice(_largest_component(hu > BODY_HU))
     lungs = body & (hu < LUNG_HU)
-    labels, n = ndimage.label(lungs)
+    labels, n = _label(lungs)
     if n:
         sizes = _component_sizes(labels, n)
         sizes[0] = 0
