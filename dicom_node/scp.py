@@ -1,7 +1,8 @@
 """The DICOM SCP: C-ECHO and C-STORE of every storage SOP class and transfer syntax.
 
-The C-STORE handler does I/O only: pynetdicom streams the data set, as sent, to
-a ``*.partial`` file in the spool's staging directory while it arrives; the
+The C-STORE handler does I/O only: the data set, as sent, goes to a
+``*.partial`` file in the spool's staging directory (written by the handler, or,
+with scp.stream_to_disk, streamed there by pynetdicom while it arrives); the
 handler reads only its header (identifiers, searchable attributes), fsyncs the
 file, renames it into place, and a group commit (dicom_node.group_commit)
 fsyncs the directory and records the index row; only then is 0x0000 returned.
@@ -79,7 +80,7 @@ def configure_pynetdicom(staging_dir: Path | None = None) -> None:
     if staging_dir is not None:
         _staging_dir = staging_dir
         dimse_messages.NamedTemporaryFile = _staged_file  # type: ignore[attr-defined]
-        _config.STORE_RECV_CHUNKED_DATASET = True
+    _config.STORE_RECV_CHUNKED_DATASET = staging_dir is not None
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
 
@@ -327,7 +328,7 @@ def _log_refused(peer: str, reason: str, **details: int) -> None:
 
 def start_scp(settings: ScpSection, spool: Spool, index: Index) -> ThreadedAssociationServer:
     """Start the SCP in the background; ``server.server_address[1]`` is the bound port."""
-    configure_pynetdicom(spool.staging_dir)
+    configure_pynetdicom(spool.staging_dir if settings.stream_to_disk else None)
     ae = AE(ae_title=settings.ae_title)
     ae.maximum_pdu_size = settings.max_pdu
     ae.maximum_associations = settings.max_associations
