@@ -1,63 +1,146 @@
-"""Ingest throughput: dcmtk storescu -> RadBridge SCP vs -> dcmtk storescp, same machine, same files.
+"""Durable C-STORE ingest: dcmtk storescu -> RadBridge SCP vs -> Orthanc vs -> dcmtk storescp.
 
-Both receivers write every instance to disk; RadBridge also fsyncs and indexes
-each one before answering (its durability rule), storescp does not fsync.
-Prints a table with instances/s and the ratio to storescp.
+The same synthetic 512x512 CT files go to each receiver over 1 association (one
+storescu) and over 4 concurrent associations (4 storescu processes, each sending a
+quarter). Every receiver is started and stopped here, with an empty store for
+every repeat; TCP_NODELAY=1 for storescu, storescp and Orthanc (dcmtk FAQ #48).
 
-    python bench/bench_ingest.py [--instances 200] [--repeat 3]
+What each receiver does before it answers a C-STORE:
+
+- RadBridge (in this process, ``dicom_node.scp.start_scp``): the data set is
+  streamed to a staging file; fsync(file), rename into the spool, fsync(dir) and
+  the index row (SQLite WAL, synchronous=FULL), directory sync and row grouped
+  across concurrent associations -- all before the status.
+- Orthanc (tests.peers.OrthancServer, its defaults): one fdatasync per file
+  (SyncStorageArea), its SQLite index not synced at commit.
+- dcmtk storescp: writes the file, no fsync.
+
+Prints instances/s (median, min, max of the repeats), RadBridge's ratio to
+Orthanc and to storescp, RadBridge's ack latency (C-STORE request received ->
+status returned, measured around its handler) p50/p99 over all repeats, and its
+peak RSS during ingest (VmHWM, reset before each run; this process also holds the
+bench's own state). The senders share this machine's cores: run it on a quiet one.
+
+    python bench/bench_ingest.py [--instances 200] [--repeat 3] [--smoke]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.peers: the shared peer runners
 
-from dicom_node.config import ScpSection
-from dicom_node.index import Index
-from dicom_node.scp import start_scp
-from dicom_node.spool import Spool
-from radbridge.synth import ct_series, write_series
-from tests.peers import dcmtk_env, free_port, storescu
+import dicom_node.scp as scp  # noqa: E402
+from dicom_node.config import ScpSection  # noqa: E402
+from dicom_node.index import Index  # noqa: E402
+from dicom_node.spool import Spool  # noqa: E402
+from radbridge.synth import ct_series, write_series  # noqa: E402
+from tests.peers import ORTHANC_BIN, OrthancServer, dcmtk_env, free_port  # noqa: E402
+
+ASSOCIATIONS = (1, 4)
+RADBRIDGE, ORTHANC, STORESCP = "radbridge SCP (durable)", "Orthanc", "dcmtk storescp"
+
+#: Handler durations (s) of the current RadBridge run; filled only by the bench's wrapper below.
+ack_latencies: list[float] = []
 
 
-def _time_storescu(files: list[Path], port: int, aet: str) -> float:
+def _timed_handler(handler: Callable[..., object]) -> Callable[..., object]:
+    def timed(*args: object, **kwargs: object) -> object:
+        started = time.perf_counter()
+        try:
+            return handler(*args, **kwargs)
+        finally:
+            ack_latencies.append(time.perf_counter() - started)
+
+    return timed
+
+
+def _send(files: list[Path], port: int, aet: str, associations: int) -> float:
+    """Seconds for ``associations`` concurrent storescu processes to send every file."""
+    parts = [files[i::associations] for i in range(associations)]
     started = time.perf_counter()
-    result = storescu(files, "127.0.0.1", port, aet)
+    procs = [
+        subprocess.Popen(
+            ["storescu", "-R", "-aet", "BENCH", "-aec", aet, "127.0.0.1", str(port), *map(str, part)],
+            env=dcmtk_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for part in parts
+    ]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
     elapsed = time.perf_counter() - started
-    if result.returncode != 0 or result.errors:
-        raise SystemExit(f"storescu failed: {result.errors or result.stderr}")
+    for proc, out in zip(procs, outputs, strict=True):
+        errors = [ln for ln in out.splitlines() if ln.startswith(("E:", "F:"))]
+        if proc.returncode != 0 or errors:
+            raise SystemExit(f"storescu failed ({aet}): {errors or out[-2000:]}")
     return elapsed
 
 
-def bench_radbridge(files: list[Path], work: Path) -> float:
+def _peak_rss_reset() -> None:
+    with open("/proc/self/clear_refs", "w") as fh:  # "5": reset VmHWM to the current RSS
+        fh.write("5")
+
+
+def _peak_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def bench_radbridge(files: list[Path], work: Path, associations: int) -> tuple[float, float]:
     spool = Spool(work / "spool")
     index = Index(spool.index_path)
-    server = start_scp(ScpSection(port=0), spool, index)
+    server = scp.start_scp(ScpSection(port=0), spool, index)
     try:
-        return _time_storescu(files, server.server_address[1], "RADBRIDGE")
+        _peak_rss_reset()
+        elapsed = _send(files, server.server_address[1], "RADBRIDGE", associations)
+        rss = _peak_rss_mb()
     finally:
         server.shutdown()
         index.close()
+    if index.count_instances() != len(files):
+        raise SystemExit(f"radbridge indexed {index.count_instances()} of {len(files)}")
+    return elapsed, rss
 
 
-def bench_storescp(files: list[Path], work: Path) -> float:
+def bench_orthanc(files: list[Path], work: Path, associations: int) -> tuple[float, float]:
+    with OrthancServer(work / "orthanc") as orthanc:
+        return _send(files, orthanc.dicom_port, orthanc.aet, associations), float("nan")
+
+
+def bench_storescp(files: list[Path], work: Path, associations: int) -> tuple[float, float]:
     port = free_port()
     out = work / "storescp"
     out.mkdir()
-    proc = subprocess.Popen(["storescp", "-od", str(out), "-aet", "STORESCP", str(port)], env=dcmtk_env())
+    proc = subprocess.Popen(
+        ["storescp", "-od", str(out), "-aet", "STORESCP", str(port)],
+        env=dcmtk_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         time.sleep(0.5)
-        return _time_storescu(files, port, "STORESCP")
+        return _send(files, port, "STORESCP", associations), float("nan")
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def main() -> None:
@@ -66,24 +149,58 @@ def main() -> None:
     )
     parser.add_argument("--instances", type=int, default=200)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--smoke", action="store_true", help="20 instances, 1 repeat (CI: the bench runs)")
     args = parser.parse_args()
+    if args.smoke:
+        args.instances, args.repeat = 20, 1
+    missing = [t for t in ("storescu", "storescp") if shutil.which(t) is None]
+    if missing:
+        raise SystemExit(f"needs dcmtk: {', '.join(missing)} not found")
+    receivers = {RADBRIDGE: bench_radbridge, STORESCP: bench_storescp}
+    if Path(ORTHANC_BIN).exists():
+        receivers[ORTHANC] = bench_orthanc
+    else:
+        print(f"({ORTHANC_BIN} not found: Orthanc skipped)")
+    scp.handle_store = _timed_handler(scp.handle_store)  # start_scp binds the module's handler
+    rates: dict[tuple[str, int], list[float]] = {}
+    latencies: dict[int, list[float]] = {n: [] for n in ASSOCIATIONS}
+    rss: dict[int, float] = dict.fromkeys(ASSOCIATIONS, 0.0)
     with tempfile.TemporaryDirectory() as tmp:
         files = write_series(ct_series(n_slices=args.instances), Path(tmp) / "ct")
-        rows = {"dcmtk storescp": [], "radbridge SCP (fsync + index)": []}
+        size_mb = sum(f.stat().st_size for f in files) / 1e6
         for i in range(args.repeat):
-            for name, fn in (
-                ("dcmtk storescp", bench_storescp),
-                ("radbridge SCP (fsync + index)", bench_radbridge),
-            ):
-                work = Path(tmp) / f"{i}-{name.split()[0]}"
-                work.mkdir()
-                rows[name].append(fn(files, work))
-    base = args.instances / statistics.median(rows["dcmtk storescp"])
-    print(f"{args.instances} x 512x512 CT instances, storescu (TCP_NODELAY=1), median of {args.repeat}")
-    print(f"{'receiver':32} {'inst/s':>8} {'ratio':>7}")
-    for name, times in rows.items():
-        rate = args.instances / statistics.median(times)
-        print(f"{name:32} {rate:8.1f} {rate / base:7.2f}")
+            for associations in ASSOCIATIONS:
+                for name, fn in receivers.items():
+                    work = Path(tmp) / f"{i}-{associations}-{name.split()[0]}"
+                    work.mkdir()
+                    ack_latencies.clear()
+                    elapsed, peak = fn(files, work, associations)
+                    rates.setdefault((name, associations), []).append(args.instances / elapsed)
+                    if name == RADBRIDGE:
+                        latencies[associations].extend(ack_latencies)
+                        rss[associations] = max(rss[associations], peak)
+    print(
+        f"{args.instances} x 512x512 CT instances ({size_mb:.0f} MB), storescu (TCP_NODELAY=1),"
+        f" median [min-max] of {args.repeat}; {os.cpu_count()} cores"
+    )
+    print(
+        f"{'assoc':>5} {'receiver':24} {'inst/s':>8} {'min':>7} {'max':>7}"
+        f" {'/Orthanc':>9} {'/storescp':>9} {'ack p50 ms':>10} {'ack p99 ms':>10} {'peak RSS MB':>11}"
+    )
+    for associations in ASSOCIATIONS:
+        medians = {name: statistics.median(rates[name, associations]) for name in receivers}
+        for name in receivers:
+            values = rates[name, associations]
+            line = f"{associations:>5} {name:24} {medians[name]:8.1f} {min(values):7.1f} {max(values):7.1f}"
+            if name == RADBRIDGE:
+                to_orthanc = medians[name] / medians[ORTHANC] if ORTHANC in medians else float("nan")
+                lat = latencies[associations]
+                line += (
+                    f" {to_orthanc:9.2f} {medians[name] / medians[STORESCP]:9.2f}"
+                    f" {1000 * _percentile(lat, 0.50):10.2f} {1000 * _percentile(lat, 0.99):10.2f}"
+                    f" {rss[associations]:11.0f}"
+                )
+            print(line)
 
 
 if __name__ == "__main__":

@@ -53,17 +53,20 @@ INSTANCE_KEYWORDS = (
 )
 KEYWORDS = STUDY_KEYWORDS + SERIES_KEYWORDS + INSTANCE_KEYWORDS
 TAGS = {kw: f"{Tag(kw):08X}" for kw in KEYWORDS}
+_BY_TAG = [(int(Tag(kw)), key) for kw, key in TAGS.items()]
 
 
 def searchable_attributes(ds: Dataset) -> dict[str, Any]:
     """DICOM JSON of the searchable attributes present in ``ds`` (keys: 8-hex-digit tags)."""
     doc: dict[str, Any] = {}
-    for keyword, tag in TAGS.items():
-        element = ds.get(keyword)
-        if element is None:
+    for tag, key in _BY_TAG:  # by tag: one look-up each, no keyword -> tag translation
+        if tag not in ds:
             continue
         try:
-            doc[tag] = ds[keyword].to_json_dict(None, 0)
+            element = ds[tag]
+            if element.value is None:  # as before: an empty numeric value is left out
+                continue
+            doc[key] = element.to_json_dict(None, 0)
         except Exception:  # a malformed optional value must not refuse the instance
             continue
     return doc

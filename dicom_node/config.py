@@ -51,6 +51,9 @@ class ScpSection:
     max_associations_per_peer: int = DEFAULT_MAX_ASSOCIATIONS_PER_PEER  # per IP address; beyond: closed
     first_pdu_timeout_s: float = DEFAULT_FIRST_PDU_TIMEOUT_S
     max_first_pdu_bytes: int = DEFAULT_MAX_FIRST_PDU_BYTES
+    #: Stream each received data set to the spool's staging dir as it arrives (bounded memory for
+    #: huge instances); off by default: measured slower for 512x512 CT (bench/bench_ingest.py).
+    stream_to_disk: bool = False
 
     def __post_init__(self) -> None:
         _check_ae(self.ae_title, "scp.ae_title")

@@ -157,6 +157,16 @@ class Job:
 
 
 @dataclass(frozen=True)
+class ReceivedInstance:
+    """A received instance, spooled durably, to be recorded (Index.add_instances)."""
+
+    ref: InstanceRef
+    modality: str
+    calling_aet: str
+    attributes: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
 class InstanceRow:
     sop_instance_uid: str
     sop_class_uid: str
@@ -276,24 +286,31 @@ class Index:
         attributes: dict[str, Any] | None = None,
     ) -> None:
         """Record a spooled instance; a late instance reopens a completed study."""
+        self.add_instances([ReceivedInstance(ref, modality, calling_aet, attributes)], now)
+
+    def add_instances(self, received: list[ReceivedInstance], now: float | None = None) -> None:
+        """Record spooled instances in one transaction (one WAL sync): all or none."""
         now = time.time() if now is None else now
         with self._tx() as db:
-            self._put_instance(db, ref, modality, calling_aet, now, Origin.RECEIVED, attributes)
-            before = db.execute(
-                "SELECT state FROM studies WHERE study_instance_uid=?", (ref.study_instance_uid,)
-            ).fetchone()
-            if before is None:
-                self._event(db, ref.study_instance_uid, now, "received", "first instance")
-            elif before[0] != StudyState.RECEIVING:
-                self._event(
-                    db, ref.study_instance_uid, now, "reopened", f"an instance arrived after {before[0]}"
-                )
-            db.execute(
-                "INSERT INTO studies VALUES (?,?,?,?,'') ON CONFLICT(study_instance_uid) DO UPDATE SET "
-                "state=excluded.state, last_received_time=excluded.last_received_time, "
-                "updated_time=excluded.updated_time, reason=''",
-                (ref.study_instance_uid, StudyState.RECEIVING, now, now),
-            )
+            for item in received:
+                self._record_received(db, item, now)
+
+    def _record_received(self, db: sqlite3.Connection, item: ReceivedInstance, now: float) -> None:
+        ref = item.ref
+        self._put_instance(db, ref, item.modality, item.calling_aet, now, Origin.RECEIVED, item.attributes)
+        before = db.execute(
+            "SELECT state FROM studies WHERE study_instance_uid=?", (ref.study_instance_uid,)
+        ).fetchone()
+        if before is None:
+            self._event(db, ref.study_instance_uid, now, "received", "first instance")
+        elif before[0] != StudyState.RECEIVING:
+            self._event(db, ref.study_instance_uid, now, "reopened", f"an instance arrived after {before[0]}")
+        db.execute(
+            "INSERT INTO studies VALUES (?,?,?,?,'') ON CONFLICT(study_instance_uid) DO UPDATE SET "
+            "state=excluded.state, last_received_time=excluded.last_received_time, "
+            "updated_time=excluded.updated_time, reason=''",
+            (ref.study_instance_uid, StudyState.RECEIVING, now, now),
+        )
 
     def add_output(self, ref: InstanceRef, modality: str, attributes: dict[str, Any]) -> None:
         """Record an object RadBridge wrote (SEG/SR): searchable, but it neither reopens nor routes."""

@@ -1,8 +1,13 @@
 """The DICOM SCP: C-ECHO and C-STORE of every storage SOP class and transfer syntax.
 
-The C-STORE handler does I/O only: the encoded bytes go to the durable spool,
-the index records them, and only then is 0x0000 returned. Failures become a
-specific DIMSE status with an Error Comment (errors.to_dimse_status).
+The C-STORE handler does I/O only: the data set, as sent, goes to a
+``*.partial`` file in the spool's staging directory (written by the handler, or,
+with scp.stream_to_disk, streamed there by pynetdicom while it arrives); the
+handler reads only its header (identifiers, searchable attributes), fsyncs the
+file, renames it into place, and a group commit (dicom_node.group_commit)
+fsyncs the directory and records the index row; only then is 0x0000 returned.
+Failures become a specific DIMSE status with an Error Comment
+(errors.to_dimse_status).
 
 Before a connection reaches pynetdicom, GuardedAssociationServer bounds what an
 unassociated peer can hold: connections per IP address, the wait for the whole
@@ -15,23 +20,33 @@ import logging
 import select
 import socket
 import struct
+import tempfile
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
+from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, dimse_messages, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.attributes import identifiers, searchable_attributes
 from dicom_node.config import ScpSection
-from dicom_node.errors import InvalidInstance, RadBridgeError, UndecodableInstance, to_dimse_status
-from dicom_node.index import Index
+from dicom_node.errors import (
+    InvalidInstance,
+    RadBridgeError,
+    StorageError,
+    UndecodableInstance,
+    to_dimse_status,
+)
+from dicom_node.group_commit import GroupCommitter
+from dicom_node.index import Index, ReceivedInstance
 from dicom_node.metrics import BYTES_RECEIVED, INSTANCES_RECEIVED, INSTANCES_REFUSED
-from dicom_node.spool import Spool, uid_key
+from dicom_node.spool import TMP_SUFFIX, Spool, uid_key
 
 logger = logging.getLogger(__name__)
 
@@ -40,17 +55,51 @@ _PDU_HEADER = struct.Struct(">BBL")  # PDU type, reserved, length of what follow
 _POLL_S = 0.05
 
 
-def configure_pynetdicom() -> None:
-    """Process-wide pynetdicom switches: no identifiers in logs, accept unknown storage classes."""
+#: Where pynetdicom streams incoming C-STORE data sets (see configure_pynetdicom).
+_staging_dir: Path | None = None
+#: Elements larger than this stay on disk while the header is read (the pixel data is never read).
+_HEADER_DEFER_BYTES = 64 * 1024
+
+
+def _staged_file(*args: Any, **kwargs: Any) -> Any:
+    """pynetdicom's NamedTemporaryFile for received data sets, put in the spool's staging
+    directory (same file system: the file is renamed into place, never copied) and named
+    ``*.partial`` so that a crash's leftovers are removed at start (Spool.remove_partials)."""
+    kwargs.update(suffix=TMP_SUFFIX, prefix="cstore-", dir=_staging_dir)
+    return tempfile.NamedTemporaryFile(*args, **kwargs)
+
+
+def configure_pynetdicom(staging_dir: Path | None = None) -> None:
+    """Process-wide pynetdicom switches: no identifiers in logs, accept unknown storage classes,
+    and stream each received C-STORE data set to a file in ``staging_dir`` as its PDUs arrive
+    (no copy of the instance in memory; the handler reads only the header)."""
+    global _staging_dir
     _config.LOG_REQUEST_IDENTIFIERS = False
     _config.LOG_RESPONSE_IDENTIFIERS = False
     _config.UNRESTRICTED_STORAGE_SERVICE = True
+    if staging_dir is not None:
+        _staging_dir = staging_dir
+        dimse_messages.NamedTemporaryFile = _staged_file  # type: ignore[attr-defined]
+    _config.STORE_RECV_CHUNKED_DATASET = staging_dir is not None
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
 
-def _header(event: evt.Event) -> tuple[Dataset, dict[str, str]]:
+def _staged(event: evt.Event, spool: Spool) -> Path:
+    """The received instance as a file (preamble, file meta, data set as sent)."""
+    if _config.STORE_RECV_CHUNKED_DATASET:
+        return Path(event.dataset_path)
+    staged = spool.staging_path()  # not streamed (the switch was turned off): write it out
     try:
-        ds = event.dataset
+        staged.write_bytes(event.encoded_dataset(include_meta=True))
+    except OSError as exc:
+        staged.unlink(missing_ok=True)
+        raise StorageError(f"Out of resources: cannot write spool ({exc.strerror})") from exc
+    return staged
+
+
+def _header(event: evt.Event, path: Path) -> tuple[Dataset, dict[str, str]]:
+    try:
+        ds = dcmread(path, stop_before_pixels=True, defer_size=_HEADER_DEFER_BYTES)
     except Exception as exc:  # any decode failure of untrusted bytes
         raise UndecodableInstance("Cannot understand: dataset could not be decoded") from exc
     values = identifiers(ds)
@@ -59,9 +108,13 @@ def _header(event: evt.Event) -> tuple[Dataset, dict[str, str]]:
     return ds, values
 
 
-def handle_store(event: evt.Event, spool: Spool, index: Index) -> Dataset | int:
+def handle_store(
+    event: evt.Event, spool: Spool, index: Index, committer: GroupCommitter | None = None
+) -> Dataset | int:
     """Spool one instance durably, index it, then answer (see module docstring)."""
     started = time.monotonic()
+    committer = committer or GroupCommitter(index)
+    staged: Path | None = None
     peer_ae = event.assoc.requestor.ae_title
     context = event.context
     log: dict[str, Any] = {
@@ -71,17 +124,20 @@ def handle_store(event: evt.Event, spool: Spool, index: Index) -> Dataset | int:
         "transfer_syntax": context.transfer_syntax,
     }
     try:
-        ds, values = _header(event)
-        data = event.encoded_dataset(include_meta=True)
-        ref = spool.store(
-            data,
+        staged = _staged(event, spool)
+        ds, values = _header(event, staged)
+        attributes = searchable_attributes(ds)
+        # fsync(file) + rename here, in this association's thread; fsync(dir) + index row in a group.
+        ref = spool.place_staged(
+            staged,
             sop_instance_uid=values["SOPInstanceUID"],
             sop_class_uid=values["SOPClassUID"],
             study_instance_uid=values["StudyInstanceUID"],
             series_instance_uid=values["SeriesInstanceUID"],
             transfer_syntax_uid=str(context.transfer_syntax),
         )
-        index.add_instance(ref, values["Modality"], peer_ae, attributes=searchable_attributes(ds))
+        staged = None
+        committer.commit(ReceivedInstance(ref, values["Modality"], peer_ae, attributes))
     except RadBridgeError as exc:
         status = to_dimse_status(exc)
         INSTANCES_REFUSED.labels(via="dimse", status=f"0x{status.Status:04X}").inc()
@@ -95,6 +151,9 @@ def handle_store(event: evt.Event, spool: Spool, index: Index) -> Dataset | int:
         INSTANCES_REFUSED.labels(via="dimse", status=f"0x{status.Status:04X}").inc()
         logger.error("C-STORE failed", exc_info=True, extra={**log, "status": f"0x{status.Status:04X}"})
         return status
+    finally:
+        if staged is not None and not _config.STORE_RECV_CHUNKED_DATASET:
+            staged.unlink(missing_ok=True)  # pynetdicom removes the files it streamed
     INSTANCES_RECEIVED.labels(via="dimse").inc()
     BYTES_RECEIVED.labels(via="dimse").inc(ref.size)
     logger.debug(
@@ -269,7 +328,7 @@ def _log_refused(peer: str, reason: str, **details: int) -> None:
 
 def start_scp(settings: ScpSection, spool: Spool, index: Index) -> ThreadedAssociationServer:
     """Start the SCP in the background; ``server.server_address[1]`` is the bound port."""
-    configure_pynetdicom()
+    configure_pynetdicom(spool.staging_dir if settings.stream_to_disk else None)
     ae = AE(ae_title=settings.ae_title)
     ae.maximum_pdu_size = settings.max_pdu
     ae.maximum_associations = settings.max_associations
@@ -279,7 +338,7 @@ def start_scp(settings: ScpSection, spool: Spool, index: Index) -> ThreadedAssoc
         ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
     ae.add_supported_context(Verification)
     handlers = [
-        (evt.EVT_C_STORE, handle_store, [spool, index]),
+        (evt.EVT_C_STORE, handle_store, [spool, index, GroupCommitter(index)]),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_REJECTED, handle_rejected),
     ]

@@ -7,6 +7,7 @@ Only then may the index record it and the SCP answer success.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import shutil
@@ -128,6 +129,10 @@ class Spool:
         """A fresh file name for a part being streamed in (same file system as the spool)."""
         return self.root / STAGING / f"{uuid.uuid4().hex}{TMP_SUFFIX}"
 
+    @property
+    def staging_dir(self) -> Path:
+        return self.root / STAGING
+
     def store_staged(
         self,
         staged: Path,
@@ -139,6 +144,33 @@ class Spool:
         transfer_syntax_uid: str,
     ) -> InstanceRef:
         """Move a fully written staged file into place durably: fsync -> rename -> fsync(dir)."""
+        ref = self.place_staged(
+            staged,
+            sop_instance_uid=sop_instance_uid,
+            sop_class_uid=sop_class_uid,
+            study_instance_uid=study_instance_uid,
+            series_instance_uid=series_instance_uid,
+            transfer_syntax_uid=transfer_syntax_uid,
+        )
+        try:
+            fsync_dir(ref.path.parent)
+        except OSError as exc:
+            raise StorageError(f"Out of resources: cannot write spool ({exc.strerror})") from exc
+        return ref
+
+    def place_staged(
+        self,
+        staged: Path,
+        *,
+        sop_instance_uid: str,
+        sop_class_uid: str,
+        study_instance_uid: str,
+        series_instance_uid: str,
+        transfer_syntax_uid: str,
+    ) -> InstanceRef:
+        """fsync a fully written staged file and rename it into place. NOT yet durable: the
+        caller must fsync ``ref.path.parent`` (store_staged, or a group commit that fsyncs each
+        directory once for many instances) before anyone is told "stored"."""
         self.check_space()
         path = self.instance_path(study_instance_uid, series_instance_uid, sop_instance_uid)
         try:
@@ -149,8 +181,21 @@ class Spool:
             finally:
                 os.close(fd)
             path.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(staged, path)
-            fsync_dir(path.parent)
+            try:
+                os.replace(staged, path)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+                # Staged on another file system (not this spool's staging dir): copy, then the
+                # same tmp -> fsync -> rename; the caller's fsync(dir) follows as for a rename.
+                tmp = path.with_name(path.name + TMP_SUFFIX)
+                shutil.copyfile(staged, tmp)
+                fd = os.open(tmp, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.replace(tmp, path)
         except OSError as exc:
             raise StorageError(f"Out of resources: cannot write spool ({exc.strerror})") from exc
         return InstanceRef(

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, evt
 from pynetdicom.presentation import AllStoragePresentationContexts, StoragePresentationContexts
 from tqdm import tqdm
 
@@ -55,7 +55,12 @@ class ReceivingScp:
         ds = event.dataset
         name = f"{ds.Modality}-{ds.SeriesNumber}-{ds.SOPInstanceUID}.dcm"
         path = self.directory / name
-        write_durably(path, event.encoded_dataset(include_meta=True))
+        # The node's SCP, if in this process, turns on pynetdicom's streaming of received data sets.
+        if _config.STORE_RECV_CHUNKED_DATASET:
+            data = Path(event.dataset_path).read_bytes()
+        else:
+            data = event.encoded_dataset(include_meta=True)
+        write_durably(path, data)
         with self._lock:
             if path not in self.received:
                 self.received.append(path)

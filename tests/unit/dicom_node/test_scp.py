@@ -246,3 +246,23 @@ class TestGuardedAssociationServer:
         (rejected,) = [d for d in docs if d.get("event") == "scp.association_rejected"]
         assert (rejected["peer_address"], rejected["peer_ae"]) == (ATTACKER, "TESTSCU")
         assert (rejected["result"], rejected["source"], rejected["diagnostic"]) == (2, 3, 2)
+
+
+def test_streamed_to_disk_store_is_durable_and_leaves_no_partial(
+    start_node_scp: StartScp, small_ct_files: list[Path]
+) -> None:
+    port, spool, index = start_node_scp(stream_to_disk=True)
+    try:
+        assoc = _assoc(port)
+        statuses = [assoc.send_c_store(f).Status for f in small_ct_files[:3]]
+        assoc.release()
+    finally:
+        _config.STORE_RECV_CHUNKED_DATASET = False  # process-wide: back to the default for other tests
+    assert statuses == [0, 0, 0]
+    assert index.count_instances() == 3
+    rows = index.study_instances(pydicom.dcmread(small_ct_files[0]).StudyInstanceUID)
+    stored = {r.sop_instance_uid: pydicom.dcmread(r.path).PixelData for r in rows}
+    for f in small_ct_files[:3]:
+        original = pydicom.dcmread(f)
+        assert stored[original.SOPInstanceUID] == original.PixelData
+    assert not list(spool.root.rglob("*.partial"))

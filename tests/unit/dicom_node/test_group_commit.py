@@ -1,0 +1,97 @@
+"""Group commit: every caller returns only once its own instance is durable and indexed."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+
+import pytest
+
+import dicom_node.group_commit as group_commit
+from dicom_node.errors import StorageError
+from dicom_node.group_commit import GroupCommitter
+from dicom_node.index import Index, ReceivedInstance
+from dicom_node.spool import Spool
+
+
+def _placed(spool: Spool, n: int, study: str = "1.2.3") -> list[ReceivedInstance]:
+    received = []
+    for i in range(n):
+        staged = spool.staging_path()
+        staged.write_bytes(b"instance %d" % i)
+        ref = spool.place_staged(
+            staged,
+            sop_instance_uid=f"1.2.3.4.{i}",
+            sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+            study_instance_uid=study,
+            series_instance_uid="1.2.3.5",
+            transfer_syntax_uid="1.2.840.10008.1.2.1",
+        )
+        received.append(ReceivedInstance(ref, "CT", "PEER"))
+    return received
+
+
+def test_concurrent_commits_are_grouped_and_all_indexed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = Spool(tmp_path)
+    index = Index(spool.index_path)
+    committer = GroupCommitter(index)
+    dir_syncs: list[Path] = []
+    real = group_commit.fsync_dir
+    gate = threading.Event()
+
+    def slow_fsync_dir(directory: Path) -> None:
+        dir_syncs.append(directory)
+        gate.wait(5)  # the first group holds the lead while the others queue up
+        real(directory)
+
+    monkeypatch.setattr(group_commit, "fsync_dir", slow_fsync_dir)
+    received = _placed(spool, 8)
+    done: list[str] = []
+    threads = [
+        threading.Thread(target=lambda r=r: (committer.commit(r), done.append(r.ref.sop_instance_uid)))
+        for r in received
+    ]
+    for t in threads:
+        t.start()
+    while len(dir_syncs) < 1:
+        threading.Event().wait(0.01)
+    assert not done  # nobody is answered before its directory is synced and its row committed
+    gate.set()
+    for t in threads:
+        t.join(10)
+    assert sorted(done) == sorted(r.ref.sop_instance_uid for r in received)
+    assert len(dir_syncs) < len(received)  # grouped: fewer directory syncs than instances
+    assert index.count_instances() == 8
+    index.close()
+
+
+def test_a_failed_group_fails_every_caller_and_indexes_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = Spool(tmp_path)
+    index = Index(spool.index_path)
+    committer = GroupCommitter(index)
+    (received,) = _placed(spool, 1)
+
+    def broken_fsync_dir(directory: Path) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(group_commit, "fsync_dir", broken_fsync_dir)
+    with pytest.raises(StorageError, match="cannot write spool"):
+        committer.commit(received)
+    monkeypatch.undo()
+
+    def broken_insert(items: list[ReceivedInstance], now: float | None = None) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(index, "add_instances", broken_insert)
+    with pytest.raises(sqlite3.OperationalError):
+        committer.commit(received)
+    monkeypatch.undo()
+    assert index.count_instances() == 0
+    committer.commit(received)  # the committer is usable after a failure
+    assert index.count_instances() == 1
+    index.close()
