@@ -114,11 +114,12 @@ def _segment_pixels(masks: Sequence[np.ndarray]) -> np.ndarray:
     if len(masks) > 255:
         return np.stack(masks, axis=-1)
     labels = np.zeros(masks[0].shape, dtype=np.uint8)
+    flat = labels.reshape(-1)
     for number, mask in enumerate(masks, start=1):
-        mask = np.asarray(mask, dtype=bool)
-        if np.logical_and(labels, mask).any():
+        where = np.flatnonzero(np.asarray(mask, dtype=bool))  # cost follows the segment, not the volume
+        if flat[where].any():
             return np.stack(masks, axis=-1)
-        labels[mask] = number
+        flat[where] = number
     return labels
 
 
