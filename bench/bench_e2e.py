@@ -17,16 +17,16 @@ node logs one):
 - route: "study.complete" -> the route job's "job.state" SUCCEEDED (queue wait + the job)
 - analyze queue wait: route done -> start of the analyze job (its end minus its duration_ms)
 - analyze (node side): the analyze job's duration_ms minus the service's "analysis.done"
-  duration_ms = reading the volume from the spool + client gRPC overhead + building SEG + SRs +
-  writing them to the spool, together: the node logs no finer split
+  duration_ms; its steps, from "analyze.written" (read_ms, send_ms, inference_ms, build_ms,
+  write_ms): volume read from the spool, gRPC upload until the service holds the volume, the
+  service's analysis until the last mask is back, SEG + SR build, writing them to the spool
 - gRPC + analysis (service): "analysis.done" duration_ms = receiving the volume over gRPC,
   the reference engine, sending the masks back
 - export: "analyze.written" -> the last export job's "job.state" SUCCEEDED (4 C-STOREs to Orthanc)
 - Orthanc visible: last export done -> this script's poll sees the 4 objects (poll granularity)
 
-Not observable from the logs (the node would need a line with duration_ms for each): volume read,
-SEG build, SR build, writing the outputs; and, on the service side, volume receive vs analysis vs
-mask send.
+The split steps overlap the service's own figure (upload and analysis are the same time seen
+from both ends); "total after last image" is measured directly, not summed.
 
 Peak RSS: VmHWM of the `radbridge serve` process (node + embedded inference service, one process)
 read just before stopping it, in MB and as a multiple of the study's pixel bytes (N*512*512*2).
@@ -66,6 +66,11 @@ STAGES = (
     "route",
     "analyze queue wait",
     "analyze (node side)",
+    "  volume read",
+    "  gRPC upload",
+    "  analysis, masks back",
+    "  SEG + SR build",
+    "  spool writes",
     "gRPC + analysis (service)",
     "export (4 C-STORE)",
     "Orthanc visible",
@@ -78,13 +83,14 @@ class Run:
     total_s: float  # storescu returned -> Orthanc holds SEG + 3 SR
     stages: dict[str, float]
     peak_mb: float
+    idle_mb: float  # resident before the measured study (imports, embedded service, warm-up)
 
 
-def _vm_hwm_mb(pid: int) -> float:
+def _vm_mb(pid: int, key: str) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(key + ":"):
             return int(line.split()[1]) / 1024
-    raise RuntimeError(f"VmHWM not in /proc/{pid}/status")
+    raise RuntimeError(f"{key} not in /proc/{pid}/status")
 
 
 def _outputs(orthanc: OrthancServer, study_uid: str) -> dict[str, int]:
@@ -141,6 +147,11 @@ def stages(events: list[dict[str, Any]], study_key: str, sent: float, visible: f
         "route": route["t"] - complete["t"],
         "analyze queue wait": analyze_start - route["t"],
         "analyze (node side)": (analyze["duration_ms"] - service["duration_ms"]) / 1000,
+        "  volume read": written.get("read_ms", float("nan")) / 1000,
+        "  gRPC upload": written.get("send_ms", float("nan")) / 1000,
+        "  analysis, masks back": written.get("inference_ms", float("nan")) / 1000,
+        "  SEG + SR build": written.get("build_ms", float("nan")) / 1000,
+        "  spool writes": written.get("write_ms", float("nan")) / 1000,
         "gRPC + analysis (service)": service["duration_ms"] / 1000,
         "export (4 C-STORE)": last_export - written["t"],
         "Orthanc visible": visible - last_export,
@@ -187,17 +198,18 @@ def run_once(files: list[Path], study_uid: str, warmup: list[Path], work: Path) 
             _send(warmup, port)
             warm_uid = str(pydicom.dcmread(warmup[0], stop_before_pixels=True).StudyInstanceUID)
             _wait_for_results(orthanc, serve, warm_uid, 0)
+            idle = _vm_mb(serve.proc.pid, "VmRSS")  # the running node before the study
             started = time.time()
             _send(files, port)
             sent = time.time()
             visible = _wait_for_results(orthanc, serve, study_uid, _export_lines(serve.log_path))
-            peak = _vm_hwm_mb(serve.proc.pid)
+            peak = _vm_mb(serve.proc.pid, "VmHWM")
         finally:
             code = serve.stop()
         if code != 0:
             raise SystemExit(f"radbridge serve exited {code}")
         breakdown = stages(_events(serve.log_path), uid_key(study_uid), sent, visible)
-    return Run(sent - started, visible - sent, breakdown, peak)
+    return Run(sent - started, visible - sent, breakdown, peak, idle)
 
 
 def _fmt(values: list[float]) -> str:
@@ -251,8 +263,11 @@ def main() -> None:
         peaks = [r.peak_mb for r in runs]
         print(f"{n:>6} {mb:>9.0f}  {'peak RSS of serve, MB':<27} {statistics.median(peaks):8.0f} "
               f"{min(peaks):7.0f} {max(peaks):7.0f}   = {max(peaks) / mb:.1f} x pixel bytes (max)")  # fmt: skip
-    print("stages from the node's JSON log; 'analyze (node side)' = volume read + SEG/SR build + spool "
-          "writes (not logged apart)")  # fmt: skip
+        growth = [r.peak_mb - r.idle_mb for r in runs]
+        print(f"{n:>6} {mb:>9.0f}  {'  of it above idle, MB':<27} {statistics.median(growth):8.0f} "
+              f"{min(growth):7.0f} {max(growth):7.0f}   = {max(growth) / mb:.1f} x pixel bytes (max)")  # fmt: skip
+    print("stages from the node's JSON log ('analyze.written' carries the node-side steps); idle = the "
+          "serve process's RSS before the study")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from dicom_node.routing import RulePlanner, group_series, route
 from dicom_node.spool import InstanceRef, Spool, uid_key, write_durably
 from dicom_node.status import job_label, series_labels
 from dicom_node.volume import read_series
+from protos.radbridge.v1 import inference_pb2 as pb
 
 logger = logging.getLogger(__name__)
 #: Peak memory of one analysis as a multiple of its volume's bytes (node + embedded reference
@@ -102,6 +103,15 @@ def run_analyze(job: Job, ctx: StepContext) -> None:
         tasks = list(plan.runnable)
         if plan.skipped:
             ctx.index.add_event(job.study_instance_uid, "tasks skipped", plan.problem)
+    steps: dict[str, float] = {}
+    mark = time.monotonic()
+
+    def step(name: str) -> None:
+        nonlocal mark
+        now = time.monotonic()
+        steps[name] = round(1000 * (now - mark), 1)
+        mark = now
+
     budget = ctx.settings.worker.analysis_budget_bytes()
     volume = read_series(paths, max_voxel_bytes=budget // ANALYSIS_MEMORY_FACTOR if budget else 0)
     sources = volume.sources
@@ -115,13 +125,20 @@ def run_analyze(job: Job, ctx: StepContext) -> None:
     )
     upload = Upload.of(volume, spec)
     del volume  # only the upload holds the voxels now, and it lets go once the service has them
+    step("read_ms")
+
+    def on_progress(p: pb.Progress) -> None:
+        if p.stage != pb.Progress.RECEIVING and "send_ms" not in steps:
+            step("send_ms")  # the service holds the whole volume
+        if ctx.progress:
+            ctx.progress(job, p.fraction, p.message)
+
     client = ctx.client_factory()
     try:
-        outcome = client.analyze_upload(
-            upload, lambda p: ctx.progress(job, p.fraction, p.message) if ctx.progress else None
-        )
+        outcome = client.analyze_upload(upload, on_progress)
     finally:
         client.close()
+    step("inference_ms")
     writer = ResultWriter(sources, outcome.result, outcome.masks, ctx.settings.worker.uid_root)
     writer.previous = _previous_outputs(ctx.index, writer)
     if writer.previous:
@@ -132,7 +149,9 @@ def run_analyze(job: Job, ctx: StepContext) -> None:
             f"the series changed since its last analysis; the new objects replace {replaced} earlier one(s)",
         )
     objects = writer.build_all()
+    step("build_ms")
     written = [keep_output(ctx.spool, ctx.index, obj.kind, obj.dataset) for obj in objects]
+    step("write_ms")
     for name in ctx.settings.export.targets:
         for path in written:
             ctx.index.add_job(
@@ -148,6 +167,7 @@ def run_analyze(job: Job, ctx: StepContext) -> None:
             "job_id": job.id,
             "objects": len(written),
             "study_key": uid_key(job.study_instance_uid),
+            **steps,  # read, send (gRPC upload), inference (service until the last mask), build, write
         },
     )
 
