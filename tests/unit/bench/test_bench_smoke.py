@@ -66,3 +66,15 @@ def test_bench_ingest_smoke() -> None:
 def test_bench_analysis_smoke() -> None:
     out = _smoke("bench_analysis.py", 120)
     assert "peak RSS MB" in out and "gRPC transfer" in out and "SEG build" in out
+
+
+def test_run_all_lists_every_bench_script() -> None:
+    """bench/run_all.py runs each bench; every script it names exists (the smokes above run them)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import run_all
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    scripts = {script for script, _ in run_all.RUNS}
+    assert scripts == {p.name for p in (REPO / "bench").glob("bench_*.py")} - {"bench_inference.py"}
+    assert "cores" in run_all.machine()
