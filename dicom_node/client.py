@@ -16,6 +16,7 @@ import grpc
 import numpy as np
 
 from dicom_node.errors import InferenceRejected, InferenceUnavailable
+from dicom_node.masks import PackedMask
 from dicom_node.volume import SeriesVolume
 from protos.radbridge.v1 import inference_pb2 as pb
 from protos.radbridge.v1 import inference_pb2_grpc as pb_grpc
@@ -39,10 +40,10 @@ ProgressHandler = Callable[[pb.Progress], None]
 
 @dataclass
 class AnalysisOutcome:
-    """The final result plus the unpacked masks (segment number -> bool volume)."""
+    """The final result plus its masks (segment number -> bool volume, bit-packed)."""
 
     result: pb.AnalysisResult
-    masks: dict[int, np.ndarray] = field(default_factory=dict)
+    masks: dict[int, PackedMask] = field(default_factory=dict)
 
 
 def _pixel_payload(volume: SeriesVolume) -> tuple[int, memoryview]:
@@ -127,8 +128,9 @@ def make_spec(
 
 def unpack_masks(
     result: pb.AnalysisResult, chunks: dict[int, bytearray], shape: tuple[int, ...]
-) -> dict[int, np.ndarray]:
-    masks: dict[int, np.ndarray] = {}
+) -> dict[int, PackedMask]:
+    """The masks by segment number, checked for length and kept bit-packed (see dicom_node.masks)."""
+    masks: dict[int, PackedMask] = {}
     for task in result.tasks:
         for info in task.masks:
             data = chunks.get(info.segment_number, bytearray())
@@ -136,10 +138,7 @@ def unpack_masks(
                 raise InferenceRejected(
                     f"Mask {info.segment_number} arrived with {len(data)} of {info.packed_bytes} bytes."
                 )
-            n = int(np.prod(shape))
-            bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8), count=n)
-            chunks[info.segment_number] = bytearray()  # the packed bytes are not needed any more
-            masks[info.segment_number] = bits.reshape(shape).view(bool)  # 0/1 bytes: no copy
+            masks[info.segment_number] = PackedMask(data, shape)  # stays packed: 1 bit a voxel
     return masks
 
 

@@ -30,6 +30,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
 from dicom_node._contours import major_components, outline
+from dicom_node.masks import PackedMask
 from protos.radbridge.v1 import inference_pb2 as pb
 
 MANUFACTURER = "RadBridge"
@@ -389,8 +390,11 @@ class ResultWriter:
         mask = self.masks.get(segment_number)
         if mask is None:
             return None
-        mask = np.asarray(mask, dtype=bool)
-        areas = mask.reshape(mask.shape[0], -1).sum(axis=1)
+        if isinstance(mask, PackedMask):
+            areas = mask.slice_counts()
+        else:
+            mask = np.asarray(mask, dtype=bool)
+            areas = np.count_nonzero(mask.reshape(mask.shape[0], -1), axis=1)
         return int(areas.argmax()) if areas.any() else None
 
     def _segment_outline_groups(
