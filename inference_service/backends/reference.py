@@ -175,18 +175,22 @@ class ReferenceBackend(Backend):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
-        self._memo: tuple[weakref.ref[np.ndarray], dict[str, np.ndarray]] | None = None
+        self._memo: tuple[weakref.ref[np.ndarray], dict[str, np.ndarray], dict[str, int]] | None = None
 
-    def _ct_masks(self, volume: Volume) -> dict[str, np.ndarray]:
-        """segment_ct, computed once per volume even when several tasks ask. The memo holds the
-        voxels weakly and is dropped with them, so no volume outlives its request here."""
+    def _ct_masks(self, volume: Volume) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+        """segment_ct's lungs, bone and soft tissue masks and every mask's voxel count, computed
+        once per volume even when several tasks ask. The body mask is only counted (no task returns
+        it). The memo holds the voxels weakly and is dropped with them, so no volume outlives its
+        request here."""
         memo = self._memo
         if memo is None or memo[0]() is not volume.voxels:
             masks = segment_ct(volume.voxels, volume.geometry.voxel_volume_ml)
-            self._memo = (weakref.ref(volume.voxels), masks)
+            counts = {k: int(np.count_nonzero(v)) for k, v in masks.items()}
+            del masks["body"]
+            self._memo = (weakref.ref(volume.voxels), masks, counts)
             weakref.finalize(volume.voxels, self._forget, id(masks))
-            return masks
-        return memo[1]
+            return masks, counts
+        return memo[1], memo[2]
 
     def _forget(self, masks_id: int) -> None:
         if self._memo is not None and id(self._memo[1]) == masks_id:
@@ -233,8 +237,8 @@ class ReferenceBackend(Backend):
         if not g.rescaled or volume.voxels.ndim != 3:
             raise InvalidInput("The reference CT analysis needs a grey volume in Hounsfield units.")
         voxel_ml = g.voxel_volume_ml
-        m = self._ct_masks(volume)
-        ml = {k: float(np.count_nonzero(v)) * voxel_ml for k, v in m.items()}
+        m, counts = self._ct_masks(volume)
+        ml = {k: float(n) * voxel_ml for k, n in counts.items()}
         result = TaskResult(task=task, prompt_id=f"reference-ct-{task.value}")
         if task is TaskKind.SEGMENT:
             specs = [
