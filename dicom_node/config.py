@@ -172,10 +172,24 @@ class RoutingSection:
 
 @dataclass(frozen=True)
 class InferenceSection:
-    address: str = ""  # host:port; empty = the embedded service started by `radbridge serve`
+    address: str = ""  # host:port; empty (and no `addresses`) = the embedded service of `radbridge serve`
+    #: More replicas of the same service (host:port each); each analysis goes to the least busy one.
+    addresses: list[str] = field(default_factory=list)
     deadline_s: float = 600.0
     connect_retries: int = 3
     chunk_bytes: int = 1024 * 1024
+    #: How long a replica that stopped answering is passed over while others answer.
+    replica_cooldown_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        for address in self.replicas():
+            host, _, port = address.rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"inference address {address!r} must be host:port.")
+
+    def replicas(self) -> list[str]:
+        """Every configured replica, ``address`` first; empty = start the embedded service."""
+        return list(dict.fromkeys(a for a in [self.address, *self.addresses] if a))
 
 
 @dataclass(frozen=True)

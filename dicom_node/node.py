@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 from dicom_node.client import InferenceClient
 from dicom_node.config import NodeSettings
 from dicom_node.errors import RadBridgeError
 from dicom_node.http import HttpServer, create_app
 from dicom_node.index import Index
+from dicom_node.replicas import ReplicaPool
 from dicom_node.routing import RulePlanner
 from dicom_node.scp import start_scp
 from dicom_node.spool import Spool
@@ -24,25 +26,29 @@ class Node:
     """Owns every resource of one DICOM node; ``stop()`` releases them."""
 
     def __init__(
-        self, settings: NodeSettings, inference_address: str, progress: ProgressHook | None = None
+        self,
+        settings: NodeSettings,
+        inference_address: str | Sequence[str],
+        progress: ProgressHook | None = None,
     ) -> None:
-        if not inference_address:
-            raise ValueError("An inference service address (host:port) is required.")
+        """``inference_address``: one service (host:port) or several replicas of it."""
+        addresses = [inference_address] if isinstance(inference_address, str) else list(inference_address)
+        inf = settings.inference
+        self.replicas = ReplicaPool(
+            addresses,
+            lambda address: InferenceClient(address, inf.deadline_s, inf.connect_retries, inf.chunk_bytes),
+            inf.replica_cooldown_s,
+        )
         self.settings = settings
-        self.inference_address = inference_address
+        self.inference_address = self.replicas.addresses[0]
         self.spool = Spool(settings.spool.directory, settings.spool.min_free_bytes)
         removed = self.spool.remove_partials()
         if removed:
             logger.info("removed partial writes", extra={"event": "spool.partials", "count": removed})
         self.index = Index(self.spool.index_path)
-        inf = settings.inference
 
         def list_models() -> list[pb.ModelInfo]:
-            client = InferenceClient(inference_address, inf.deadline_s, 0, inf.chunk_bytes)
-            try:
-                return list(client.list_models(timeout_s=LIST_MODELS_TIMEOUT_S).models)
-            finally:
-                client.close()
+            return self.replicas.list_models(LIST_MODELS_TIMEOUT_S)
 
         self.planner = RulePlanner(settings.routing.rules, list_models)
         self.rule_problems: list[str] = []
@@ -50,9 +56,7 @@ class Node:
             settings=settings,
             spool=self.spool,
             index=self.index,
-            client_factory=lambda: InferenceClient(
-                inference_address, inf.deadline_s, inf.connect_retries, inf.chunk_bytes
-            ),
+            client_factory=self.replicas.client,
             progress=progress,
             planner=self.planner,
         )

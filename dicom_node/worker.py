@@ -14,12 +14,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
+from typing import Protocol
 
 import pydicom
 from pydicom.dataset import Dataset
 
 from dicom_node.attributes import searchable_attributes
-from dicom_node.client import InferenceClient, Upload, make_spec
+from dicom_node.client import AnalysisOutcome, ProgressHandler, Upload, make_spec
 from dicom_node.completion import complete_quiet_studies
 from dicom_node.config import NodeSettings, RoutingRule
 from dicom_node.errors import ExportError, InferenceRejected, RadBridgeError
@@ -42,12 +43,22 @@ OUTAGE_MAX_BACKOFF_S = 60.0
 ProgressHook = Callable[[Job, float, str], None]
 
 
+class AnalysisClient(Protocol):
+    """What an analysis needs of a client: one ``InferenceClient`` or a replica pool's."""
+
+    address: str
+
+    def analyze_upload(self, upload: Upload, on_progress: ProgressHandler | None = None) -> AnalysisOutcome: ...
+
+    def close(self) -> None: ...
+
+
 @dataclass
 class StepContext:
     settings: NodeSettings
     spool: Spool
     index: Index
-    client_factory: Callable[[], InferenceClient]
+    client_factory: Callable[[], AnalysisClient]
     progress: ProgressHook | None = None
     #: The rules checked against the models' tasks; None = send every task of the rule as it is.
     planner: RulePlanner | None = None
@@ -138,6 +149,7 @@ def run_analyze(job: Job, ctx: StepContext) -> None:
         outcome = client.analyze_upload(upload, on_progress)
     finally:
         client.close()
+    replica = client.address
     step("inference_ms")
     writer = ResultWriter(sources, outcome.result, outcome.masks, ctx.settings.worker.uid_root)
     writer.previous = _previous_outputs(ctx.index, writer)
@@ -167,6 +179,7 @@ def run_analyze(job: Job, ctx: StepContext) -> None:
             "job_id": job.id,
             "objects": len(written),
             "study_key": uid_key(job.study_instance_uid),
+            "inference_address": replica,
             **steps,  # read, send (gRPC upload), inference (service until the last mask), build, write
         },
     )

@@ -63,16 +63,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     service = None
-    address = node_settings.inference.address
-    if not address:
+    addresses = node_settings.inference.replicas()
+    if not addresses:
         service = EmbeddedInferenceService(service_settings).start()
-        address = service.address
-    node = Node(node_settings, address).start()
+        addresses = [service.address]
+    node = Node(node_settings, addresses).start()
     for problem in node.rule_problems:
         print(f"radbridge: warning: {problem}", file=sys.stderr, flush=True)
     print(
         f"radbridge: AE {node_settings.scp.ae_title} listening on {node_settings.scp.host}:{node.port}; "
-        f"inference at {address}",
+        f"inference at {', '.join(addresses)}",
         flush=True,
     )
     if node_settings.http.enabled:
@@ -118,7 +118,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     from protos.radbridge.v1 import inference_pb2 as pb
 
     node_settings, service_settings, _ = _load(args.config)
-    address = args.address or node_settings.inference.address
+    address = args.address or next(iter(node_settings.inference.replicas()), "")
     service = None
     if not address:
         from radbridge.embedded import EmbeddedInferenceService

@@ -7,6 +7,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+# hypothesis' pytest plugin imports hypothesis only at the end of a run that has no hypothesis test;
+# after gRPC has run, CPython 3.11.7's ast (pytest rewrites hypothesis' modules on import) can then
+# fail with "AST constructor recursion depth mismatch" (CPython gh-106905). Import it up front.
+import hypothesis  # noqa: F401
 import pytest
 
 from dicom_node.config import ScpSection
