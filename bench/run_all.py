@@ -26,6 +26,7 @@ RUNS = [
     ("bench_seg.py", ["--repeat", "3"]),
     ("bench_e2e.py", ["--slices", "300", "--repeat", "3"]),
     ("bench_e2e.py", ["--slices", "2000", "--repeat", "1"]),
+    ("bench_scale.py", ["--slices", "200"]),
 ]
 
 

@@ -78,3 +78,12 @@ def test_run_all_lists_every_bench_script() -> None:
     scripts = {script for script, _ in run_all.RUNS}
     assert scripts == {p.name for p in (REPO / "bench").glob("bench_*.py")} - {"bench_inference.py"}
     assert "cores" in run_all.machine()
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.skipif(bool(missing_tools("storescu")), reason="needs dcmtk storescu")
+def test_bench_scale_smoke() -> None:
+    out = _smoke("bench_scale.py", 300)
+    assert "| embedded | 1 |" in out and "| 2 replicas | 2 |" in out
+    assert "speed-up vs 1 study" in out and "cores busy" in out
