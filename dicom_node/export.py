@@ -9,6 +9,7 @@ cannot change raises PermanentExportError, parked in DEAD_LETTER at once.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -188,15 +189,41 @@ def _stow_outcome(response: requests.Response, sent: Sequence[str], where: str) 
     raise PermanentExportError(detail)
 
 
+def bearer_token(target: ExportTarget) -> str:
+    """The target's bearer token ("" when it has none): the first entry of ``token_file`` or the
+    variable named by ``token_env``, read at each export so that a rotated token is picked up.
+    A configured but missing token is permanent: a retry sends the same nothing."""
+    if target.token_file is not None:
+        try:
+            lines = Path(target.token_file).read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise PermanentExportError(
+                f"The token file of STOW-RS target {_where(target.url)} cannot be read ({exc.strerror or exc})."
+            ) from exc
+        token = next((line.strip() for line in lines if line.strip() and not line.startswith("#")), "")
+        if not token:
+            raise PermanentExportError(f"The token file of STOW-RS target {_where(target.url)} is empty.")
+        return token
+    if target.token_env:
+        token = os.environ.get(target.token_env, "").strip()
+        if not token:
+            raise PermanentExportError(
+                f"STOW-RS target {_where(target.url)}: the environment variable {target.token_env} is not set."
+            )
+        return token
+    return ""
+
+
 def send_stow(paths: Sequence[Path], target: ExportTarget, calling_ae: str) -> None:
     """One STOW-RS request (POST {url}/studies) with every file; each instance must be acknowledged.
 
     dicomweb-client's own retries are off: the worker retries with its backoff
     and parks the job in DEAD_LETTER, so a retry policy exists only once.
     """
+    where = _where(target.url)
+    token = bearer_token(target)
     datasets = [pydicom.dcmread(path) for path in paths]
     sent = [str(ds.SOPInstanceUID) for ds in datasets]
-    where = _where(target.url)
     responses: list[requests.Response] = []
     status: int | str = "no response"
     stored = False
@@ -205,6 +232,8 @@ def send_stow(paths: Sequence[Path], target: ExportTarget, calling_ae: str) -> N
         with requests.Session() as session:
             # dicomweb-client reads the body only on success: keep the response for 202/409/4xx.
             session.hooks["response"].append(lambda r, *args, **kwargs: responses.append(r))
+            if token:
+                session.headers["Authorization"] = f"Bearer {token}"
             try:
                 client = DICOMwebClient(url=target.url, session=session, timeout=target.timeout_s)
             except ValueError as exc:

@@ -126,7 +126,10 @@ def test_every_route_needs_a_token(
             assert answer.headers["www-authenticate"] == 'Bearer realm="radbridge"', (method, path)
             if method != "HEAD":
                 body = answer.json()
-                assert body["error"] == "authentication required" and "Bearer" in body["detail"], (method, path)
+                assert body["error"] == "authentication required" and "Bearer" in body["detail"], (
+                    method,
+                    path,
+                )
         bearer = {"Authorization": f"Bearer {tokens['all']}"}
         for method, path in guarded:
             answer = client.request(method, path, headers=bearer)
@@ -183,10 +186,16 @@ def test_tokens_from_the_environment_on_a_real_server(
     try:
         assert httpx.get(f"{url}/healthz").status_code == 200
         assert httpx.get(f"{url}/dicom-web/studies").status_code == 401
-        assert httpx.get(f"{url}/dicom-web/studies", headers={"Authorization": f"Bearer {reader}"}).json() == []
-        stow = httpx.post(f"{url}/dicom-web/studies", headers={"Authorization": f"Bearer {reader}"}, content=b"")
+        assert (
+            httpx.get(f"{url}/dicom-web/studies", headers={"Authorization": f"Bearer {reader}"}).json() == []
+        )
+        stow = httpx.post(
+            f"{url}/dicom-web/studies", headers={"Authorization": f"Bearer {reader}"}, content=b""
+        )
         assert stow.status_code == 403
-        stow = httpx.post(f"{url}/dicom-web/studies", headers={"Authorization": f"Bearer {full}"}, content=b"")
+        stow = httpx.post(
+            f"{url}/dicom-web/studies", headers={"Authorization": f"Bearer {full}"}, content=b""
+        )
         assert stow.status_code == 415
     finally:
         server.stop()
@@ -198,7 +207,7 @@ def test_browser_login_sets_a_strict_httponly_session_cookie(
     app = create_app(settings_with(token_file, ohif_dir, tmp_path, session_ttl_s=0.5), *store, viewer=True)
     with TestClient(app, follow_redirects=False) as client:
         page = client.get("/viewer?StudyInstanceUIDs=1.2.3", headers={"Accept": "text/html,*/*"})
-        assert page.status_code == 401 and f'action={LOGIN_PATH}' in page.text
+        assert page.status_code == 401 and f"action={LOGIN_PATH}" in page.text
         assert 'value="/viewer?StudyInstanceUIDs=1.2.3"' in page.text
         assert client.get(LOGIN_PATH).status_code == 200
         wrong = client.post(LOGIN_PATH, data={"token": new_token(), "next": "/"})
@@ -206,7 +215,9 @@ def test_browser_login_sets_a_strict_httponly_session_cookie(
         for evil in ("https://evil.example/", "//evil.example/x", "/\\evil.example"):
             away = client.post(LOGIN_PATH, data={"token": tokens["read"], "next": evil})
             assert away.status_code == 303 and away.headers["location"] == "/", evil
-        ok = client.post(LOGIN_PATH, data={"token": tokens["read"], "next": "/viewer?StudyInstanceUIDs=1.2.3"})
+        ok = client.post(
+            LOGIN_PATH, data={"token": tokens["read"], "next": "/viewer?StudyInstanceUIDs=1.2.3"}
+        )
         assert ok.status_code == 303 and ok.headers["location"] == "/viewer?StudyInstanceUIDs=1.2.3"
         cookie = ok.headers["set-cookie"]
         assert "HttpOnly" in cookie and "SameSite=strict" in cookie and "Path=/" in cookie
@@ -253,7 +264,10 @@ def test_auth_mode_rules(
 @pytest.mark.parametrize(
     ("toml", "message"),
     [
-        ('[http]\ntoken = "s3cr3t-s3cr3t-s3cr3t"\n', "http.token is refused.*token_file.*RADBRIDGE_HTTP_TOKENS"),
+        (
+            '[http]\ntoken = "s3cr3t-s3cr3t-s3cr3t"\n',
+            "http.token is refused.*token_file.*RADBRIDGE_HTTP_TOKENS",
+        ),
         ('[http]\ntokens = ["s3cr3t-s3cr3t-s3cr3t"]\n', "http.tokens is refused"),
         (
             '[export.targets.pacs]\ntype = "dicomweb"\nurl = "http://pacs/dicom-web"\ntoken = "x"\n',
