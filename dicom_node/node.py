@@ -90,9 +90,6 @@ class Node:
         return problems
 
     def start(self) -> Node:
-        starts = self.index.count_start()
-        logger.info("node start", extra={"event": "node.start", "starts": starts})
-        self.rule_problems = self.check_rules()
         http = self.settings.http
         # The app first: a refused auth configuration stops start-up before any port is open.
         app = (
@@ -102,6 +99,9 @@ class Node:
             if http.enabled
             else None
         )
+        starts = self.index.count_start()
+        logger.info("node start", extra={"event": "node.start", "starts": starts})
+        self.rule_problems = self.check_rules()
         self._server = start_scp(self.settings.scp, self.spool, self.index)
         if app is not None:
             self._http = HttpServer(app, http.host, http.port)

@@ -345,3 +345,29 @@ def test_node_settings_default_is_backward_compatible() -> None:
     settings = NodeSettings()
     assert settings.http.auth == "auto" and settings.http.token_file is None
     assert resolve_auth(replace(settings.http), settings.http.host, {}) is None
+
+
+def test_node_refuses_to_start_open_on_a_public_address(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Node.start checks the HTTP auth before it opens any port: the SCP port stays free."""
+    import socket
+
+    from dicom_node.config import ScpSection
+    from dicom_node.node import Node
+
+    monkeypatch.delenv(TOKENS_ENV, raising=False)
+    scp_port = free_port()
+    settings = NodeSettings(
+        scp=ScpSection(port=scp_port),
+        http=HttpSection(host="0.0.0.0", port=0),
+        spool=SpoolSection(directory=tmp_path / "spool"),
+    )
+    node = Node(settings, f"127.0.0.1:{free_port()}")
+    try:
+        with pytest.raises(ConfigError, match="without authentication"):
+            node.start()
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", scp_port))  # nothing listens there
+    finally:
+        node.stop()
