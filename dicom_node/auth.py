@@ -129,6 +129,29 @@ def load_tokens(http: HttpSection, environ: Mapping[str, str] | None = None) -> 
     return tokens
 
 
+def read_bearer_token(token_file: Path | None, token_env: str, what: str) -> str:
+    """Our own token for a peer ("" when none is configured): the first entry of ``token_file``
+    (blank lines and ``#`` comments skipped), or the variable named ``token_env``.
+
+    ``what`` names the setting in the ConfigError raised for a missing file or variable.
+    """
+    if token_file is not None:
+        try:
+            lines = Path(token_file).read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise ConfigError(f"The token file of {what} cannot be read ({exc.strerror or exc}).") from exc
+        token = next((line.strip() for line in lines if line.strip() and not line.startswith("#")), "")
+        if not token:
+            raise ConfigError(f"The token file of {what} is empty.")
+        return token
+    if token_env:
+        token = os.environ.get(token_env, "").strip()
+        if not token:
+            raise ConfigError(f"{what}: the environment variable {token_env} is not set.")
+        return token
+    return ""
+
+
 def is_loopback(host: str) -> bool:
     """Whether binding ``host`` keeps the port on this machine ("", 0.0.0.0 and names other than
     localhost count as exposed)."""

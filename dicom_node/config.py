@@ -110,10 +110,16 @@ class ViewerSection:
     #: "" = RadBridge's own read-only DICOMweb of the spool; else a PACS's DICOMweb root to proxy,
     #: e.g. "http://pacs:8042/dicom-web" (Orthanc).
     upstream: str = ""
+    #: A bearer token the proxy sends to ``upstream`` (a protected PACS or RadBridge node): the
+    #: first line of this file, or the environment variable named by upstream_token_env.
+    upstream_token_file: Path | None = None
+    upstream_token_env: str = ""
 
     def __post_init__(self) -> None:
         if self.upstream and not self.upstream.startswith(("http://", "https://")):
             raise ValueError(f"viewer.upstream {self.upstream!r} must be an http(s) URL or empty.")
+        if self.upstream_token_file is not None and self.upstream_token_env:
+            raise ValueError("viewer takes upstream_token_file or upstream_token_env, not both.")
 
 
 @dataclass(frozen=True)
@@ -288,6 +294,13 @@ def _refuse_secrets(data: dict[str, Any]) -> None:
                     " by http.token_file (one a line, e.g. \"TOKEN read\") or in the environment"
                     " variable RADBRIDGE_HTTP_TOKENS."
                 )
+    viewer = data.get("viewer")
+    for key in SECRET_KEYS + ("upstream_token",):
+        if isinstance(viewer, dict) and key in viewer:
+            raise ConfigError(
+                f"viewer.{key} is refused: secrets never go in the config. Name a file with"
+                " viewer.upstream_token_file, or an environment variable with viewer.upstream_token_env."
+            )
     targets = data.get("export", {}).get("targets", {}) if isinstance(data.get("export"), dict) else {}
     for name, target in targets.items() if isinstance(targets, dict) else ():
         for key in SECRET_KEYS:

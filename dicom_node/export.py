@@ -9,7 +9,6 @@ cannot change raises PermanentExportError, parked in DEAD_LETTER at once.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -22,6 +21,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
+from dicom_node.auth import read_bearer_token
 from dicom_node.config import ExportTarget
 from dicom_node.errors import (
     DUPLICATE_SOP_INSTANCE,
@@ -32,6 +32,7 @@ from dicom_node.errors import (
     dimse_status_is_transient,
     failure_reason_is_transient,
 )
+from radbridge_common.settings import ConfigError
 
 logger = logging.getLogger(__name__)
 SUCCESS_STATUSES = {0x0000, 0xB000, 0xB006, 0xB007}
@@ -190,28 +191,12 @@ def _stow_outcome(response: requests.Response, sent: Sequence[str], where: str) 
 
 
 def bearer_token(target: ExportTarget) -> str:
-    """The target's bearer token ("" when it has none): the first entry of ``token_file`` or the
-    variable named by ``token_env``, read at each export so that a rotated token is picked up.
-    A configured but missing token is permanent: a retry sends the same nothing."""
-    if target.token_file is not None:
-        try:
-            lines = Path(target.token_file).read_text(encoding="utf-8").splitlines()
-        except OSError as exc:
-            raise PermanentExportError(
-                f"The token file of STOW-RS target {_where(target.url)} cannot be read ({exc.strerror or exc})."
-            ) from exc
-        token = next((line.strip() for line in lines if line.strip() and not line.startswith("#")), "")
-        if not token:
-            raise PermanentExportError(f"The token file of STOW-RS target {_where(target.url)} is empty.")
-        return token
-    if target.token_env:
-        token = os.environ.get(target.token_env, "").strip()
-        if not token:
-            raise PermanentExportError(
-                f"STOW-RS target {_where(target.url)}: the environment variable {target.token_env} is not set."
-            )
-        return token
-    return ""
+    """The target's bearer token ("" when it has none), read at each export so that a rotated
+    token is picked up. A configured but missing token is permanent: a retry sends the same nothing."""
+    try:
+        return read_bearer_token(target.token_file, target.token_env, f"STOW-RS target {_where(target.url)}")
+    except ConfigError as exc:
+        raise PermanentExportError(str(exc)) from exc
 
 
 def send_stow(paths: Sequence[Path], target: ExportTarget, calling_ae: str) -> None:

@@ -22,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from dicom_node.auth import AuthMiddleware, resolve_auth
+from dicom_node.auth import AuthMiddleware, read_bearer_token, resolve_auth
 from dicom_node.config import NodeSettings
 from dicom_node.dicomweb import DicomWeb
 from dicom_node.index import Index
@@ -81,7 +81,9 @@ def create_app(
     if upstream:
         from dicom_node.viewer import proxy_routes
 
-        routes += proxy_routes(upstream, DICOMWEB_ROOT)
+        v = settings.viewer
+        token = read_bearer_token(v.upstream_token_file, v.upstream_token_env, "viewer.upstream")
+        routes += proxy_routes(upstream, DICOMWEB_ROOT, token=token)
     else:
         routes += web.routes()
     if viewer:

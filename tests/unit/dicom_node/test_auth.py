@@ -274,6 +274,7 @@ def test_auth_mode_rules(
             "export.targets.pacs.token is refused.*token_file.*token_env",
         ),
         ('[http]\nauth = "maybe"\n', "http.auth 'maybe' is not one of auto, none, token"),
+        ('[viewer]\nupstream_token = "x"\n', "viewer.upstream_token is refused.*upstream_token_file"),
     ],
 )
 def test_tokens_in_the_toml_are_refused(tmp_path: Path, toml: str, message: str) -> None:
@@ -371,3 +372,29 @@ def test_node_refuses_to_start_open_on_a_public_address(
             probe.bind(("127.0.0.1", scp_port))  # nothing listens there
     finally:
         node.stop()
+
+
+def test_viewer_proxy_sends_its_own_token_upstream(
+    tmp_path: Path, token_file: Path, ohif_dir: Path, tokens: dict[str, str], store: tuple[Spool, Index]
+) -> None:
+    """`radbridge viewer --upstream` to a protected node: the proxy's configured token goes upstream,
+    the browser's credentials never do."""
+    upstream = HttpServer(create_app(settings_with(token_file, ohif_dir, tmp_path), *store), "127.0.0.1", 0)
+    upstream.start()
+    root = f"{upstream.url}/dicom-web"
+    mine = tmp_path / "upstream-token"
+    mine.write_text(tokens["read"] + "\n")
+    try:
+        plain = NodeSettings(viewer=ViewerSection(ohif_dir=ohif_dir, upstream=root))
+        with TestClient(create_app(plain, *store, stow=False, viewer=True)) as client:
+            answer = client.get("/dicom-web/studies", headers={"Authorization": f"Bearer {tokens['all']}"})
+            assert answer.status_code == 401  # the upstream's refusal, passed through
+        with_token = replace(plain, viewer=replace(plain.viewer, upstream_token_file=mine))
+        with TestClient(create_app(with_token, *store, stow=False, viewer=True)) as client:
+            answer = client.get("/dicom-web/studies")
+            assert answer.status_code == 200 and answer.json() == []
+        missing = replace(plain, viewer=replace(plain.viewer, upstream_token_env="RB_TEST_ABSENT_TOKEN"))
+        with pytest.raises(ConfigError, match="RB_TEST_ABSENT_TOKEN is not set"):
+            create_app(missing, *store, stow=False, viewer=True)
+    finally:
+        upstream.stop()
