@@ -36,7 +36,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, quote
+from urllib.parse import parse_qs
 
 from starlette.datastructures import Headers
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
@@ -451,8 +451,3 @@ def _log_refusal(scope: Scope, exc: AuthError) -> None:
             "client": client[0] if client else "",
         },
     )
-
-
-def login_url(base: str, next_path: str = "/") -> str:
-    """The login page of a node at ``base``, returning to ``next_path`` afterwards."""
-    return f"{base.rstrip('/')}{LOGIN_PATH}?next={quote(next_path, safe='/')}"

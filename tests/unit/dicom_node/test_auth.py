@@ -316,9 +316,19 @@ def test_bad_token_entries_are_named_without_the_token(tmp_path: Path, text: str
     assert secret not in str(info.value) and "short-token" not in str(info.value)
 
 
-def test_token_file_missing_and_scopes_parsed(tmp_path: Path) -> None:
+def test_token_file_missing_readable_by_others_and_scopes_parsed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     with pytest.raises(ConfigError, match="cannot be read"):
         load_tokens(HttpSection(token_file=tmp_path / "absent"), {})
+    shared = tmp_path / "shared-tokens"
+    secret = new_token()
+    shared.write_text(secret)
+    shared.chmod(0o644)
+    with caplog.at_level(logging.WARNING, logger="dicom_node.auth"):
+        assert len(load_tokens(HttpSection(token_file=shared), {})) == 1
+    assert [getattr(r, "mode", "") for r in caplog.records] == ["0o644"]
+    assert secret not in caplog.text
     a, b = new_token(), new_token()
     parsed = parse_tokens(f"{a} write,read\n# {b}\n", "test")
     assert [t.scopes for t in parsed] == [frozenset({"read", "write"})]
