@@ -290,8 +290,10 @@ def _wants_html(scope: Scope) -> bool:
 
 
 def _safe_next(value: str) -> str:
-    """A local path to go back to after login (never another origin)."""
-    if not value.startswith("/") or value.startswith("//") or "\\" in value or value == LOGIN_PATH:
+    """A local path to go back to after login (never another origin; browsers drop tabs and
+    newlines from URLs, so "/\t/host" would become "//host")."""
+    unsafe = "\\" in value or any(ord(c) < 0x20 or ord(c) == 0x7F for c in value)
+    if not value.startswith("/") or value.startswith("//") or unsafe or value == LOGIN_PATH:
         return "/"
     return value
 
@@ -414,6 +416,12 @@ class AuthMiddleware:
         return response
 
     def _logout(self, scope: Scope) -> Response:
+        if scope["method"] != "POST":  # a link elsewhere cannot log anyone out
+            return JSONResponse(
+                {"error": "method not allowed", "detail": f"{LOGOUT_PATH} takes POST."},
+                status_code=405,
+                headers={"Allow": "POST"},
+            )
         cookie = _cookie(Headers(scope=scope), SESSION_COOKIE)
         if cookie:
             self.auth.close_session(cookie)

@@ -212,7 +212,7 @@ def test_browser_login_sets_a_strict_httponly_session_cookie(
         assert client.get(LOGIN_PATH).status_code == 200
         wrong = client.post(LOGIN_PATH, data={"token": new_token(), "next": "/"})
         assert wrong.status_code == 401 and "not valid" in wrong.text and SESSION_COOKIE not in client.cookies
-        for evil in ("https://evil.example/", "//evil.example/x", "/\\evil.example"):
+        for evil in ("https://evil.example/", "//evil.example/x", "/\\evil.example", "/\t/evil.example"):
             away = client.post(LOGIN_PATH, data={"token": tokens["read"], "next": evil})
             assert away.status_code == 303 and away.headers["location"] == "/", evil
         ok = client.post(
@@ -228,6 +228,8 @@ def test_browser_login_sets_a_strict_httponly_session_cookie(
         time.sleep(0.6)
         assert client.get("/dicom-web/studies").status_code == 401  # expired
         client.post(LOGIN_PATH, data={"token": tokens["all"]})
+        assert client.get("/dicom-web/studies").status_code == 200
+        assert client.get("/logout").status_code == 405
         assert client.get("/dicom-web/studies").status_code == 200
         assert client.post("/logout").status_code == 303
         assert client.get("/dicom-web/studies").status_code == 401
