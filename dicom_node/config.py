@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from radbridge_common.settings import build, read_layers
+from radbridge_common.settings import ConfigError, build, read_layers
 
 DEFAULT_AE_TITLE = "RADBRIDGE"
 DEFAULT_SCP_PORT = 11112
@@ -31,6 +31,12 @@ DEFAULT_MAX_PART_BYTES = 2 * 1024**3  # one instance inside a STOW-RS request
 OHIF_VERSION = "3.13.2"
 DEFAULT_OHIF_DIR = Path.home() / ".cache" / "radbridge" / f"ohif-{OHIF_VERSION}"
 EXPORT_TYPES = ("dicom", "dicomweb")
+#: http.auth: "auto" = tokens when any are configured, else open on a loopback host only;
+#: "token" = tokens required; "none" = open on any host (an explicit choice).
+HTTP_AUTH_MODES = ("auto", "none", "token")
+DEFAULT_SESSION_TTL_S = 12 * 3600.0  # a browser login (cookie) lasts this long
+#: Keys refused wherever they appear: secrets are files or environment variables, never TOML.
+SECRET_KEYS = ("token", "tokens", "bearer_token", "password")
 SECTIONS = ("scp", "http", "viewer", "spool", "completion", "routing", "inference", "export", "worker", "logging")
 TASKS = ("report", "vqa", "classify", "detect", "segment", "embed")
 
@@ -79,10 +85,19 @@ class HttpSection:
     max_part_bytes: int = DEFAULT_MAX_PART_BYTES
     #: A STOW-RS request ends its study at once (no quiet window): for clients that send whole studies.
     stow_completes_study: bool = False
+    auth: str = "auto"  # one of HTTP_AUTH_MODES; see dicom_node.auth
+    #: Bearer tokens, one a line: "TOKEN" (read and write) or "TOKEN read" / "TOKEN write";
+    #: more in $RADBRIDGE_HTTP_TOKENS (same format, ";" also separates). Never in the TOML.
+    token_file: Path | None = None
+    session_ttl_s: float = DEFAULT_SESSION_TTL_S
 
     def __post_init__(self) -> None:
         if self.max_request_bytes <= 0 or self.max_part_bytes <= 0:
             raise ValueError("http.max_request_bytes and http.max_part_bytes must be positive.")
+        if self.auth not in HTTP_AUTH_MODES:
+            raise ValueError(f"http.auth {self.auth!r} is not one of {', '.join(HTTP_AUTH_MODES)}.")
+        if self.session_ttl_s <= 0:
+            raise ValueError("http.session_ttl_s must be positive.")
 
 
 @dataclass(frozen=True)
@@ -95,10 +110,16 @@ class ViewerSection:
     #: "" = RadBridge's own read-only DICOMweb of the spool; else a PACS's DICOMweb root to proxy,
     #: e.g. "http://pacs:8042/dicom-web" (Orthanc).
     upstream: str = ""
+    #: A bearer token the proxy sends to ``upstream`` (a protected PACS or RadBridge node): the
+    #: first line of this file, or the environment variable named by upstream_token_env.
+    upstream_token_file: Path | None = None
+    upstream_token_env: str = ""
 
     def __post_init__(self) -> None:
         if self.upstream and not self.upstream.startswith(("http://", "https://")):
             raise ValueError(f"viewer.upstream {self.upstream!r} must be an http(s) URL or empty.")
+        if self.upstream_token_file is not None and self.upstream_token_env:
+            raise ValueError("viewer takes upstream_token_file or upstream_token_env, not both.")
 
 
 @dataclass(frozen=True)
@@ -203,6 +224,10 @@ class ExportTarget:
     calling_ae_title: str = ""  # empty = scp.ae_title
     url: str = ""  # dicomweb: the service root, e.g. "http://pacs:8042/dicom-web"
     timeout_s: float = 60.0  # dicomweb: per request
+    #: dicomweb: a bearer token for the PACS, from this file (its first line) or from the
+    #: environment variable named by token_env; read at each export, so it may be rotated.
+    token_file: Path | None = None
+    token_env: str = ""
 
     def __post_init__(self) -> None:
         if self.type not in EXPORT_TYPES:
@@ -213,6 +238,8 @@ class ExportTarget:
             _check_ae(self.ae_title, "export target ae_title")
         elif not self.url.startswith(("http://", "https://")):
             raise ValueError(f"A dicomweb export target needs an http(s) url, not {self.url!r}.")
+        if self.token_file is not None and self.token_env:
+            raise ValueError("An export target takes token_file or token_env, not both.")
 
 
 @dataclass(frozen=True)
@@ -270,8 +297,38 @@ class NodeSettings:
     logging: LoggingSection = field(default_factory=LoggingSection)
 
 
+def _refuse_secrets(data: dict[str, Any]) -> None:
+    """A token written into the config is refused, with where it belongs instead."""
+    http = data.get("http")
+    if isinstance(http, dict):
+        for key in SECRET_KEYS:
+            if key in http:
+                raise ConfigError(
+                    f"http.{key} is refused: tokens never go in the config. Put them in a file named"
+                    " by http.token_file (one a line, e.g. \"TOKEN read\") or in the environment"
+                    " variable RADBRIDGE_HTTP_TOKENS."
+                )
+    viewer = data.get("viewer")
+    for key in SECRET_KEYS + ("upstream_token",):
+        if isinstance(viewer, dict) and key in viewer:
+            raise ConfigError(
+                f"viewer.{key} is refused: secrets never go in the config. Name a file with"
+                " viewer.upstream_token_file, or an environment variable with viewer.upstream_token_env."
+            )
+    targets = data.get("export", {}).get("targets", {}) if isinstance(data.get("export"), dict) else {}
+    for name, target in targets.items() if isinstance(targets, dict) else ():
+        for key in SECRET_KEYS:
+            if isinstance(target, dict) and key in target:
+                raise ConfigError(
+                    f"export.targets.{name}.{key} is refused: secrets never go in the config. Name a"
+                    f" file with export.targets.{name}.token_file, or an environment variable with"
+                    f" export.targets.{name}.token_env."
+                )
+
+
 def settings_from(data: dict[str, Any]) -> NodeSettings:
     """Build NodeSettings from the node's sections of a merged config dict."""
+    _refuse_secrets(data)
     return build(NodeSettings, {k: v for k, v in data.items() if k in SECTIONS})
 
 

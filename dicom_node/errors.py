@@ -5,6 +5,9 @@ RadBridgeError
  │ └ StudyMismatch       STOW-RS to /studies/{study} with an instance of another study: 0xC409
  ├ SopClassNotSupported  C-STORE 0x0122
  ├ StorageError          C-STORE 0xA700 (write/fsync/rename failed; never 0x0000)
+ ├ AuthError             HTTP front (dicom_node.auth): a JSON body {"error", "detail"}
+ │ ├ Unauthenticated     401 + WWW-Authenticate: Bearer (no, unknown or expired credentials)
+ │ └ Forbidden           403 (the token's scopes do not cover the request)
  ├ VolumeError           job FAILED with the reason (series cannot form a volume)
  ├ InferenceUnavailable  job retried with backoff (service down, deadline)
  ├ InferenceRejected     job FAILED (the service refused the request)
@@ -48,6 +51,27 @@ class StowRequestError(RadBridgeError):
         super().__init__(message)
         self.http_status = http_status
         self.retry_after_s = retry_after_s
+
+
+class AuthError(RadBridgeError):
+    """An HTTP request without the right credentials; ``dicom_node.auth`` answers it."""
+
+    http_status = 401
+    #: RFC 6750 error code for WWW-Authenticate ("" when the request carried no credentials).
+    bearer_error = ""
+
+
+class Unauthenticated(AuthError):
+    http_status = 401
+
+
+class InvalidCredentials(Unauthenticated):
+    bearer_error = "invalid_token"
+
+
+class Forbidden(AuthError):
+    http_status = 403
+    bearer_error = "insufficient_scope"
 
 
 class SopClassNotSupported(RadBridgeError):

@@ -21,6 +21,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
+from dicom_node.auth import read_bearer_token
 from dicom_node.config import ExportTarget
 from dicom_node.errors import (
     DUPLICATE_SOP_INSTANCE,
@@ -31,6 +32,7 @@ from dicom_node.errors import (
     dimse_status_is_transient,
     failure_reason_is_transient,
 )
+from radbridge_common.settings import ConfigError
 
 logger = logging.getLogger(__name__)
 SUCCESS_STATUSES = {0x0000, 0xB000, 0xB006, 0xB007}
@@ -188,15 +190,25 @@ def _stow_outcome(response: requests.Response, sent: Sequence[str], where: str) 
     raise PermanentExportError(detail)
 
 
+def bearer_token(target: ExportTarget) -> str:
+    """The target's bearer token ("" when it has none), read at each export so that a rotated
+    token is picked up. A configured but missing token is permanent: a retry sends the same nothing."""
+    try:
+        return read_bearer_token(target.token_file, target.token_env, f"STOW-RS target {_where(target.url)}")
+    except ConfigError as exc:
+        raise PermanentExportError(str(exc)) from exc
+
+
 def send_stow(paths: Sequence[Path], target: ExportTarget, calling_ae: str) -> None:
     """One STOW-RS request (POST {url}/studies) with every file; each instance must be acknowledged.
 
     dicomweb-client's own retries are off: the worker retries with its backoff
     and parks the job in DEAD_LETTER, so a retry policy exists only once.
     """
+    where = _where(target.url)
+    token = bearer_token(target)
     datasets = [pydicom.dcmread(path) for path in paths]
     sent = [str(ds.SOPInstanceUID) for ds in datasets]
-    where = _where(target.url)
     responses: list[requests.Response] = []
     status: int | str = "no response"
     stored = False
@@ -205,6 +217,8 @@ def send_stow(paths: Sequence[Path], target: ExportTarget, calling_ae: str) -> N
         with requests.Session() as session:
             # dicomweb-client reads the body only on success: keep the response for 202/409/4xx.
             session.hooks["response"].append(lambda r, *args, **kwargs: responses.append(r))
+            if token:
+                session.headers["Authorization"] = f"Bearer {token}"
             try:
                 client = DICOMwebClient(url=target.url, session=session, timeout=target.timeout_s)
             except ValueError as exc:

@@ -1,7 +1,8 @@
 """The node's one HTTP front: STOW-RS, read-only DICOMweb, the viewer and /healthz on one port.
 
-One Starlette app per node (DESIGN.md, "One HTTP front per node"), so that a
-later auth layer wraps everything at once. ``HttpServer`` runs it under
+One Starlette app per node (DESIGN.md, "One HTTP front per node"), so that one
+auth layer (``dicom_node.auth``: bearer tokens, browser session cookie) wraps
+everything at once. ``HttpServer`` runs it under
 uvicorn in a background thread and reports the port it bound, so tests can
 ask for port 0.
 """
@@ -16,10 +17,12 @@ import time
 import anyio
 import uvicorn
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from dicom_node.auth import AuthMiddleware, read_bearer_token, resolve_auth
 from dicom_node.config import NodeSettings
 from dicom_node.dicomweb import DicomWeb
 from dicom_node.index import Index
@@ -38,9 +41,17 @@ def create_app(
     stow: bool = True,
     viewer: bool = False,
     upstream: str | None = None,
+    host: str | None = None,
 ) -> Starlette:
     """The app: /healthz, /metrics (Prometheus); STOW-RS if ``stow``; DICOMweb of the spool, or a proxy to ``upstream``
-    (default ``settings.viewer.upstream``); OHIF at / if ``viewer``."""
+    (default ``settings.viewer.upstream``); OHIF at / if ``viewer``.
+
+    Every route but /healthz sits behind ``settings.http``'s tokens when it has any;
+    ``host`` (default ``settings.http.host``) is the address the app will listen on:
+    an app without tokens is refused (ConfigError) unless that is loopback or
+    ``http.auth = "none"``.
+    """
+    auth = resolve_auth(settings.http, settings.http.host if host is None else host)
     upstream = settings.viewer.upstream if upstream is None else upstream
     web = DicomWeb(index, DICOMWEB_ROOT)
 
@@ -70,14 +81,17 @@ def create_app(
     if upstream:
         from dicom_node.viewer import proxy_routes
 
-        routes += proxy_routes(upstream, DICOMWEB_ROOT)
+        v = settings.viewer
+        token = read_bearer_token(v.upstream_token_file, v.upstream_token_env, "viewer.upstream")
+        routes += proxy_routes(upstream, DICOMWEB_ROOT, token=token)
     else:
         routes += web.routes()
     if viewer:
         from dicom_node.viewer import viewer_routes
 
         routes += viewer_routes(settings.viewer, DICOMWEB_ROOT)
-    return Starlette(routes=routes)
+    middleware = [Middleware(AuthMiddleware, auth=auth)] if auth is not None else []
+    return Starlette(routes=routes, middleware=middleware)
 
 
 class HttpServer:
@@ -89,6 +103,7 @@ class HttpServer:
         config = uvicorn.Config(
             app, host=host, port=port, log_config=None, access_log=False, lifespan="off", ws="none"
         )
+        self.app = app
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._run, name="radbridge-http", daemon=True)
         self.host = host

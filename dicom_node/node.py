@@ -76,6 +76,11 @@ class Node:
             raise RuntimeError("The HTTP front is not started (http.enabled = false?).")
         return self._http.port
 
+    @property
+    def http_protected(self) -> bool:
+        """Whether the HTTP front asks for tokens (False when open on loopback, or http.auth = none)."""
+        return self._http is not None and bool(getattr(self._http.app, "user_middleware", None))
+
     def check_rules(self) -> list[str]:
         """Every routing rule against the models' declared tasks; the problems in words (also logged)."""
         try:
@@ -89,13 +94,20 @@ class Node:
         return problems
 
     def start(self) -> Node:
+        http = self.settings.http
+        # The app first: a refused auth configuration stops start-up before any port is open.
+        app = (
+            create_app(
+                self.settings, self.spool, self.index, stow=True, viewer=False, upstream="", host=http.host
+            )
+            if http.enabled
+            else None
+        )
         starts = self.index.count_start()
         logger.info("node start", extra={"event": "node.start", "starts": starts})
         self.rule_problems = self.check_rules()
         self._server = start_scp(self.settings.scp, self.spool, self.index)
-        if self.settings.http.enabled:
-            http = self.settings.http
-            app = create_app(self.settings, self.spool, self.index, stow=True, viewer=False, upstream="")
+        if app is not None:
             self._http = HttpServer(app, http.host, http.port)
             self._http.start()
         self.worker.start()

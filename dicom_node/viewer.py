@@ -226,14 +226,19 @@ class _Clients:
 
 
 def proxy_routes(
-    upstream: str, mount: str = "/dicom-web", *, timeout: httpx.Timeout = DEFAULT_UPSTREAM_TIMEOUT
+    upstream: str,
+    mount: str = "/dicom-web",
+    *,
+    timeout: httpx.Timeout = DEFAULT_UPSTREAM_TIMEOUT,
+    token: str = "",
 ) -> list[BaseRoute]:
     """Forward every method under ``mount`` to the DICOMweb root ``upstream`` (e.g. a PACS's).
 
     Accept, Content-Type and the request body (STOW-RS) travel upstream with the query
     string; the answer streams back. JSON answers (``application/dicom+json``) are read
     whole and their absolute upstream URLs re-rooted at this origin's ``mount``. An
-    unreachable upstream answers 502 with a JSON body.
+    unreachable upstream answers 502 with a JSON body. ``token`` (if any) goes upstream as
+    ``Authorization: Bearer``; the browser's own credentials never do.
     """
     if not upstream.startswith(("http://", "https://")):
         raise ValueError(f"The proxy upstream {upstream!r} must be an http(s) URL.")
@@ -253,6 +258,8 @@ def proxy_routes(
             for k, v in request.headers.items()
             if k in FORWARDED_REQUEST_HEADERS and (has_body or k not in ("content-type", "content-length"))
         }
+        if token:
+            headers["authorization"] = f"Bearer {token}"
         body: AsyncIterator[bytes] | None = request.stream() if has_body else None
         client = clients.get()
         upstream_request = client.build_request(request.method, url, headers=headers, content=body)

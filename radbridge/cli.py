@@ -36,6 +36,7 @@ examples:
 
 configuration: a TOML file (--config or $RADBRIDGE_CONFIG); every key can be
 overridden by RADBRIDGE_<SECTION>__<KEY>, e.g. RADBRIDGE_SCP__PORT=11112.
+HTTP tokens: a file named by http.token_file, or $RADBRIDGE_HTTP_TOKENS; never the TOML.
 """
 
 
@@ -78,7 +79,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if node_settings.http.enabled:
         print(
             f"radbridge: DICOMweb (STOW-RS, QIDO-RS, WADO-RS) at "
-            f"http://{node_settings.http.host}:{node.http_port}/dicom-web",
+            f"http://{node_settings.http.host}:{node.http_port}/dicom-web"
+            f" ({'bearer token required' if node.http_protected else 'no authentication'})",
             flush=True,
         )
     try:
@@ -236,9 +238,8 @@ def cmd_viewer(args: argparse.Namespace) -> int:
     logs.configure(node_settings.logging.level, node_settings.logging.json)
     spool = Spool(node_settings.spool.directory)
     index = Index(spool.index_path)
-    server = HttpServer(
-        create_app(node_settings, spool, index, stow=False, viewer=True), viewer.host, viewer.port
-    )
+    app = create_app(node_settings, spool, index, stow=False, viewer=True, host=viewer.host)
+    server = HttpServer(app, viewer.host, viewer.port)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -247,6 +248,8 @@ def cmd_viewer(args: argparse.Namespace) -> int:
     base = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
     source = f"DICOMweb proxy to {viewer.upstream}" if viewer.upstream else f"spool {spool.root}"
     print(f"radbridge viewer: OHIF at {base}/ ({source}); Ctrl-C to stop", flush=True)
+    if app.user_middleware:
+        print(f"  log in with an access token (http.token_file / $RADBRIDGE_HTTP_TOKENS) at {base}/login")
     study_uids = [args.open_study] if args.open_study else []
     if not viewer.upstream:
         study_uids += [

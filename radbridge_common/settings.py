@@ -3,7 +3,8 @@
 Each service describes its settings as frozen dataclasses; ``build`` fills them
 from a nested dict and rejects unknown keys, naming them. Environment keys are
 ``RADBRIDGE_<SECTION>__<KEY>`` (double underscore between levels), e.g.
-``RADBRIDGE_SCP__PORT=11112``.
+``RADBRIDGE_SCP__PORT=11112``. Variables without a double underscore
+(``RADBRIDGE_CONFIG``, ``RADBRIDGE_HTTP_TOKENS``, test switches) are not config keys.
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ def read_layers(path: str | Path | None, environ: Mapping[str, str] | None = Non
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"Config file {p} is not valid TOML: {exc}") from exc
     for key, value in environ.items():
-        if not key.startswith(ENV_PREFIX) or key == CONFIG_ENV:
-            continue
+        if not key.startswith(ENV_PREFIX) or "__" not in key:
+            continue  # every config key is <SECTION>__<KEY>: the rest are other switches or secrets
         parts = [p.lower() for p in key[len(ENV_PREFIX) :].split("__")]
         node = data
         for part in parts[:-1]:
