@@ -6,6 +6,7 @@ import logging
 
 from dicom_node.client import InferenceClient
 from dicom_node.config import NodeSettings
+from dicom_node.deidentify import require_key
 from dicom_node.errors import RadBridgeError
 from dicom_node.http import HttpServer, create_app
 from dicom_node.index import Index
@@ -28,6 +29,7 @@ class Node:
     ) -> None:
         if not inference_address:
             raise ValueError("An inference service address (host:port) is required.")
+        require_key(settings)  # a de-identifying rule without its key stops start-up (ConfigError)
         self.settings = settings
         self.inference_address = inference_address
         self.spool = Spool(settings.spool.directory, settings.spool.min_free_bytes)
