@@ -14,6 +14,7 @@ from dicom_node.config import (
     NodeSettings,
     RoutingRule,
     RoutingSection,
+    SpoolSection,
     settings_from,
 )
 from dicom_node.deidentify import (
@@ -33,7 +34,7 @@ from dicom_node.index import Index
 from dicom_node.volume import SeriesVolume
 from protos.radbridge.v1 import inference_pb2 as pb
 from radbridge.synth import SyntheticPatient, ct_series
-from radbridge_common.settings import ConfigError
+from radbridge_common.settings import ConfigError, read_layers
 from tests.peers import dciodvfy
 
 KEY = b"k" * 32
@@ -138,6 +139,21 @@ class TestKey:
         with pytest.raises(ConfigError, match="deidentify = true but no crosswalk key"):
             require_key(settings)
         assert require_key(NodeSettings()) is None  # no de-identifying rule: no key needed
+
+    def test_the_node_does_not_start_without_its_key(self, tmp_path: Path) -> None:
+        from dicom_node.node import Node
+
+        rule = RoutingRule(name="out", deidentify=True)
+        settings = NodeSettings(routing=RoutingSection(rules=[rule]), spool=SpoolSection(tmp_path / "spool"))
+        with pytest.raises(ConfigError, match="no crosswalk key"):
+            Node(settings, "127.0.0.1:1")
+        assert not (tmp_path / "spool").exists()  # refused before anything was created
+
+    def test_key_file_from_the_environment(self, tmp_path: Path) -> None:
+        (tmp_path / "deid.key").write_bytes(KEY)
+        env = {"RADBRIDGE_DEIDENTIFICATION__KEY_FILE": str(tmp_path / "deid.key")}
+        settings = settings_from(read_layers(None, env))
+        assert load_key(settings.deidentification) == KEY
 
     def test_unreadable_short_or_unset_keys_name_the_source(self, tmp_path: Path) -> None:
         with pytest.raises(ConfigError, match="key_file .* cannot be read"):
