@@ -49,6 +49,15 @@ BASIC_PROFILE_CODE = ("113100", "DCM", "Basic Application Confidentiality Profil
 #: the operator, not taken from DICOM) passes; DICOM-derived strings pass through a filter.
 RULE_FIELDS = frozenset({"spec.model", "spec.question", "spec.labels", "spec.language"})
 PHOTOMETRIC = frozenset({"MONOCHROME2", "RGB"})
+#: VRs removed when the table does not name the attribute: names, dates and times, AE titles (they
+#: name stations), and free text.
+_REMOVED_VRS = frozenset({"PN", "DA", "DT", "TM", "AE", "LT", "ST", "UT"})
+#: File meta attributes that name the sending or receiving station.
+_META_REMOVED = (
+    "SourceApplicationEntityTitle",
+    "SendingApplicationEntityTitle",
+    "ReceivingApplicationEntityTitle",
+)
 #: Dummy values (action D) by VR.
 _DUMMIES = {"DA": "19000101", "TM": "000000", "DT": "19000101000000", "PN": "ANONYMOUS", "AS": "000Y"}
 
@@ -241,15 +250,20 @@ def _collect_strings(message: Message, out: list[tuple[Message, FieldDescriptor,
 def deidentify(dataset: Dataset, crosswalk: UidCrosswalk) -> Dataset:
     """A de-identified copy of ``dataset`` (Basic Profile; instance UIDs through the crosswalk).
 
-    Beyond the table: private tags, curves and overlay data/comments are removed, person names,
-    dates and times the table does not name are removed, and every UID that is not a UID of the
-    standard (SOP classes, transfer syntaxes, coding schemes) is replaced.
+    Beyond the table: private tags, curves and overlay data/comments are removed; person names,
+    dates, times, AE titles and free text (LT/ST/UT) the table does not name are removed; Body Part
+    Examined is kept only as a defined term; and every UID that is not a UID of the standard (SOP
+    classes, transfer syntaxes, coding schemes) is replaced.
     """
     ds = copy.deepcopy(dataset)
     _deidentify_items(ds, crosswalk)
     meta = getattr(ds, "file_meta", None)
-    if meta is not None and "MediaStorageSOPInstanceUID" in meta and "SOPInstanceUID" in ds:
-        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    if meta is not None:
+        if "MediaStorageSOPInstanceUID" in meta and "SOPInstanceUID" in ds:
+            meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        for keyword in _META_REMOVED:
+            if keyword in meta:
+                delattr(meta, keyword)
     ds.PatientIdentityRemoved = "YES"
     ds.DeidentificationMethod = DEIDENTIFICATION_METHOD
     code = Dataset()
@@ -269,7 +283,7 @@ def _action(elem: DataElement) -> str:
     action = BASIC_PROFILE.get(elem.keyword)
     if action:
         return action
-    if elem.VR in ("PN", "DA", "DT", "TM"):
+    if elem.VR in _REMOVED_VRS:
         return "X"
     if elem.VR == "UI":
         return "U"

@@ -41,7 +41,7 @@ from dicom_node.status import describe
 from radbridge.synth import SyntheticPatient, ct_series, write_series
 from tests.peers import free_port, storescu
 
-pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("require_dcmtk")]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.usefixtures("require_dcmtk")]
 KEY = b"0f1e2d3c4b5a69788796a5b4c3d2e1f0"
 PATIENT = SyntheticPatient(
     name="PHISENTINEL^JOHANNA", patient_id="PHI-MRN-8675309", birth_date="19440229", accession="PHIACC4242"

@@ -51,6 +51,8 @@ def _phi_series(n: int = 3) -> list[Dataset]:
         ds.StationName = "CTSTATION7"
         ds.BodyPartExamined = "JOHN SMITH CHEST"
         ds.add_new(0x00091010, "LO", "PRIVATE MRN-5551234")
+        ds.StationAETitle = "CTSTATION7AE"
+        ds.file_meta.SourceApplicationEntityTitle = "CTSTATION7AE"
         ref = Dataset()
         ref.ReferencedSOPClassUID = ds.SOPClassUID
         ref.ReferencedSOPInstanceUID = series[0].SOPInstanceUID
