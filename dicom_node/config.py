@@ -2,7 +2,7 @@
 
 Sections: [scp], [http], [viewer], [spool], [completion], [routing]
 (+ [[routing.rules]]), [inference], [export] (+ [export.targets.<name>]),
-[worker]. Every key can be
+[worker], [deidentification]. Every key can be
 overridden by RADBRIDGE_<SECTION>__<KEY>; defaults are safe on one machine.
 """
 
@@ -38,6 +38,7 @@ DEFAULT_SESSION_TTL_S = 12 * 3600.0  # a browser login (cookie) lasts this long
 #: Keys refused wherever they appear: secrets are files or environment variables, never TOML.
 SECRET_KEYS = ("token", "tokens", "bearer_token", "password")
 SECTIONS = ("scp", "http", "viewer", "spool", "completion", "routing", "inference", "export", "worker", "logging")
+SECTIONS += ("deidentification",)  # the crosswalk key of de-identifying routes
 TASKS = ("report", "vqa", "classify", "detect", "segment", "embed")
 
 
@@ -169,6 +170,9 @@ class RoutingRule:
     question: str = ""
     labels: list[str] = field(default_factory=list)
     language: str = "en"
+    #: Send this route's series de-identified (PS3.15 Basic Profile on what crosses the wire, UIDs
+    #: through the keyed crosswalk of [deidentification]); see dicom_node.deidentify.
+    deidentify: bool = False
 
     def __post_init__(self) -> None:
         bad = [t for t in self.tasks if t not in TASKS]
@@ -284,6 +288,24 @@ class LoggingSection:
 
 
 @dataclass(frozen=True)
+class DeidentificationSection:
+    """Where the crosswalk key of de-identifying routes comes from: a file (its bytes, at least
+    16) or an environment variable named by ``key_env``; never the key itself in the TOML."""
+
+    key_file: Path | None = None
+    key_env: str = ""
+
+    def __post_init__(self) -> None:
+        if self.key_file is not None and self.key_env:
+            raise ValueError("deidentification takes key_file or key_env, not both.")
+        if self.key_env.upper().startswith("RADBRIDGE_"):
+            raise ValueError(
+                f"deidentification.key_env {self.key_env!r} must not start with RADBRIDGE_ (those"
+                " variables are config keys); use e.g. DEID_KEY."
+            )
+
+
+@dataclass(frozen=True)
 class NodeSettings:
     scp: ScpSection = field(default_factory=ScpSection)
     http: HttpSection = field(default_factory=HttpSection)
@@ -295,6 +317,7 @@ class NodeSettings:
     export: ExportSection = field(default_factory=ExportSection)
     worker: WorkerSection = field(default_factory=WorkerSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
+    deidentification: DeidentificationSection = field(default_factory=DeidentificationSection)
 
 
 def _refuse_secrets(data: dict[str, Any]) -> None:

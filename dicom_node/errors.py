@@ -11,6 +11,7 @@ RadBridgeError
  ├ VolumeError           job FAILED with the reason (series cannot form a volume)
  ├ InferenceUnavailable  job retried with backoff (service down, deadline)
  ├ InferenceRejected     job FAILED (the service refused the request)
+ ├ DeidentificationRefused  job FAILED (a de-identifying route cannot send the series, e.g. burned-in text)
  └ ExportError           job retried with backoff, then DEAD_LETTER
    └ PermanentExportError  not retried: DEAD_LETTER at once (the peer refused for good:
                            STOW-RS 4xx, FailureReason 0x0122/0x0124/0xA9xx/0xCxxx)
@@ -110,6 +111,10 @@ class InferenceUnavailable(RadBridgeError):
 
 class InferenceRejected(RadBridgeError):
     """The inference service refused the request (bad input, unsupported task)."""
+
+
+class DeidentificationRefused(RadBridgeError):
+    """A de-identifying route cannot send this series as it is (pixels with burned-in text, no key)."""
 
 
 class ExportError(RadBridgeError):

@@ -15,7 +15,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +69,10 @@ CREATE TABLE IF NOT EXISTS study_events (
     detail TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS study_events_study ON study_events(study_instance_uid, id);
+CREATE TABLE IF NOT EXISTS uid_crosswalk (
+    pseudonym TEXT PRIMARY KEY,
+    original TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS node (
     key TEXT PRIMARY KEY,
     value INTEGER NOT NULL
@@ -634,6 +638,22 @@ class Index:
     def starts(self) -> int:
         row = self._conn().execute("SELECT value FROM node WHERE key='starts'").fetchone()
         return int(row[0]) if row else 0
+
+    # -- the de-identification crosswalk (dicom_node.deidentify) ---------------
+    def put_crosswalk(self, pairs: Iterable[tuple[str, str]]) -> None:
+        """Record pseudonymous UID -> original UID pairs (idempotent)."""
+        with self._tx() as db:
+            db.executemany("INSERT OR IGNORE INTO uid_crosswalk (pseudonym, original) VALUES (?, ?)", pairs)
+
+    def crosswalk_originals(self, pseudonyms: Iterable[str]) -> dict[str, str]:
+        """The originals of those pseudonyms this node recorded."""
+        wanted = list(pseudonyms)
+        found: dict[str, str] = {}
+        for i in range(0, len(wanted), 500):
+            part = wanted[i : i + 500]
+            sql = f"SELECT pseudonym, original FROM uid_crosswalk WHERE pseudonym IN ({','.join('?' * len(part))})"
+            found.update((r[0], r[1]) for r in self._conn().execute(sql, part))
+        return found
 
     def pending_count(self) -> int:
         return int(

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from dicom_node.client import InferenceClient
 from dicom_node.config import NodeSettings
+from dicom_node.deidentify import require_key
 from dicom_node.errors import RadBridgeError
 from dicom_node.http import HttpServer, create_app
 from dicom_node.index import Index
@@ -32,6 +33,7 @@ class Node:
         progress: ProgressHook | None = None,
     ) -> None:
         """``inference_address``: one service (host:port) or several replicas of it."""
+        require_key(settings)  # a de-identifying rule without its key stops start-up (ConfigError)
         addresses = [inference_address] if isinstance(inference_address, str) else list(inference_address)
         inf = settings.inference
         self.replicas = ReplicaPool(

@@ -45,10 +45,19 @@ def series_labels(index: Index, study_uid: str) -> dict[str, str]:
     """Series UID -> "series 3 (CT)" from the indexed attributes of one of its instances."""
     labels = {}
     for s in index.search_series(study_uid):
-        number = str(s.attributes.get("SeriesNumber", "") or "?")
-        modality = str(s.attributes.get("Modality", "") or "?")
+        number = _attribute(s.attributes, "SeriesNumber", "00200011")
+        modality = _attribute(s.attributes, "Modality", "00080060")
         labels[s.series_instance_uid] = f"series {number} ({modality})"
     return labels
+
+
+def _attribute(attributes: dict[str, Any], keyword: str, tag: str) -> str:
+    """An indexed attribute's first value, or "?": ingest keeps DICOM JSON (by tag), older rows
+    and tests a plain keyword -> value map."""
+    if keyword in attributes:
+        return str(attributes[keyword] or "?")
+    values = (attributes.get(tag) or {}).get("Value") or []
+    return str(values[0]) if values and values[0] not in (None, "") else "?"
 
 
 def job_label(job: Job, labels: dict[str, str] | None = None) -> str:

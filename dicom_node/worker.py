@@ -23,7 +23,8 @@ from dicom_node.attributes import searchable_attributes
 from dicom_node.client import AnalysisOutcome, ProgressHandler, Upload, make_spec
 from dicom_node.completion import complete_quiet_studies
 from dicom_node.config import NodeSettings, RoutingRule
-from dicom_node.errors import ExportError, InferenceRejected, RadBridgeError
+from dicom_node.deidentify import UidCrosswalk, check_pixels, deidentify_header, load_key, reidentify_result
+from dicom_node.errors import DeidentificationRefused, ExportError, InferenceRejected, RadBridgeError
 from dicom_node.export import export
 from dicom_node.index import Index, Job, JobKind, JobState, StudyState
 from dicom_node.metrics import ANALYSIS_SECONDS, EXPORTS, JOB_OUTCOMES, JOBS_RESUMED
@@ -136,6 +137,7 @@ def run_analyze(job: Job, ctx: StepContext) -> None:
     )
     upload = Upload.of(volume, spec)
     del volume  # only the upload holds the voxels now, and it lets go once the service has them
+    crosswalk = _deidentify_upload(ctx, job, rule, upload, sources) if rule.deidentify else None
     step("read_ms")
 
     def on_progress(p: pb.Progress) -> None:
@@ -151,6 +153,8 @@ def run_analyze(job: Job, ctx: StepContext) -> None:
         client.close()
     replica = client.address
     step("inference_ms")
+    if crosswalk is not None:
+        reidentify_result(outcome.result, crosswalk)  # SR/SEG are built from the original sources
     writer = ResultWriter(sources, outcome.result, outcome.masks, ctx.settings.worker.uid_root)
     writer.previous = _previous_outputs(ctx.index, writer)
     if writer.previous:
@@ -183,6 +187,25 @@ def run_analyze(job: Job, ctx: StepContext) -> None:
             **steps,  # read, send (gRPC upload), inference (service until the last mask), build, write
         },
     )
+
+
+def _deidentify_upload(
+    ctx: StepContext, job: Job, rule: RoutingRule, upload: Upload, sources: list[Dataset]
+) -> UidCrosswalk:
+    """Clean the header of a de-identifying route's upload in place; the crosswalk maps answers back."""
+    check_pixels(sources, rule.name)
+    try:
+        key = load_key(ctx.settings.deidentification)
+    except ValueError as exc:  # ConfigError: the key went missing since start-up
+        raise DeidentificationRefused(str(exc)) from exc
+    crosswalk = UidCrosswalk(key, ctx.index)
+    upload.header = deidentify_header(upload.header, crosswalk, job.payload["series_instance_uid"])
+    ctx.index.add_event(
+        job.study_instance_uid,
+        "sent de-identified",
+        f"rule '{rule.name}': PS3.15 Basic Profile on the request, UIDs through the node's crosswalk",
+    )
+    return crosswalk
 
 
 def _previous_outputs(index: Index, writer: ResultWriter) -> dict[str, list[Dataset]]:
