@@ -8,6 +8,7 @@ STOW listener has already decoded, so ingest stays I/O bound.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -17,6 +18,11 @@ from dicom_node.errors import InvalidInstance, UndecodableInstance
 
 #: What every instance must carry before it may be spooled (C-STORE and STOW-RS alike).
 REQUIRED_UIDS = ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID")
+#: A UID the node accepts: digits and dots, at most 64 (PS3.5 9.1). Looser than the standard on
+#: purpose (leading zeros, empty components pass: real devices send them); what it refuses
+#: (letters, "/", "\\", NUL, spaces, over-long) cannot be a UID, and would travel into our
+#: outputs and DICOMweb URLs. File names never use UIDs anyway (spool.uid_key).
+_UID_CHARS = re.compile(r"[0-9][0-9.]{0,63}")
 
 #: Study-level attributes QIDO-RS returns by default (PS3.18 Table 10.6.3-3) and OHIF lists.
 STUDY_KEYWORDS = (
@@ -81,6 +87,9 @@ def identifiers(ds: Dataset) -> dict[str, str]:
     missing = [k for k in REQUIRED_UIDS if not values[k]]
     if missing:
         raise InvalidInstance(f"Missing required attribute(s): {', '.join(missing)}")
+    bad = [k for k in REQUIRED_UIDS if not _UID_CHARS.fullmatch(values[k])]
+    if bad:
+        raise InvalidInstance(f"Invalid UID in {bad[0]}")
     return values
 
 

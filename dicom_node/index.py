@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import enum
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dicom_node.spool import InstanceRef
+from dicom_node.spool import FILE_MODE, InstanceRef
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
@@ -209,12 +210,27 @@ class StudySummary:
     attributes: dict[str, Any]  # of one instance of the study
 
 
+def _make_private(db: Path) -> None:
+    """Create the database file owner-only (0600) before SQLite opens it: SQLite gives its -wal and
+    -shm files the database file's mode, so all three hold patient data readable by the owner only."""
+    fd = os.open(db, os.O_RDWR | os.O_CREAT, FILE_MODE)
+    try:
+        os.fchmod(fd, FILE_MODE)
+    finally:
+        os.close(fd)
+    for suffix in ("-wal", "-shm"):  # left by an earlier version, created under its umask
+        side = db.with_name(db.name + suffix)
+        if side.exists():
+            os.chmod(side, FILE_MODE)
+
+
 class Index:
     """Thread-safe access to the SQLite index (one connection per thread)."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self._local = threading.local()
+        _make_private(self.path)
         conn = self._conn()
         conn.executescript(SCHEMA)  # executescript manages its own transaction
         for table, columns in _LATER_COLUMNS.items():

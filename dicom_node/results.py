@@ -31,6 +31,7 @@ from pydicom.uid import generate_uid
 
 from dicom_node._contours import major_components, outline
 from dicom_node.masks import PackedMask
+from dicom_node.text import SPECIFIC_CHARACTER_SET, clean, clean_language, raw
 from protos.radbridge.v1 import inference_pb2 as pb
 
 MANUFACTURER = "RadBridge"
@@ -78,6 +79,51 @@ def derive_uid(uid_root: str, *parts: object) -> str:
 
 def _code(c: pb.Code) -> hd.sr.CodedConcept:
     return hd.sr.CodedConcept(c.value, c.scheme, c.meaning)
+
+
+def _clean_code(c: pb.Code) -> None:
+    """Code Value (SH, or Long Code Value past 16), Coding Scheme Designator (SH), Code Meaning (LO)."""
+    c.value = clean(c.value, "UC", max_bytes=64) or "unknown"
+    c.scheme = clean(c.scheme, "SH") or LOCAL_SCHEME
+    c.meaning = clean(c.meaning, "LO") or c.value
+
+
+def clean_result(result: pb.AnalysisResult) -> pb.AnalysisResult:
+    """A copy of ``result`` whose every string is valid for the VR it will be written into.
+
+    The one place where model- and service-provided text enters the objects (dicom_node.text):
+    labels, code meanings, names and versions as LO (they also become UT tracking identifiers),
+    report text and answers as UT, the raw model output verbatim where UT allows it.
+    """
+    out = pb.AnalysisResult()
+    out.CopyFrom(result)
+    model = out.model
+    model.name = clean(model.name, "LO") or "unknown"
+    model.backend = clean(model.backend, "LO")
+    model.version = clean(model.version, "LO")
+    model.weights_sha256 = clean(model.weights_sha256, "LO")
+    for task in out.tasks:
+        for m in task.masks:
+            m.label = clean(m.label, "LO")
+            _clean_code(m.category)
+            _clean_code(m.type)
+        for meas in task.measurements:
+            _clean_code(meas.concept)
+            _clean_code(meas.unit)
+        for finding in task.findings:
+            finding.label = clean(finding.label, "LO")
+            _clean_code(finding.finding)
+        for box in task.boxes:
+            box.label = clean(box.label, "LO")
+            _clean_code(box.finding)
+        if task.HasField("report"):
+            task.report.findings = clean(task.report.findings, "UT")
+            task.report.impression = clean(task.report.impression, "UT")
+            task.report.language = clean_language(task.report.language)
+        task.answer = clean(task.answer, "UT")
+        task.prompt_id = clean(task.prompt_id, "LO")
+        task.raw_output = raw(task.raw_output, "UT")
+    return out
 
 
 def _lab(values: Sequence[int]) -> hd.color.CIELabColor | None:
@@ -145,10 +191,10 @@ class ResultWriter:
         # replaces, never duplicates); images added later give new instances (a revision).
         digest = hashlib.sha256("\\".join(sorted(str(ds.SOPInstanceUID) for ds in self.sources)).encode())
         self.input_key = digest.hexdigest()[:32]
-        self.result = result
+        self.result = clean_result(result)
         self.masks = masks
         self.uid_root = uid_root
-        self.model = result.model
+        self.model = self.result.model
         self.series_uid = str(sources[0].SeriesInstanceUID)
         self.modality = str(sources[0].get("Modality", ""))
         self.algorithm = hd.AlgorithmIdentificationSequence(
@@ -173,7 +219,7 @@ class ResultWriter:
 
     def _description(self, what: str) -> str:
         tag = " (non-clinical)" if self.model.non_clinical else " (AI draft, unverified)"
-        return f"{what} by {self.model.name}{tag}"[:64]
+        return clean(f"{what} by {self.model.name}{tag}", "LO")
 
     def build_all(self) -> list[OutputObject]:
         """SEG (if any mask), TID 1500 SR (if anything to measure), key-slice TID 1500 SR (if any
@@ -190,6 +236,10 @@ class ResultWriter:
             outputs.append(OutputObject("keyslices", key_slices))
         if any(t.HasField("report") or t.answer for t in self.result.tasks):
             outputs.append(OutputObject("narrative", self.build_narrative()))
+        for output in outputs:
+            # Text may be non-ASCII (a Chinese label or report): declare UTF-8 in every object. The
+            # values copied from the sources are decoded str, so they are re-encoded correctly.
+            output.dataset.SpecificCharacterSet = SPECIFIC_CHARACTER_SET
         return outputs
 
     # -- SEG ---------------------------------------------------------------------
@@ -200,13 +250,13 @@ class ResultWriter:
         descriptions = [
             hd.seg.SegmentDescription(
                 segment_number=m.segment_number,
-                segment_label=m.label[:64],
+                segment_label=m.label or m.type.meaning,
                 segmented_property_category=_code(m.category),
                 segmented_property_type=_code(m.type),
                 algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
                 algorithm_identification=self.algorithm,
                 tracking_uid=self.uid("segment", m.segment_number),
-                tracking_id=m.label[:64],
+                tracking_id=m.label or m.type.meaning,
                 display_color=_lab(m.cielab),
             )
             for m in infos
@@ -224,10 +274,10 @@ class ResultWriter:
             sop_instance_uid=self.instance_uid("seg"),
             instance_number=self.instance_number("seg"),
             manufacturer=MANUFACTURER,
-            manufacturer_model_name=self.model.name[:64],
+            manufacturer_model_name=self.model.name,
             software_versions=self.model.version or "unknown",
             device_serial_number="0",
-            content_description=self._description("SEG")[:64],
+            content_description=self._description("SEG"),
             content_label="RADBRIDGE",
             series_description=self._description("SEG"),
         )
@@ -250,9 +300,9 @@ class ResultWriter:
     def _observation_context(self) -> hd.sr.ObservationContext:
         device = hd.sr.DeviceObserverIdentifyingAttributes(
             uid=self.uid("device"),
-            name=self.model.name[:64],
+            name=self.model.name,
             manufacturer_name=MANUFACTURER,
-            model_name=f"{self.model.backend} {self.model.version}"[:64],
+            model_name=clean(f"{self.model.backend} {self.model.version}", "LO"),
         )
         return hd.sr.ObservationContext(
             observer_device_context=hd.sr.ObserverContext(
@@ -261,7 +311,9 @@ class ResultWriter:
         )
 
     def _tracking(self, *parts: object, label: str) -> hd.sr.TrackingIdentifier:
-        return hd.sr.TrackingIdentifier(uid=self.uid("tracking", *parts), identifier=label[:64])
+        return hd.sr.TrackingIdentifier(
+            uid=self.uid("tracking", *parts), identifier=clean(label, "LO") or "unnamed"
+        )
 
     def _source_for(self, slice_index: int) -> Dataset:
         if not 0 <= slice_index < len(self.sources):
@@ -456,7 +508,7 @@ class ResultWriter:
             "previous_versions": self.previous.get(kind) or None,
             "manufacturer": MANUFACTURER,
             # General Equipment names the algorithm, as in the SEG (readers group results by it).
-            "manufacturer_model_name": self.model.name[:64],
+            "manufacturer_model_name": self.model.name,
             "software_versions": self.model.version or "unknown",
             "is_complete": True,
             "is_verified": False,
@@ -536,5 +588,5 @@ class ResultWriter:
         items.append(self._provenance())
         root.ContentSequence = hd.sr.ContentSequence(items)
         sr = hd.sr.EnhancedSR(evidence=self.sources, content=root, **self._sr_identity("narrative", "Report"))
-        sr.SpecificCharacterSet = "ISO_IR 192"
+        sr.SpecificCharacterSet = SPECIFIC_CHARACTER_SET
         return sr

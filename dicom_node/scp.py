@@ -46,7 +46,7 @@ from dicom_node.errors import (
 from dicom_node.group_commit import GroupCommitter
 from dicom_node.index import Index, ReceivedInstance
 from dicom_node.metrics import BYTES_RECEIVED, INSTANCES_RECEIVED, INSTANCES_REFUSED
-from dicom_node.spool import TMP_SUFFIX, Spool, uid_key
+from dicom_node.spool import TMP_SUFFIX, Spool, open_private, uid_key
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,8 @@ def _staged(event: evt.Event, spool: Spool) -> Path:
         return Path(event.dataset_path)
     staged = spool.staging_path()  # not streamed (the switch was turned off): write it out
     try:
-        staged.write_bytes(event.encoded_dataset(include_meta=True))
+        with open_private(staged) as fh:
+            fh.write(event.encoded_dataset(include_meta=True))
     except OSError as exc:
         staged.unlink(missing_ok=True)
         raise StorageError(f"Out of resources: cannot write spool ({exc.strerror})") from exc

@@ -2,6 +2,11 @@
 
 Write to a temporary file, fsync it, rename it into place, fsync the directory.
 Only then may the index record it and the SCP answer success.
+
+Everything here holds patient data: files are created owner-only (0600) and
+directories 0700, by explicit modes rather than by trusting the process umask.
+File and directory names are hashes of the UIDs (uid_key), never the UIDs
+themselves: a UID from the wire cannot name a path.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from dicom_node.errors import SpoolFull, StorageError
 
@@ -22,11 +28,42 @@ OUTPUTS = "outputs"
 INDEX_DB = "index.sqlite3"
 STAGING = "staging"  # STOW-RS parts being received; never acknowledged until moved out
 TMP_SUFFIX = ".partial"
+FILE_MODE = 0o600  # spool files, outputs, the index: owner only
+DIR_MODE = 0o700
 
 
 def uid_key(uid: str, length: int = 16) -> str:
-    """A stable, non-identifying key for a UID (for paths and logs)."""
-    return hashlib.sha256(uid.encode("ascii", "replace")).hexdigest()[:length]
+    """A stable, non-identifying key for a UID (for paths and logs).
+
+    UTF-8 with surrogateescape: the same key as ASCII for every valid UID, and two
+    different (invalid) UIDs never share a key, as they did when non-ASCII became "?".
+    """
+    return hashlib.sha256(uid.encode("utf-8", "surrogateescape")).hexdigest()[:length]
+
+
+def make_private_dirs(directory: Path) -> None:
+    """Create ``directory`` and its missing parents with mode 0700 (mkdir(parents=True) would
+    give the parents the umask's mode)."""
+    missing = []
+    while not directory.exists():
+        missing.append(directory)
+        if directory.parent == directory:
+            break
+        directory = directory.parent
+    for d in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # another thread made it first
+            os.mkdir(d, DIR_MODE)
+
+
+def open_private(path: Path) -> BinaryIO:
+    """Open ``path`` for writing, created (or truncated) with mode 0600 whatever the umask."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+    try:
+        os.fchmod(fd, FILE_MODE)  # an existing file keeps its mode through O_CREAT
+        return os.fdopen(fd, "wb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 @dataclass(frozen=True)
@@ -54,8 +91,8 @@ def write_durably(path: Path, data: bytes) -> None:
     """tmp -> fsync -> rename -> fsync(dir). Raises StorageError on any failure."""
     tmp = path.with_name(path.name + TMP_SUFFIX)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as fh:
+        make_private_dirs(path.parent)
+        with open_private(tmp) as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
@@ -73,9 +110,10 @@ class Spool:
     def __init__(self, root: Path, min_free_bytes: int = 0) -> None:
         self.root = Path(root)
         self.min_free_bytes = int(min_free_bytes)
-        (self.root / INSTANCES).mkdir(parents=True, exist_ok=True)
-        (self.root / OUTPUTS).mkdir(parents=True, exist_ok=True)
-        (self.root / STAGING).mkdir(parents=True, exist_ok=True)
+        for directory in (self.root, self.root / INSTANCES, self.root / OUTPUTS, self.root / STAGING):
+            make_private_dirs(directory)
+        with contextlib.suppress(PermissionError):  # a root we do not own keeps its mode
+            os.chmod(self.root, DIR_MODE)
 
     @property
     def index_path(self) -> Path:
@@ -180,7 +218,7 @@ class Spool:
                 size = os.fstat(fd).st_size
             finally:
                 os.close(fd)
-            path.parent.mkdir(parents=True, exist_ok=True)
+            make_private_dirs(path.parent)
             try:
                 os.replace(staged, path)
             except OSError as exc:
@@ -189,7 +227,8 @@ class Spool:
                 # Staged on another file system (not this spool's staging dir): copy, then the
                 # same tmp -> fsync -> rename; the caller's fsync(dir) follows as for a rename.
                 tmp = path.with_name(path.name + TMP_SUFFIX)
-                shutil.copyfile(staged, tmp)
+                with open(staged, "rb") as src, open_private(tmp) as dst:
+                    shutil.copyfileobj(src, dst)
                 fd = os.open(tmp, os.O_RDONLY)
                 try:
                     os.fsync(fd)

@@ -41,7 +41,7 @@ from dicom_node.errors import (
 )
 from dicom_node.index import Index
 from dicom_node.metrics import BYTES_RECEIVED, INSTANCES_RECEIVED, INSTANCES_REFUSED, STOW_REQUESTS
-from dicom_node.spool import Spool, uid_key
+from dicom_node.spool import Spool, open_private, uid_key
 
 logger = logging.getLogger(__name__)
 DICOM_JSON = "application/dicom+json"
@@ -105,7 +105,7 @@ class StowReceiver:
     # -- parser callbacks (synchronous, small writes to the page cache) ----------------
     def _on_part_begin(self) -> None:
         path = self.spool.staging_path()
-        self._current = _Part(path=path, handle=open(path, "wb"))  # noqa: SIM115 - closed at part end
+        self._current = _Part(path=path, handle=open_private(path))  # closed at part end; mode 0600
 
     def _on_header_field(self, data: bytes, start: int, end: int) -> None:
         self._header_field += data[start:end]

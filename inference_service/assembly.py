@@ -5,6 +5,7 @@ Size limits are enforced here, before any voxel is allocated.
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Iterator
 
 import numpy as np
@@ -144,17 +145,26 @@ def identity_to_pb(m: ModelIdentity) -> pb.ModelIdentity:
     )
 
 
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+def _utf8(text: str) -> str:
+    """Model text that protobuf can send: lone surrogates (undecodable bytes kept by a decoder's
+    ``surrogateescape``) become U+FFFD instead of failing the whole result."""
+    return _SURROGATES.sub("\ufffd", text)
+
+
 def task_result_to_pb(r: TaskResult) -> pb.TaskResult:
     msg = pb.TaskResult(
         task=TASK_TO_PB[r.task],
-        answer=r.answer,
+        answer=_utf8(r.answer),
         embedding=r.embedding,
         prompt_id=r.prompt_id,
-        raw_output=r.raw_output,
+        raw_output=_utf8(r.raw_output),
         unparsed=r.unparsed,
     )
     for f in r.findings:
-        msg.findings.add(finding=_code(f.finding), score=f.score, present=f.present, label=f.label)
+        msg.findings.add(finding=_code(f.finding), score=f.score, present=f.present, label=_utf8(f.label))
     for m in r.measurements:
         msg.measurements.add(
             concept=_code(m.concept), value=m.value, unit=_code(m.unit), segment_number=m.segment_number
@@ -167,13 +177,13 @@ def task_result_to_pb(r: TaskResult) -> pb.TaskResult:
             row_max=b.row_max,
             column_max=b.column_max,
             finding=_code(b.finding),
-            label=b.label,
+            label=_utf8(b.label),
             score=b.score,
         )
     for k in r.masks:
         msg.masks.add(
             segment_number=k.segment_number,
-            label=k.label,
+            label=_utf8(k.label),
             category=_code(k.category),
             type=_code(k.type),
             cielab=list(k.cielab),
@@ -183,7 +193,9 @@ def task_result_to_pb(r: TaskResult) -> pb.TaskResult:
     if r.report is not None:
         msg.report.CopyFrom(
             pb.ReportText(
-                findings=r.report.findings, impression=r.report.impression, language=r.report.language
+                findings=_utf8(r.report.findings),
+                impression=_utf8(r.report.impression),
+                language=r.report.language,
             )
         )
     return msg

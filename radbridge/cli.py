@@ -14,6 +14,7 @@ from radbridge import __version__
 from radbridge_common.settings import ConfigError, read_layers, redacted
 
 VIEWER_LISTED_STUDIES = 20  # study URLs `radbridge viewer` prints
+PRIVATE_UMASK = 0o077  # `radbridge serve` holds patient data: files 0600, directories 0700
 
 DESCRIPTION = """\
 RadBridge connects a PACS to medical vision-language models.
@@ -59,6 +60,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from radbridge_common import logs
 
     node_settings, service_settings, _ = _load(args.config)
+    # Owner-only for anything this process creates (spool, index, temporary files of libraries);
+    # the spool and index also set their modes explicitly.
+    os.umask(PRIVATE_UMASK)
     logs.configure(node_settings.logging.level, node_settings.logging.json)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
