@@ -43,9 +43,16 @@ def _docs(stream: io.StringIO) -> list[dict]:
 
 def test_library_messages_lose_quoted_and_bracketed_values(captured: io.StringIO) -> None:
     lib = logging.getLogger("pynetdicom.dsutils")
-    lib.debug("(0010,0010) PN [%s]  # 1 PatientName", NAME)  # pynetdicom's dataset dump
-    lib.debug("Invalid value for VR DA: %r", BIRTH)  # pydicom's warning text
-    lib.debug('uvicorn-style "%s" line', NAME)
+    # The node's SCP sets pynetdicom's logger to WARNING (configure_pynetdicom); earlier tests may have.
+    parent = logging.getLogger("pynetdicom")
+    saved = parent.level, lib.level
+    parent.setLevel(logging.DEBUG)
+    lib.setLevel(logging.DEBUG)
+    try:
+        _log_library_lines(lib)
+    finally:
+        parent.setLevel(saved[0])
+        lib.setLevel(saved[1])
     text = captured.getvalue()
     assert NAME not in text and BIRTH not in text
     assert [d["msg"] for d in _docs(captured)] == [
@@ -53,6 +60,12 @@ def test_library_messages_lose_quoted_and_bracketed_values(captured: io.StringIO
         "Invalid value for VR DA: <redacted>",
         "uvicorn-style <redacted> line",
     ]
+
+
+def _log_library_lines(lib: logging.Logger) -> None:
+    lib.debug("(0010,0010) PN [%s]  # 1 PatientName", NAME)  # pynetdicom's dataset dump
+    lib.debug("Invalid value for VR DA: %r", BIRTH)  # pydicom's warning text
+    lib.debug('uvicorn-style "%s" line', NAME)
 
 
 def test_own_messages_are_kept(captured: io.StringIO) -> None:
