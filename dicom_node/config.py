@@ -68,9 +68,13 @@ class ScpSection:
         _check_ae(self.ae_title, "scp.ae_title")
         check_pair(self.tls_cert_file, self.tls_key_file, "scp")
         if self.tls_cert_file is None and (self.tls_ca_file is not None or self.tls_require_client_cert):
-            raise ValueError("scp.tls_ca_file and scp.tls_require_client_cert need scp.tls_cert_file and key.")
+            raise ValueError(
+                "scp.tls_ca_file and scp.tls_require_client_cert need scp.tls_cert_file and key."
+            )
         if self.tls_require_client_cert and self.tls_ca_file is None:
-            raise ValueError("scp.tls_require_client_cert needs scp.tls_ca_file to verify client certificates.")
+            raise ValueError(
+                "scp.tls_require_client_cert needs scp.tls_ca_file to verify client certificates."
+            )
         for key in ("max_associations", "max_associations_per_peer", "first_pdu_timeout_s"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
@@ -229,9 +233,13 @@ class ExportTarget:
     def __post_init__(self) -> None:
         check_pair(self.tls_cert_file, self.tls_key_file, "An export target")
         if self.type == "dicomweb" and self.uses_tls and not self.url.startswith("https://"):
-            raise ValueError(f"A dicomweb export target with tls_* keys needs an https url, not {self.url!r}.")
+            raise ValueError(
+                f"A dicomweb export target with tls_* keys needs an https url, not {self.url!r}."
+            )
         if self.type == "dicomweb" and self.tls_server_name:
-            raise ValueError("tls_server_name applies to dicom export targets only (HTTPS checks the url's host).")
+            raise ValueError(
+                "tls_server_name applies to dicom export targets only (HTTPS checks the url's host)."
+            )
         if self.type not in EXPORT_TYPES:
             raise ValueError(
                 f"Export target type {self.type!r} is not supported (known: {', '.join(EXPORT_TYPES)})."
