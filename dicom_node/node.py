@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 
-from dicom_node.client import InferenceClient
+from dicom_node.client import InferenceClient, channel_credentials
 from dicom_node.config import NodeSettings
 from dicom_node.errors import RadBridgeError
+from dicom_node.export import tls_args
 from dicom_node.http import HttpServer, create_app
 from dicom_node.index import Index
 from dicom_node.routing import RulePlanner
@@ -28,6 +29,11 @@ class Node:
     ) -> None:
         if not inference_address:
             raise ValueError("An inference service address (host:port) is required.")
+        inf = settings.inference
+        # TLS files are read and checked now (TlsConfigError), not at the first job or export.
+        credentials = channel_credentials(inf)
+        for target in settings.export.targets.values():
+            tls_args(target)
         self.settings = settings
         self.inference_address = inference_address
         self.spool = Spool(settings.spool.directory, settings.spool.min_free_bytes)
@@ -35,10 +41,11 @@ class Node:
         if removed:
             logger.info("removed partial writes", extra={"event": "spool.partials", "count": removed})
         self.index = Index(self.spool.index_path)
-        inf = settings.inference
 
         def list_models() -> list[pb.ModelInfo]:
-            client = InferenceClient(inference_address, inf.deadline_s, 0, inf.chunk_bytes)
+            client = InferenceClient(
+                inference_address, inf.deadline_s, 0, inf.chunk_bytes, credentials, inf.tls_server_name
+            )
             try:
                 return list(client.list_models(timeout_s=LIST_MODELS_TIMEOUT_S).models)
             finally:
@@ -51,7 +58,12 @@ class Node:
             spool=self.spool,
             index=self.index,
             client_factory=lambda: InferenceClient(
-                inference_address, inf.deadline_s, inf.connect_retries, inf.chunk_bytes
+                inference_address,
+                inf.deadline_s,
+                inf.connect_retries,
+                inf.chunk_bytes,
+                credentials,
+                inf.tls_server_name,
             ),
             progress=progress,
             planner=self.planner,

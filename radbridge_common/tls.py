@@ -15,7 +15,6 @@ ECDHE/DHE suites below, TLS 1.3 with OpenSSL's default suites (all AEAD).
 from __future__ import annotations
 
 import ssl
-from dataclasses import dataclass
 from pathlib import Path
 
 from radbridge_common.settings import ConfigError
@@ -45,7 +44,9 @@ def check_pair(cert_file: Path | None, key_file: Path | None, where: str) -> Non
 
 
 def _no_password() -> str:
-    raise TlsConfigError("the private key is encrypted; give an unencrypted key file (protect it by file mode)")
+    raise TlsConfigError(
+        "the private key is encrypted; give an unencrypted key file (protect it by file mode)"
+    )
 
 
 def _profile(context: ssl.SSLContext) -> ssl.SSLContext:
@@ -64,7 +65,9 @@ def _load_chain(context: ssl.SSLContext, cert_file: Path, key_file: Path) -> Non
         raise TlsConfigError(f"TLS key {key_file}: {exc}") from None
     except ssl.SSLError as exc:
         if "KEY_VALUES_MISMATCH" in str(exc):
-            raise TlsConfigError(f"TLS key {key_file} does not belong to the certificate {cert_file}.") from None
+            raise TlsConfigError(
+                f"TLS key {key_file} does not belong to the certificate {cert_file}."
+            ) from None
         raise TlsConfigError(
             f"TLS certificate {cert_file} or key {key_file} is not a PEM certificate chain and key"
             f" ({exc.reason or exc.__class__.__name__})."
@@ -120,34 +123,14 @@ def client_context(
     return context
 
 
-@dataclass(frozen=True, repr=False)
-class PemFiles:
-    """What gRPC takes: PEM bytes, read and checked once (repr never shows them)."""
-
-    certificate_chain: bytes | None = None
-    private_key: bytes | None = None
-    root_certificates: bytes | None = None
-
-    def __repr__(self) -> str:
-        return (
-            f"PemFiles(certificate_chain={self.certificate_chain is not None}, "
-            f"private_key={'***' if self.private_key else None}, "
-            f"root_certificates={self.root_certificates is not None})"
-        )
+def pem_pair(cert_file: Path, key_file: Path) -> tuple[bytes, bytes]:
+    """(certificate chain, private key) as PEM bytes for grpc credentials, after the same checks
+    as the ssl contexts (gRPC itself reports a bad file only at the first handshake)."""
+    _load_chain(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), cert_file, key_file)
+    return cert_file.read_bytes(), key_file.read_bytes()
 
 
-def pem_files(
-    cert_file: Path | None = None, key_file: Path | None = None, ca_file: Path | None = None
-) -> PemFiles:
-    """The files as bytes for grpc credentials, after the same checks as the ssl contexts
-    (gRPC itself reports a bad file only at the first handshake)."""
-    check_pair(cert_file, key_file, "gRPC TLS")
-    checker = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    chain = key = roots = None
-    if cert_file is not None and key_file is not None:
-        _load_chain(checker, cert_file, key_file)
-        chain, key = cert_file.read_bytes(), key_file.read_bytes()
-    if ca_file is not None:
-        _load_ca(checker, ca_file)
-        roots = ca_file.read_bytes()
-    return PemFiles(chain, key, roots)
+def pem_ca(ca_file: Path) -> bytes:
+    """A CA bundle as PEM bytes for grpc credentials, checked to hold certificates."""
+    _load_ca(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), ca_file)
+    return ca_file.read_bytes()
