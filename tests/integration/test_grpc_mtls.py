@@ -76,6 +76,24 @@ class TestMutualTls:
             assert "check the service's certificate" in str(info.value)
 
 
+class TestNode:
+    def test_node_wires_its_inference_tls_settings(self, mtls_port: int, pki: Pki, tmp_path: Path) -> None:
+        inference = InferenceSection(
+            tls_ca_file=pki.ca_crt, tls_cert_file=pki.client_crt, tls_key_file=pki.client_key
+        )
+        settings = NodeSettings(spool=SpoolSection(directory=tmp_path / "spool"), inference=inference)
+        node = Node(settings, f"localhost:{mtls_port}")
+        try:
+            assert node.check_rules() == []  # the routing rules were checked against the service's models
+            client = node.ctx.client_factory()
+            try:
+                assert client.tls and "reference" in [m.identity.name for m in client.list_models().models]
+            finally:
+                client.close()
+        finally:
+            node.index.close()
+
+
 class TestStartUp:
     def test_node_refuses_to_start_with_an_unreadable_ca(self, pki: Pki, tmp_path: Path) -> None:
         settings = NodeSettings(
