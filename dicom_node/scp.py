@@ -224,6 +224,8 @@ class GuardedAssociationServer(ThreadedAssociationServer):
     ) -> None:
         self.max_per_peer = max_per_peer
         self.tls_context = tls_context
+        if tls_context is not None:
+            tls_context.sslsocket_class = _ReplaySSLSocket  # what the guard reads, pynetdicom reads again
         self.first_pdu_timeout_s = first_pdu_timeout_s
         self.max_first_pdu_bytes = max_first_pdu_bytes
         self._waiting: Counter[str] = Counter()  # per IP: accepted, A-ASSOCIATE-RQ not yet handed over
@@ -340,7 +342,7 @@ class GuardedAssociationServer(ThreadedAssociationServer):
                     return "first_pdu_too_large", {"pdu_bytes": length, "limit": self.max_first_pdu_bytes}
                 wanted += length
             if len(buffer) == wanted:
-                tls._replay = bytes(buffer)  # type: ignore[attr-defined]  # a _ReplaySSLSocket
+                tls._replay = bytes(buffer)  # type: ignore[attr-defined]  # see __init__
                 return None
         return "server_stopping", {}
 
@@ -396,11 +398,9 @@ def scp_tls_context(settings: ScpSection) -> ssl.SSLContext | None:
     TlsConfigError here, at start-up."""
     if settings.tls_cert_file is None or settings.tls_key_file is None:
         return None
-    context = server_context(
+    return server_context(
         settings.tls_cert_file, settings.tls_key_file, settings.tls_ca_file, settings.tls_require_client_cert
     )
-    context.sslsocket_class = _ReplaySSLSocket
-    return context
 
 
 def _peer_address(assoc: Any) -> str | None:

@@ -7,6 +7,7 @@ Also the called-AE check, which holds with or without TLS.
 from __future__ import annotations
 
 import socket
+import struct
 import subprocess
 import time
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ from dicom_node.config import ExportTarget
 from dicom_node.errors import ExportError
 from dicom_node.export import send_cstore
 from radbridge.synth import ct_series, write_series
+from radbridge_common.tls import client_context
 from tests.conftest import StartScp
 from tests.peers import dcmtk_env, echoscu, free_port, missing_tools, storescu
 from tests.tls_ca import Pki
@@ -103,6 +105,31 @@ class TestScpTls:
             started = time.monotonic()
             assert silent.recv(1) == b""  # closed by the node
             assert time.monotonic() - started < 3
+
+
+    @pytest.mark.parametrize(
+        ("first_pdu", "what"),
+        [
+            (struct.pack(">BBL", 0x01, 0, 64 * 1024 * 1024), "an A-ASSOCIATE-RQ announcing 64 MiB"),
+            (struct.pack(">BBL", 0x04, 0, 4) + b"abcd", "a P-DATA-TF before any association"),
+        ],
+    )
+    def test_first_pdu_is_checked_through_tls(
+        self, tls_scp: StartScp, pki: Pki, first_pdu: bytes, what: str
+    ) -> None:
+        """The guard's first-PDU checks hold inside TLS: the node closes without reading on."""
+        port, _, _ = tls_scp()
+        context = client_context(pki.ca_crt)
+        with context.wrap_socket(socket.create_connection(("127.0.0.1", port)), server_hostname="localhost") as tls:
+            tls.settimeout(5)
+            tls.sendall(first_pdu)
+            started = time.monotonic()
+            try:
+                answer = tls.recv(1)
+            except ConnectionResetError:
+                answer = b""  # closed with our bytes unread: also a refusal
+            assert answer == b"", f"{what}: answered {answer!r} instead of closing"
+            assert time.monotonic() - started < 2, f"{what}: not refused at once"
 
 
 class TestCalledAet:
