@@ -2,7 +2,9 @@
 
 grpc errors are translated here, once: UNAVAILABLE / DEADLINE_EXCEEDED /
 RESOURCE_EXHAUSTED -> InferenceUnavailable (the job retries); anything else ->
-InferenceRejected (the job fails with the service's message).
+InferenceRejected (the job fails with the service's message). With [inference]
+TLS keys the channel is TLS (mutual when a client certificate is given); a
+refused handshake surfaces as UNAVAILABLE, hence InferenceUnavailable.
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 
+from dicom_node.config import InferenceSection
 from dicom_node.errors import InferenceRejected, InferenceUnavailable
 from dicom_node.masks import PackedMask
 from dicom_node.volume import SeriesVolume
 from protos.radbridge.v1 import inference_pb2 as pb
 from protos.radbridge.v1 import inference_pb2_grpc as pb_grpc
+from radbridge_common.tls import pem_ca, pem_pair
 
 logger = logging.getLogger(__name__)
 RETRYABLE = {
@@ -142,20 +146,42 @@ def unpack_masks(
     return masks
 
 
+def channel_credentials(section: InferenceSection) -> grpc.ChannelCredentials | None:
+    """TLS credentials from [inference] (files read and checked now: a TlsConfigError at
+    start-up), or None for a plaintext channel."""
+    if not section.uses_tls:
+        return None
+    chain = key = None
+    if section.tls_cert_file is not None and section.tls_key_file is not None:
+        chain, key = pem_pair(section.tls_cert_file, section.tls_key_file)
+    roots = pem_ca(section.tls_ca_file) if section.tls_ca_file is not None else None  # None: system roots
+    return grpc.ssl_channel_credentials(roots, key, chain)
+
+
 class InferenceClient:
-    """A channel to one inference service."""
+    """A channel to one inference service: plaintext, or TLS with ``credentials``."""
 
     def __init__(
-        self, address: str, deadline_s: float = 600.0, connect_retries: int = 3, chunk_bytes: int = 1 << 20
+        self,
+        address: str,
+        deadline_s: float = 600.0,
+        connect_retries: int = 3,
+        chunk_bytes: int = 1 << 20,
+        credentials: grpc.ChannelCredentials | None = None,
+        server_name: str = "",
     ):
         self.address = address
         self.deadline_s = deadline_s
         self.connect_retries = connect_retries
         self.chunk_bytes = chunk_bytes
-        self._channel = grpc.insecure_channel(
-            address,
-            options=[("grpc.max_receive_message_length", 8 * 1024 * 1024)],
-        )
+        options: list[tuple[str, int | str]] = [("grpc.max_receive_message_length", 8 * 1024 * 1024)]
+        self.tls = credentials is not None
+        if credentials is None:
+            self._channel = grpc.insecure_channel(address, options=options)
+        else:
+            if server_name:  # the certificate's name, when the address's host is not in it
+                options.append(("grpc.ssl_target_name_override", server_name))
+            self._channel = grpc.secure_channel(address, credentials, options=options)
         self._stub = pb_grpc.InferenceServiceStub(self._channel)
 
     def close(self) -> None:
@@ -220,11 +246,16 @@ class InferenceClient:
             raise InferenceUnavailable("The inference stream ended without a result.")
         return AnalysisOutcome(result=result, masks=unpack_masks(result, chunks, upload.shape))
 
-    @staticmethod
-    def _translate(exc: grpc.RpcError) -> InferenceUnavailable | InferenceRejected:
+    def _translate(self, exc: grpc.RpcError) -> InferenceUnavailable | InferenceRejected:
         code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
         details = exc.details() if hasattr(exc, "details") else str(exc)
         message = f"{code.name}: {details}"
         if code in RETRYABLE:
+            if self.tls and code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                message += (
+                    f" (TLS to {self.address}: a refused handshake looks like this; check the service's"
+                    " certificate against [inference] tls_ca_file and tls_server_name, and whether it"
+                    " requires our client certificate)"
+                )
             return InferenceUnavailable(message)
         return InferenceRejected(message)

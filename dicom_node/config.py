@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from radbridge_common.settings import ConfigError, build, read_layers
+from radbridge_common.tls import check_pair
 
 DEFAULT_AE_TITLE = "RADBRIDGE"
 DEFAULT_SCP_PORT = 11112
@@ -61,9 +62,26 @@ class ScpSection:
     #: Stream each received data set to the spool's staging dir as it arrives (bounded memory for
     #: huge instances); off by default: measured slower for 512x512 CT (bench/bench_ingest.py).
     stream_to_disk: bool = False
+    #: A-ASSOCIATE-RJ "called AE title not recognised" when the peer calls another AE title.
+    require_called_aet: bool = True
+    #: DICOM TLS (BCP 195 profile): with a certificate and key the port accepts TLS only.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    #: CA of the client certificates; with tls_require_client_cert a peer without one is refused.
+    tls_ca_file: Path | None = None
+    tls_require_client_cert: bool = False
 
     def __post_init__(self) -> None:
         _check_ae(self.ae_title, "scp.ae_title")
+        check_pair(self.tls_cert_file, self.tls_key_file, "scp")
+        if self.tls_cert_file is None and (self.tls_ca_file is not None or self.tls_require_client_cert):
+            raise ValueError(
+                "scp.tls_ca_file and scp.tls_require_client_cert need scp.tls_cert_file and key."
+            )
+        if self.tls_require_client_cert and self.tls_ca_file is None:
+            raise ValueError(
+                "scp.tls_require_client_cert needs scp.tls_ca_file to verify client certificates."
+            )
         for key in ("max_associations", "max_associations_per_peer", "first_pdu_timeout_s"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
@@ -206,7 +224,17 @@ class InferenceSection:
     #: How long a replica that stopped answering is passed over while others answer.
     replica_cooldown_s: float = 30.0
 
+    #: TLS to the service; on as well when any tls_* file is given. No CA file = the system roots.
+    tls: bool = False
+    tls_ca_file: Path | None = None
+    #: Our client certificate, for a service that requires one (tls_client_ca_file there).
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    #: The name the service's certificate is checked against, when not the address's host.
+    tls_server_name: str = ""
+
     def __post_init__(self) -> None:
+        check_pair(self.tls_cert_file, self.tls_key_file, "inference")
         for address in self.replicas():
             host, _, port = address.rpartition(":")
             if not host or not port.isdigit():
@@ -215,6 +243,10 @@ class InferenceSection:
     def replicas(self) -> list[str]:
         """Every configured replica, ``address`` first; empty = start the embedded service."""
         return list(dict.fromkeys(a for a in [self.address, *self.addresses] if a))
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.tls or any(f is not None for f in (self.tls_ca_file, self.tls_cert_file))
 
 
 @dataclass(frozen=True)
@@ -232,8 +264,24 @@ class ExportTarget:
     #: environment variable named by token_env; read at each export, so it may be rotated.
     token_file: Path | None = None
     token_env: str = ""
+    #: DICOM TLS (BCP 195) for dicom, HTTPS files for dicomweb; on as well when any tls_* file is
+    #: given. No CA file = the system roots.
+    tls: bool = False
+    tls_ca_file: Path | None = None  # verifies the peer's certificate (and its host name)
+    tls_cert_file: Path | None = None  # our client certificate, for a peer that requires one
+    tls_key_file: Path | None = None
+    tls_server_name: str = ""  # the name the peer's certificate is checked against; "" = host
 
     def __post_init__(self) -> None:
+        check_pair(self.tls_cert_file, self.tls_key_file, "An export target")
+        if self.type == "dicomweb" and self.uses_tls and not self.url.startswith("https://"):
+            raise ValueError(
+                f"A dicomweb export target with tls_* keys needs an https url, not {self.url!r}."
+            )
+        if self.type == "dicomweb" and self.tls_server_name:
+            raise ValueError(
+                "tls_server_name applies to dicom export targets only (HTTPS checks the url's host)."
+            )
         if self.type not in EXPORT_TYPES:
             raise ValueError(
                 f"Export target type {self.type!r} is not supported (known: {', '.join(EXPORT_TYPES)})."
@@ -244,6 +292,10 @@ class ExportTarget:
             raise ValueError(f"A dicomweb export target needs an http(s) url, not {self.url!r}.")
         if self.token_file is not None and self.token_env:
             raise ValueError("An export target takes token_file or token_env, not both.")
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.tls or any(f is not None for f in (self.tls_ca_file, self.tls_cert_file))
 
 
 @dataclass(frozen=True)

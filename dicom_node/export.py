@@ -9,6 +9,7 @@ cannot change raises PermanentExportError, parked in DEAD_LETTER at once.
 from __future__ import annotations
 
 import logging
+import ssl
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -33,14 +34,37 @@ from dicom_node.errors import (
     failure_reason_is_transient,
 )
 from radbridge_common.settings import ConfigError
+from radbridge_common.tls import client_context
 
 logger = logging.getLogger(__name__)
 SUCCESS_STATUSES = {0x0000, 0xB000, 0xB006, 0xB007}
 Exporter = Callable[[Sequence[Path], ExportTarget, str], None]
 
 
+def tls_args(target: ExportTarget) -> tuple[ssl.SSLContext, str] | None:
+    """pynetdicom's ``tls_args`` for a target with DICOM TLS, else None; the node calls it for
+    every target at start-up, so a bad file is a TlsConfigError then, not a failed export."""
+    if target.type != "dicom" or not target.uses_tls:
+        return None
+    context = client_context(target.tls_ca_file, target.tls_cert_file, target.tls_key_file)
+    return context, target.tls_server_name or target.host
+
+
+def _requests_tls(target: ExportTarget) -> tuple[str | bool, tuple[str, str] | None]:
+    """requests' ``verify`` and ``cert`` for an https dicomweb target."""
+    verify: str | bool = str(target.tls_ca_file) if target.tls_ca_file is not None else True
+    if target.tls_cert_file is not None and target.tls_key_file is not None:
+        return verify, (str(target.tls_cert_file), str(target.tls_key_file))
+    return verify, None
+
+
 def send_cstore(paths: Sequence[Path], target: ExportTarget, calling_ae: str) -> None:
-    """One association, one C-STORE per file; any non-success status is an ExportError."""
+    """One association, one C-STORE per file; any non-success status is an ExportError.
+
+    With DICOM TLS the files are read again for each export (a renewed certificate is used
+    without a restart); a handshake the peer refuses is an ExportError, retried.
+    """
+    tls = tls_args(target)
     ae = AE(ae_title=target.calling_ae_title or calling_ae)
     contexts: set[tuple[str, str]] = set()
     for path in paths:
@@ -51,15 +75,21 @@ def send_cstore(paths: Sequence[Path], target: ExportTarget, calling_ae: str) ->
             {ts for c, ts in contexts if c == sop_class} | {ExplicitVRLittleEndian, ImplicitVRLittleEndian}
         )
         ae.add_requested_context(sop_class, syntaxes)
-    where = f"{target.ae_title}@{target.host}:{target.port}"
+    where = f"{target.ae_title}@{target.host}:{target.port}" + (" (TLS)" if tls else "")
     try:
-        assoc = ae.associate(target.host, target.port, ae_title=target.ae_title)
+        assoc = ae.associate(target.host, target.port, ae_title=target.ae_title, tls_args=tls)
     except Exception as exc:
         raise ExportError(f"Cannot connect to {where}: {exc}") from exc
     if assoc.is_rejected:
         raise _rejection(assoc, where)
     if not assoc.is_established:
-        raise ExportError(f"Association with {where} was not established (no answer or aborted).")
+        hint = (
+            " TLS handshake failed or the peer closed: check its certificate against tls_ca_file,"
+            " tls_server_name, and whether it requires our client certificate."
+            if tls
+            else " If the peer expects DICOM TLS, set tls = true on this target."
+        )
+        raise ExportError(f"Association with {where} was not established (no answer or aborted).{hint}")
     try:
         for path in paths:
             status = assoc.send_c_store(path)
@@ -215,6 +245,8 @@ def send_stow(paths: Sequence[Path], target: ExportTarget, calling_ae: str) -> N
     started = time.monotonic()
     try:
         with requests.Session() as session:
+            if target.uses_tls:
+                session.verify, session.cert = _requests_tls(target)
             # dicomweb-client reads the body only on success: keep the response for 202/409/4xx.
             session.hooks["response"].append(lambda r, *args, **kwargs: responses.append(r))
             if token:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from dicom_node.client import InferenceClient
+from dicom_node.client import InferenceClient, channel_credentials
 from dicom_node.config import NodeSettings
 from dicom_node.deidentify import require_key
 from dicom_node.errors import RadBridgeError
+from dicom_node.export import tls_args
 from dicom_node.http import HttpServer, create_app
 from dicom_node.index import Index
 from dicom_node.replicas import ReplicaPool
@@ -36,9 +37,20 @@ class Node:
         require_key(settings)  # a de-identifying rule without its key stops start-up (ConfigError)
         addresses = [inference_address] if isinstance(inference_address, str) else list(inference_address)
         inf = settings.inference
+        # TLS files are read and checked now (TlsConfigError), not at the first job or export.
+        credentials = channel_credentials(inf)
+        for target in settings.export.targets.values():
+            tls_args(target)
         self.replicas = ReplicaPool(
             addresses,
-            lambda address: InferenceClient(address, inf.deadline_s, inf.connect_retries, inf.chunk_bytes),
+            lambda address: InferenceClient(
+                address,
+                inf.deadline_s,
+                inf.connect_retries,
+                inf.chunk_bytes,
+                credentials,
+                inf.tls_server_name,
+            ),
             inf.replica_cooldown_s,
         )
         self.settings = settings

@@ -101,14 +101,15 @@ class PooledClient:
 
     def __init__(self, pool: ReplicaPool, address: str, client: InferenceClient) -> None:
         self.address = address
+        #: The replica's own client (its channel, TLS and all).
         self._pool = pool
-        self._client = client
+        self.client = client
         self._failed = False
         self._closed = False
 
     def analyze_upload(self, upload: Upload, on_progress: ProgressHandler | None = None) -> AnalysisOutcome:
         try:
-            return self._client.analyze_upload(upload, on_progress)
+            return self.client.analyze_upload(upload, on_progress)
         except InferenceUnavailable:
             self._failed = True
             raise
@@ -117,5 +118,5 @@ class PooledClient:
         if self._closed:
             return
         self._closed = True
-        self._client.close()
+        self.client.close()
         self._pool._release(self.address, self._failed)

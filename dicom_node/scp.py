@@ -11,7 +11,11 @@ Failures become a specific DIMSE status with an Error Comment
 
 Before a connection reaches pynetdicom, GuardedAssociationServer bounds what an
 unassociated peer can hold: connections per IP address, the wait for the whole
-A-ASSOCIATE-RQ (the ARTIM timer) and that PDU's announced length.
+A-ASSOCIATE-RQ (the ARTIM timer) and that PDU's announced length. With DICOM
+TLS (scp.tls_cert_file) the same bounds hold: the TLS handshake happens in the
+connection's thread within the same time limit (never in the accepting thread),
+then the first PDU is read through TLS, checked, and replayed to pynetdicom.
+Called AE titles other than scp.ae_title are rejected (scp.require_called_aet).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import logging
 import select
 import socket
+import ssl
 import struct
 import tempfile
 import threading
@@ -47,12 +52,15 @@ from dicom_node.group_commit import GroupCommitter
 from dicom_node.index import Index, ReceivedInstance
 from dicom_node.metrics import BYTES_RECEIVED, INSTANCES_RECEIVED, INSTANCES_REFUSED
 from dicom_node.spool import TMP_SUFFIX, Spool, open_private, uid_key
+from radbridge_common.tls import server_context
 
 logger = logging.getLogger(__name__)
 
 A_ASSOCIATE_RQ_PDU_TYPE = 0x01
 _PDU_HEADER = struct.Struct(">BBL")  # PDU type, reserved, length of what follows (PS3.8 9.3.1)
 _POLL_S = 0.05
+#: Why a connection is refused before pynetdicom sees it, and details for the log line.
+Refusal = tuple[str, dict[str, int | str]]
 
 
 #: Where pynetdicom streams incoming C-STORE data sets (see configure_pynetdicom).
@@ -212,9 +220,13 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         max_per_peer: int,
         first_pdu_timeout_s: float,
         max_first_pdu_bytes: int,
+        tls_context: ssl.SSLContext | None = None,
         **kwargs: Any,
     ) -> None:
         self.max_per_peer = max_per_peer
+        self.tls_context = tls_context
+        if tls_context is not None:
+            tls_context.sslsocket_class = _ReplaySSLSocket  # what the guard reads, pynetdicom reads again
         self.first_pdu_timeout_s = first_pdu_timeout_s
         self.max_first_pdu_bytes = max_first_pdu_bytes
         self._waiting: Counter[str] = Counter()  # per IP: accepted, A-ASSOCIATE-RQ not yet handed over
@@ -243,10 +255,13 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         peer = client_address[0]
         started = time.monotonic()
         try:
-            try:
-                refusal = self._await_associate_rq(request)
-            except OSError:
-                refusal = "connection_error", {}
+            if self.tls_context is not None:
+                request, refusal = self._await_tls_associate_rq(request, self.tls_context)
+            else:
+                try:
+                    refusal = self._await_associate_rq(request)
+                except OSError:
+                    refusal = "connection_error", {}
             if refusal is None:
                 # As pynetdicom does for the sockets it connects: a stalled read or write ends.
                 request.settimeout(self.ae.network_timeout)
@@ -268,7 +283,71 @@ class GuardedAssociationServer(ThreadedAssociationServer):
             if self._waiting[peer] <= 0:
                 del self._waiting[peer]
 
-    def _await_associate_rq(self, request: socket.socket) -> tuple[str, dict[str, int]] | None:
+    def _await_tls_associate_rq(
+        self, request: socket.socket, context: ssl.SSLContext
+    ) -> tuple[socket.socket, Refusal | None]:
+        """The TLS socket, and None once the handshake is done and a whole A-ASSOCIATE-RQ is read
+        (kept for pynetdicom to read again), else the reason to refuse."""
+        deadline = time.monotonic() + self.first_pdu_timeout_s
+        try:
+            tls = context.wrap_socket(request, server_side=True, do_handshake_on_connect=False)
+        except OSError:
+            return request, ("connection_error", {})
+        try:
+            tls.setblocking(False)
+            refusal = self._tls_handshake(tls, deadline)
+            if refusal is None:
+                refusal = self._read_tls_associate_rq(tls, deadline)
+        except ssl.SSLError as exc:  # a plaintext peer, no or an untrusted client certificate...
+            refusal = "tls_handshake_failed", {"tls_error": exc.reason or type(exc).__name__}
+        except OSError:
+            refusal = "connection_error", {}
+        return tls, refusal
+
+    def _tls_handshake(self, tls: ssl.SSLSocket, deadline: float) -> Refusal | None:
+        while not self._closing.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return "tls_handshake_timeout", {}
+            try:
+                tls.do_handshake()
+                return None
+            except ssl.SSLWantReadError:
+                select.select([tls], [], [], min(remaining, _POLL_S))
+            except ssl.SSLWantWriteError:
+                select.select([], [tls], [], min(remaining, _POLL_S))
+        return "server_stopping", {}
+
+    def _read_tls_associate_rq(self, tls: ssl.SSLSocket, deadline: float) -> Refusal | None:
+        buffer, wanted, length = bytearray(), _PDU_HEADER.size, None
+        while not self._closing.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return "first_pdu_timeout", {"received_bytes": len(buffer)}
+            try:
+                data = tls.recv(wanted - len(buffer))
+            except ssl.SSLWantReadError:
+                select.select([tls], [], [], min(remaining, _POLL_S))
+                continue
+            except ssl.SSLWantWriteError:
+                select.select([], [tls], [], min(remaining, _POLL_S))
+                continue
+            if not data:
+                return "closed_before_associate_rq", {}
+            buffer += data
+            if length is None and len(buffer) == _PDU_HEADER.size:
+                pdu_type, _, length = _PDU_HEADER.unpack(buffer)
+                if pdu_type != A_ASSOCIATE_RQ_PDU_TYPE:
+                    return "not_associate_rq", {"pdu_type": pdu_type}
+                if length > self.max_first_pdu_bytes:
+                    return "first_pdu_too_large", {"pdu_bytes": length, "limit": self.max_first_pdu_bytes}
+                wanted += length
+            if len(buffer) == wanted:
+                tls._replay = bytes(buffer)  # type: ignore[attr-defined]  # see __init__
+                return None
+        return "server_stopping", {}
+
+    def _await_associate_rq(self, request: socket.socket) -> Refusal | None:
         """None once a whole A-ASSOCIATE-RQ is buffered, else (reason, details) to refuse."""
         deadline = time.monotonic() + self.first_pdu_timeout_s
         wanted, length = _PDU_HEADER.size, None
@@ -299,6 +378,32 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         return "server_stopping", {}
 
 
+class _ReplaySSLSocket(ssl.SSLSocket):
+    """An SSLSocket whose first reads return the A-ASSOCIATE-RQ the guard already read and checked
+    (TLS cannot be peeked); ``pending()`` counts it, so pynetdicom's readiness check sees it."""
+
+    _replay: bytes = b""
+
+    def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
+        if self._replay:
+            data, self._replay = self._replay[:buflen], self._replay[buflen:]
+            return data
+        return super().recv(buflen, flags)
+
+    def pending(self) -> int:
+        return len(self._replay) + super().pending()
+
+
+def scp_tls_context(settings: ScpSection) -> ssl.SSLContext | None:
+    """The SCP's TLS context (BCP 195), or None without scp.tls_cert_file; file errors raise
+    TlsConfigError here, at start-up."""
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        return None
+    return server_context(
+        settings.tls_cert_file, settings.tls_key_file, settings.tls_ca_file, settings.tls_require_client_cert
+    )
+
+
 def _peer_address(assoc: Any) -> str | None:
     info = assoc.requestor.address_info
     return info.address if info is not None else None
@@ -320,7 +425,7 @@ def _make_room(request: socket.socket, size: int) -> None:
         request.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2 * size)
 
 
-def _log_refused(peer: str, reason: str, **details: int) -> None:
+def _log_refused(peer: str, reason: str, **details: int | str) -> None:
     logger.warning(
         "SCP connection refused",
         extra={"event": "scp.connection_refused", "peer_address": peer, "reason": reason, **details},
@@ -329,12 +434,14 @@ def _log_refused(peer: str, reason: str, **details: int) -> None:
 
 def start_scp(settings: ScpSection, spool: Spool, index: Index) -> ThreadedAssociationServer:
     """Start the SCP in the background; ``server.server_address[1]`` is the bound port."""
+    tls_context = scp_tls_context(settings)  # before anything starts: a bad file stops start-up
     configure_pynetdicom(spool.staging_dir if settings.stream_to_disk else None)
     ae = AE(ae_title=settings.ae_title)
     ae.maximum_pdu_size = settings.max_pdu
     ae.maximum_associations = settings.max_associations
     ae.acse_timeout = settings.first_pdu_timeout_s  # pynetdicom's ARTIM, behind the server's own wait
     ae.require_calling_aet = list(settings.allowed_calling_aets)
+    ae.require_called_aet = settings.require_called_aet
     for context in AllStoragePresentationContexts:
         ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
     ae.add_supported_context(Verification)
@@ -350,12 +457,19 @@ def start_scp(settings: ScpSection, spool: Spool, index: Index) -> ThreadedAssoc
         max_per_peer=settings.max_associations_per_peer,
         first_pdu_timeout_s=settings.first_pdu_timeout_s,
         max_first_pdu_bytes=settings.max_first_pdu_bytes,
+        tls_context=tls_context,
     )
     # As AE.start_server(block=False) does; the server removes itself from ae._servers on shutdown.
     ae._servers.append(server)
     threading.Thread(target=server.serve_forever, name="AcceptorServer", daemon=True).start()
     logger.info(
         "SCP listening",
-        extra={"event": "scp.start", "ae_title": settings.ae_title, "port": server.server_address[1]},
+        extra={
+            "event": "scp.start",
+            "ae_title": settings.ae_title,
+            "port": server.server_address[1],
+            "tls": tls_context is not None,
+            "client_cert": "required" if settings.tls_require_client_cert else "optional",
+        },
     )
     return server

@@ -29,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure("INFO", json_lines=True)
     try:
         serve(settings)
+    except ConfigError as exc:  # e.g. a TLS file unreadable or not matching its key (at start-up)
+        print(f"inference_service: configuration error: {exc}", file=sys.stderr)
+        return 2
     except InferenceError as exc:
         print(f"inference_service: cannot start: {exc}", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ from typing import Any
 
 from inference_service.preprocess import PRESETS
 from radbridge_common.settings import build, read_layers
+from radbridge_common.tls import check_pair
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 50051
@@ -35,14 +36,17 @@ class ServiceSection:
     # TLS: PEM certificate chain and private key (paths, never the secrets themselves); both or none.
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
+    # Mutual TLS: clients must present a certificate issued by this CA (PEM); needs cert and key.
+    tls_client_ca_file: Path | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.chunk_bytes <= 3 * 1024 * 1024:
             raise ValueError("chunk_bytes must be between 1 and 3 MiB (gRPC limit is 4 MiB).")
         if self.max_batch < 1 or self.queue_size < 1:
             raise ValueError("max_batch and queue_size must be positive.")
-        if (self.tls_cert_file is None) != (self.tls_key_file is None):
-            raise ValueError("TLS needs both tls_cert_file and tls_key_file (or neither).")
+        check_pair(self.tls_cert_file, self.tls_key_file, "TLS")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file.")
 
 
 @dataclass(frozen=True)

@@ -120,7 +120,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from dicom_node.client import InferenceClient
+    from dicom_node.client import InferenceClient, channel_credentials
     from protos.radbridge.v1 import inference_pb2 as pb
 
     node_settings, service_settings, _ = _load(args.config)
@@ -132,7 +132,10 @@ def cmd_models(args: argparse.Namespace) -> int:
         service = EmbeddedInferenceService(service_settings).start()
         address = service.address
     try:
-        client = InferenceClient(address)
+        inf = node_settings.inference
+        client = InferenceClient(
+            address, credentials=channel_credentials(inf), server_name=inf.tls_server_name
+        )
         response = client.list_models()
         client.close()
     finally:

@@ -19,6 +19,7 @@ from dicom_node.scp import start_scp
 from dicom_node.spool import Spool
 from radbridge.synth import ct_series, write_series
 from tests.peers import DICOMWEB_PLUGIN, ORTHANC_BIN, OrthancServer, missing_tools
+from tests.tls_ca import Pki, make_pki, openssl_missing
 
 
 @pytest.fixture
@@ -42,6 +43,14 @@ def require_dcmtk() -> None:
 def require_dicom3tools() -> None:
     if missing_tools("dciodvfy"):
         pytest.skip("dciodvfy missing; apt-get install dicom3tools")
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """A private CA, a localhost server certificate, client certificates (ours and a stranger's)."""
+    if openssl_missing():
+        pytest.skip("openssl missing; apt-get install openssl")
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture(scope="session")

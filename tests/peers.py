@@ -66,18 +66,24 @@ def storescu(
     called_aet: str,
     calling_aet: str = "STORESCU",
     timeout_s: float = 600,
+    extra: list[str] | None = None,
 ) -> ToolResult:
     """dcmtk storescu -R: proposes exactly the files' SOP classes (SEG and 3D SR included).
 
     storescu exits 0 even when it skipped files ("E: No presentation context"),
     so callers must treat any ``errors`` line as a failure.
     """
-    args = ["storescu", "-R", "-aet", calling_aet, "-aec", called_aet, host, str(port), *map(str, paths)]
+    args = ["storescu", "-R", *(extra or []), "-aet", calling_aet, "-aec", called_aet, host, str(port)]
+    args += map(str, paths)
     return _run_dcmtk(args, timeout_s)
 
 
-def echoscu(host: str, port: int, called_aet: str, calling_aet: str = "ECHOSCU") -> ToolResult:
-    return _run_dcmtk(["echoscu", "-aet", calling_aet, "-aec", called_aet, host, str(port)], 30)
+def echoscu(
+    host: str, port: int, called_aet: str, calling_aet: str = "ECHOSCU", extra: list[str] | None = None
+) -> ToolResult:
+    """``extra``: more options, e.g. dcmtk's TLS ones (``+tls key crt``, ``+cf ca.crt``)."""
+    args = ["echoscu", *(extra or []), "-aet", calling_aet, "-aec", called_aet, host, str(port)]
+    return _run_dcmtk(args, 30)
 
 
 # -- hostile peers ------------------------------------------------------------------

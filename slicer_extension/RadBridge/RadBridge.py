@@ -139,7 +139,10 @@ class RadBridgeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         running = self.logic is not None and self.logic.running
         connected = self.logic is not None and self.logic.connected
-        self.ui.caFileLineEdit.enabled = bool(self.ui.tlsCheckBox.checked)
+        tls = bool(self.ui.tlsCheckBox.checked)
+        self.ui.caFileLineEdit.enabled = tls
+        self.ui.clientCertLineEdit.enabled = tls
+        self.ui.clientKeyLineEdit.enabled = tls
         self.ui.connectButton.enabled = not running
         self.ui.runButton.enabled = (
             connected and not running and self.ui.inputVolumeSelector.currentNode() is not None
@@ -158,7 +161,11 @@ class RadBridgeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             address = self.ui.serverAddressLineEdit.text.strip() or DEFAULT_ADDRESS
             self.setStatus(f"Connecting to {address}…")
             models = self.logic.connect(
-                address, bool(self.ui.tlsCheckBox.checked), self.ui.caFileLineEdit.text.strip()
+                address,
+                bool(self.ui.tlsCheckBox.checked),
+                self.ui.caFileLineEdit.text.strip(),
+                self.ui.clientCertLineEdit.text.strip(),
+                self.ui.clientKeyLineEdit.text.strip(),
             )
             self._models = list(models)
             self.ui.modelComboBox.clear()
@@ -330,7 +337,8 @@ class RadBridgeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 class RadBridgeLogic(ScriptedLoadableModuleLogic):
     """Usable without the widget (from the Python console or a test).
 
-    ``clientFactory(address, tls=..., ca_file=...)`` builds the client; the default is
+    ``clientFactory(address, tls=..., ca_file=...[, cert_file=..., key_file=...])`` builds the
+    client; the default is
     ``RadBridgeLib.RadBridgeClient``.
     """
 
@@ -369,8 +377,11 @@ class RadBridgeLogic(ScriptedLoadableModuleLogic):
         slicer.util.pip_install(" ".join(missing))
         return True
 
-    def connect(self, address, tls=False, caFile=""):
-        """Opens a channel and returns the models the service has loaded (raises if unreachable)."""
+    def connect(self, address, tls=False, caFile="", certFile="", keyFile=""):
+        """Opens a channel and returns the models the service has loaded (raises if unreachable).
+
+        ``certFile``/``keyFile``: our client certificate, for a service requiring mutual TLS.
+        """
         self.ensureDependencies()
         factory = self.clientFactory
         if factory is None:
@@ -380,7 +391,16 @@ class RadBridgeLogic(ScriptedLoadableModuleLogic):
         if self.client is not None and hasattr(self.client, "close"):
             self.client.close()
         self.client = None
-        client = factory(address, tls=bool(tls), ca_file=caFile or None)
+        if certFile or keyFile:
+            client = factory(
+                address,
+                tls=bool(tls),
+                ca_file=caFile or None,
+                cert_file=certFile or None,
+                key_file=keyFile or None,
+            )
+        else:
+            client = factory(address, tls=bool(tls), ca_file=caFile or None)
         models = client.list_models()
         self.client = client
         return models

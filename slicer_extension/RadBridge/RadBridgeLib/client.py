@@ -128,6 +128,18 @@ def _translate(exc: grpc.RpcError, address: str, deadline_s: float) -> RadBridge
     return RadBridgeServerError(message, code)
 
 
+def _read_pem(path: str, what: str) -> bytes:
+    """A PEM file's bytes; a clear error naming the file (never its content) otherwise."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except OSError as exc:
+        raise RadBridgeError(f"Cannot read the TLS {what} {path} ({exc.strerror}).") from exc
+    if b"-----BEGIN " not in data:
+        raise RadBridgeError(f"The TLS {what} {path} is not a PEM file.")
+    return data
+
+
 def _report_text(task: pb.TaskResult) -> str:
     parts = []
     if task.report.findings:
@@ -147,19 +159,24 @@ class RadBridgeClient:
         ca_file: str | None = None,
         deadline_s: float = 600.0,
         chunk_bytes: int = 1 << 20,
+        cert_file: str | None = None,
+        key_file: str | None = None,
     ) -> None:
+        """``tls`` (implied by any file): a TLS channel verified against ``ca_file`` (else the
+        system roots); ``cert_file`` + ``key_file``: our certificate, for mutual TLS."""
         if not 0 < chunk_bytes <= 3 * 1024 * 1024:
             raise ValueError("chunk_bytes must be between 1 byte and 3 MiB.")
+        if bool(cert_file) != bool(key_file):
+            raise ValueError("A client certificate needs both cert_file and key_file (or neither).")
         self.address = address
         self.deadline_s = float(deadline_s)
         self.chunk_bytes = chunk_bytes
         options = [("grpc.max_receive_message_length", 8 * 1024 * 1024)]
-        if tls or ca_file:
-            root = None
-            if ca_file:
-                with open(ca_file, "rb") as fh:
-                    root = fh.read()
-            credentials = grpc.ssl_channel_credentials(root_certificates=root)
+        if tls or ca_file or cert_file:
+            root = _read_pem(ca_file, "CA file") if ca_file else None
+            chain = _read_pem(cert_file, "client certificate") if cert_file else None
+            key = _read_pem(key_file, "client key") if key_file else None
+            credentials = grpc.ssl_channel_credentials(root, key, chain)
             self._channel = grpc.secure_channel(address, credentials, options=options)
         else:
             self._channel = grpc.insecure_channel(address, options=options)

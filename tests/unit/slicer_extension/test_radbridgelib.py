@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import shutil
 import subprocess
 import sys
 import threading
@@ -18,6 +17,7 @@ import RadBridgeLib as lib
 from inference_service.config import ServiceSection, ServiceSettings
 from radbridge.embedded import EmbeddedInferenceService
 from radbridge.synth import phantom_hu
+from tests.tls_ca import Pki
 from tests.unit.slicer_extension.conftest import EXTENSION_DIR
 
 SPACING_IJK = (0.7, 0.9, 2.5)  # i (column), j (row), k (slice)
@@ -250,32 +250,11 @@ def test_unknown_task_is_refused_locally(ct: np.ndarray) -> None:
 # -- TLS: the panel's "Use TLS" + CA file against a service serving TLS ------------------------
 
 
-@pytest.fixture(scope="module")
-def tls_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A private CA and a server certificate for localhost / 127.0.0.1, made with openssl."""
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl missing; apt-get install openssl")
-    d = tmp_path_factory.mktemp("tls")
-    f = {name: d / name for name in ("ca.key", "ca.crt", "server.key", "server.csr", "server.crt", "san.ext")}
-    f["san.ext"].write_text("subjectAltName = DNS:localhost, IP:127.0.0.1\n")
-
-    def openssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
-
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=RadBridge test CA",
-            "-keyout", str(f["ca.key"]), "-out", str(f["ca.crt"]))  # fmt: skip
-    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
-            "-keyout", str(f["server.key"]), "-out", str(f["server.csr"]))  # fmt: skip
-    openssl("x509", "-req", "-in", str(f["server.csr"]), "-CA", str(f["ca.crt"]), "-CAkey", str(f["ca.key"]),
-            "-CAcreateserial", "-days", "2", "-extfile", str(f["san.ext"]), "-out", str(f["server.crt"]))  # fmt: skip
-    return f
-
-
-def test_tls_channel_with_the_ca_file_reaches_a_tls_service(tls_files: dict[str, Path]) -> None:
-    section = ServiceSection(port=0, tls_cert_file=tls_files["server.crt"], tls_key_file=tls_files["server.key"])
+def test_tls_channel_with_the_ca_file_reaches_a_tls_service(pki: Pki) -> None:
+    section = ServiceSection(port=0, tls_cert_file=pki.server_crt, tls_key_file=pki.server_key)
     with EmbeddedInferenceService(ServiceSettings(inference_service=section)) as svc:
         port = svc.address.rsplit(":", 1)[1]
-        with lib.RadBridgeClient(f"localhost:{port}", tls=True, ca_file=str(tls_files["ca.crt"])) as c:
+        with lib.RadBridgeClient(f"localhost:{port}", tls=True, ca_file=str(pki.ca_crt)) as c:
             assert "reference" in [m.identity.name for m in c.list_models()]
             result = c.analyze(phantom_hu(n_slices=4), np.diag([-0.7, -0.7, 2.5, 1.0]), ["segment"])
             assert result.masks and all(m.shape == (4, 512, 512) for m in result.masks.values())
@@ -287,6 +266,31 @@ def test_tls_channel_with_the_ca_file_reaches_a_tls_service(tls_files: dict[str,
                 assert info.value.code == grpc.StatusCode.UNAVAILABLE
 
 
-def test_tls_needs_both_certificate_and_key(tls_files: dict[str, Path]) -> None:
+def test_mutual_tls_with_a_client_certificate(pki: Pki, tmp_path: Path) -> None:
+    section = ServiceSection(
+        port=0, tls_cert_file=pki.server_crt, tls_key_file=pki.server_key, tls_client_ca_file=pki.ca_crt
+    )
+    with EmbeddedInferenceService(ServiceSettings(inference_service=section)) as svc:
+        address = f"localhost:{svc.address.rsplit(':', 1)[1]}"
+        ca = str(pki.ca_crt)
+        with lib.RadBridgeClient(
+            address, ca_file=ca, cert_file=str(pki.client_crt), key_file=str(pki.client_key)
+        ) as c:
+            assert "reference" in [m.identity.name for m in c.list_models()]
+        stranger = {"cert_file": str(pki.other_client_crt), "key_file": str(pki.other_client_key)}
+        for kwargs in ({}, stranger):
+            with lib.RadBridgeClient(address, ca_file=ca, deadline_s=5, **kwargs) as c:
+                with pytest.raises(lib.RadBridgeServerError, match="Cannot reach") as info:
+                    c.list_models()
+                assert info.value.code == grpc.StatusCode.UNAVAILABLE
+    with pytest.raises(ValueError, match="both cert_file and key_file"):
+        lib.RadBridgeClient(address, ca_file=ca, cert_file=str(pki.client_crt))
+    not_pem = tmp_path / "key.txt"
+    not_pem.write_text("not a key")
+    with pytest.raises(lib.RadBridgeError, match="key.txt is not a PEM file"):
+        lib.RadBridgeClient(address, ca_file=ca, cert_file=str(pki.client_crt), key_file=str(not_pem))
+
+
+def test_tls_needs_both_certificate_and_key(pki: Pki) -> None:
     with pytest.raises(ValueError, match="both tls_cert_file and tls_key_file"):
-        ServiceSection(tls_cert_file=tls_files["server.crt"])
+        ServiceSection(tls_cert_file=pki.server_crt)
