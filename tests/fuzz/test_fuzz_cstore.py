@@ -66,7 +66,7 @@ from tests.peers import echoscu, missing_tools, storescu
 
 #: pydicom warns about each invalid value it reads (UserWarning); in service that is a log line, so
 #: here too, rather than the suite's warnings-as-errors turning it into an exception mid-parse.
-pytestmark = [pytest.mark.fuzz, pytest.mark.filterwarnings("ignore::UserWarning")]
+pytestmark = [pytest.mark.fuzz, pytest.mark.timeout(240), pytest.mark.filterwarnings("ignore::UserWarning")]
 
 #: Statuses a refused hostile instance may get: "cannot understand" (0xCxxx), "data set does not
 #: match SOP class" (0xA9xx), "SOP class not supported" (0x0122). Not 0xA700: on a healthy spool

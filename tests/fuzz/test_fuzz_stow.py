@@ -44,7 +44,7 @@ from tests.fuzz.dicom_bytes import (
     text,
 )
 
-pytestmark = [pytest.mark.fuzz, pytest.mark.filterwarnings("ignore::UserWarning")]
+pytestmark = [pytest.mark.fuzz, pytest.mark.timeout(240), pytest.mark.filterwarnings("ignore::UserWarning")]
 
 MAX_PART_BYTES = 2048
 MAX_REQUEST_BYTES = 8192

@@ -39,7 +39,7 @@ from tests.fuzz.dicom_bytes import (
     text,
 )
 
-pytestmark = [pytest.mark.fuzz, pytest.mark.filterwarnings("ignore::UserWarning")]
+pytestmark = [pytest.mark.fuzz, pytest.mark.timeout(240), pytest.mark.filterwarnings("ignore::UserWarning")]
 
 #: What read_series is given in service: the analysis memory budget (worker.memory_budget_bytes).
 BUDGET_BYTES = 64 * 1024 * 1024
