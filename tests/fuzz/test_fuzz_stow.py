@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import struct
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +31,7 @@ from tests.fuzz.dicom_bytes import (
     CT_IMAGE_STORAGE,
     EXPLICIT_LE,
     GARBAGE_ELEMENTS,
+    JPEG_BASELINE,
     MODALITY,
     SERIES_INSTANCE_UID,
     SOP_CLASS_UID,
@@ -246,3 +248,35 @@ def test_stow_answers_specifically_and_keeps_what_it_stored(
     assert index.has_instance(SENTINEL_UID)
     assert hashlib.sha256(sentinel_path.read_bytes()).hexdigest() == digest
     count_input("stow", str(status))
+
+
+def test_wado_frame_that_would_abort_the_decoder_is_406(node: tuple[TestClient, Spool, Index]) -> None:
+    """Regression (found by the volume fuzz): python-gdcm aborts the process on a JPEG frame that claims
+    64 bits. Such an instance is stored (ingest never decodes); transcoding its frame is refused."""
+    client, _, _ = node
+    sop = STUDY + ".64"
+    fragment = (
+        struct.pack("<HHL", 0xFFFE, 0xE000, 0) + struct.pack("<HHL", 0xFFFE, 0xE000, 16) + b"\x64\x1e" * 8
+    )
+    pixels = [
+        Element(0x00280002, "US", struct.pack("<H", 1)),
+        Element(0x00280004, "CS", b"MONOCHROME2 "),
+        Element(0x00280010, "US", struct.pack("<H", 8)),
+        Element(0x00280011, "US", struct.pack("<H", 6)),
+        Element(0x00280100, "US", struct.pack("<H", 64)),
+        Element(0x00280101, "US", struct.pack("<H", 64)),
+        Element(0x00280102, "US", struct.pack("<H", 63)),
+        Element(0x00280103, "US", struct.pack("<H", 1)),
+        Element(0x7FE00010, "OB", fragment + struct.pack("<HHL", 0xFFFE, 0xE0DD, 0), 0xFFFFFFFF),
+    ]
+    body = b"--b\r\n\r\n" + _instance(text(sop), ts=JPEG_BASELINE, extra=pixels) + b"\r\n--b--\r\n"
+    stored = client.post(f"{DICOMWEB_ROOT}/studies", content=body, headers={"Content-Type": _ct("b")})
+    assert stored.status_code == 200, stored.text
+    frame = f"{DICOMWEB_ROOT}/studies/{STUDY}/series/{STUDY}.1/instances/{sop}/frames/1"
+    refused = client.get(frame, headers={"Accept": "multipart/related; type=application/octet-stream"})
+    assert refused.status_code == 406
+    assert "Bits Allocated 64" in refused.json()["error"]["message"]
+    as_stored = client.get(
+        frame, headers={"Accept": 'multipart/related; type="image/jpeg"; transfer-syntax=*'}
+    )
+    assert as_stored.status_code == 200 and b"\x64\x1e" * 8 in as_stored.content
