@@ -18,11 +18,10 @@ from dicom_node.errors import InvalidInstance, UndecodableInstance
 
 #: What every instance must carry before it may be spooled (C-STORE and STOW-RS alike).
 REQUIRED_UIDS = ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID")
-#: A UID the node accepts: digits and dots, at most 64 (PS3.5 9.1). Looser than the standard on
-#: purpose (leading zeros, empty components pass: real devices send them); what it refuses
-#: (letters, "/", "\\", NUL, spaces, over-long) cannot be a UID, and would travel into our
-#: outputs and DICOMweb URLs. File names never use UIDs anyway (spool.uid_key).
-_UID_CHARS = re.compile(r"[0-9][0-9.]{0,63}")
+#: A UID (PS3.5 9.1): numeric components separated by dots, at most 64 characters. Leading zeros
+#: in a component are tolerated (older devices write them); nothing else is.
+_UID = re.compile(r"[0-9]+(?:\.[0-9]+)*")
+MAX_UID_CHARS = 64
 
 #: Study-level attributes QIDO-RS returns by default (PS3.18 Table 10.6.3-3) and OHIF lists.
 STUDY_KEYWORDS = (
@@ -87,10 +86,19 @@ def identifiers(ds: Dataset) -> dict[str, str]:
     missing = [k for k in REQUIRED_UIDS if not values[k]]
     if missing:
         raise InvalidInstance(f"Missing required attribute(s): {', '.join(missing)}")
-    bad = [k for k in REQUIRED_UIDS if not _UID_CHARS.fullmatch(values[k])]
-    if bad:
-        raise InvalidInstance(f"Invalid UID in {bad[0]}")
+    for keyword in REQUIRED_UIDS:
+        check_uid(values[keyword], keyword)
     return values
+
+
+def check_uid(value: str, name: str) -> None:
+    """Refuse a value that is not a UID (InvalidInstance naming the attribute, not the value).
+
+    UIDs become index keys, spool paths (hashed) and DICOMweb URLs: "../../x", "1.2?a#b", two
+    values or non-ASCII text there would break retrieval or collide, so they are not accepted.
+    """
+    if len(value) > MAX_UID_CHARS or not _UID.fullmatch(value):
+        raise InvalidInstance(f"Invalid UID in {name}")
 
 
 def dumps(doc: dict[str, Any]) -> str:

@@ -29,6 +29,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from dicom_node._pixels import undecodable_reason
 from dicom_node.attributes import STUDY_KEYWORDS, TAGS
 from dicom_node.index import Index, StoredInstance
 
@@ -54,6 +55,10 @@ _QUERY_CONTROL = {"limit", "offset", "includefield", "fuzzymatching"}
 
 class NotFound(Exception):
     """The addressed study, series, instance, frame or attribute is not in the spool."""
+
+
+class NotAcceptable(Exception):
+    """The frame cannot be served in the transfer syntax asked for (it cannot be decoded): 406."""
 
 
 def _json_error(code: int, message: str) -> JSONResponse:
@@ -283,6 +288,8 @@ class DicomWeb:
             frames = [_frame(inst, n, wanted) for n in numbers]
         except NotFound as exc:
             return _json_error(404, str(exc))
+        except NotAcceptable as exc:
+            return _json_error(406, str(exc))
         boundary = uuid.uuid4().hex
         parts = (((media, syntax), iter([data])) for media, syntax, data in frames)
         first = frames[0][0] if frames else "application/octet-stream"
@@ -397,7 +404,15 @@ def _frame(inst: StoredInstance, number: int, wanted: str) -> tuple[str, str, by
         if wanted == "*" or wanted == str(syntax):
             data = next(_nth(generate_frames(ds.PixelData, number_of_frames=frames), number - 1))
             return FRAME_MEDIA.get(str(syntax), "application/octet-stream"), str(syntax), data
-        array = pixel_array(inst.path, index=number - 1, raw=True)
+        reason = undecodable_reason(ds, syntax)
+        if reason is not None:
+            raise NotAcceptable(f"{reason} Ask for transfer-syntax=* to get the frame as stored.")
+        try:
+            array = pixel_array(inst.path, index=number - 1, raw=True)
+        except Exception as exc:  # corrupt or unsupported compressed data from a peer
+            raise NotAcceptable(
+                f"The frame cannot be decoded ({type(exc).__name__}); ask for transfer-syntax=* to get it as stored."
+            ) from exc
         return "application/octet-stream", str(ExplicitVRLittleEndian), np.ascontiguousarray(array).tobytes()
     if syntax == ExplicitVRBigEndian and int(ds.BitsAllocated) > 8:  # served little endian
         array = pixel_array(inst.path, index=number - 1, raw=True)

@@ -39,7 +39,7 @@ from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dicom_node.attributes import identifiers, searchable_attributes
+from dicom_node.attributes import check_uid, identifiers, searchable_attributes
 from dicom_node.config import ScpSection
 from dicom_node.errors import (
     InvalidInstance,
@@ -133,6 +133,9 @@ def handle_store(
         "transfer_syntax": context.transfer_syntax,
     }
     try:
+        # pynetdicom writes these into the File Meta group and refuses to encode invalid ones.
+        check_uid(str(event.request.AffectedSOPClassUID or ""), "Affected SOP Class UID")
+        check_uid(str(event.request.AffectedSOPInstanceUID or ""), "Affected SOP Instance UID")
         staged = _staged(event, spool)
         ds, values = _header(event, staged)
         attributes = searchable_attributes(ds)

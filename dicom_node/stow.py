@@ -331,6 +331,9 @@ async def receive(
             raise StowRequestError(400, "The request holds no DICOM part.")
     except StowRequestError as exc:
         receiver.discard_open_part()
+        # Parts that were complete when the error came (e.g. a malformed header in the same chunk)
+        # are stored and listed, as when the error comes in a later chunk; never left in staging.
+        await anyio.to_thread.run_sync(receiver.commit_finished)
         outcome = receiver.outcome
         logger.warning(
             "STOW-RS request refused",

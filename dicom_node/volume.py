@@ -8,6 +8,7 @@ MONOCHROME1 is inverted so that brighter always means denser.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,11 +18,13 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
+from dicom_node._pixels import undecodable_reason
 from dicom_node.errors import VolumeError, VolumeTooLarge
 
 PROJECTION_MODALITIES = frozenset({"CR", "DX", "MG", "XA", "RF", "IO", "PX"})
 SPACING_TOLERANCE = 0.05  # relative deviation allowed between slice gaps
 FLOAT32 = np.dtype(np.float32)
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 DEFER_BYTES = 16 * 1024  # values larger than this (pixel data) are read when first used
 DEFAULT_ORIENTATION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 
@@ -43,9 +46,45 @@ class SeriesVolume:
 
 
 def _float_tuple(value: Sequence[object] | None, n: int) -> tuple[float, ...] | None:
-    if value is None or len(value) != n:
+    """``n`` finite numbers from a multi-valued DS, else None (absent, wrong count, NaN, text):
+    a NaN position passes every spacing comparison and would give a volume with NaN geometry."""
+    if value is None:
         return None
-    return tuple(float(v) for v in value)  # type: ignore[arg-type]
+    try:
+        if len(value) != n:
+            return None
+        numbers = tuple(float(v) for v in value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return numbers if all(math.isfinite(v) for v in numbers) else None
+
+
+def _number(ds: Dataset, keyword: str, default: float | None = None) -> float | None:
+    """A numeric attribute (the first value if several) as a finite float, ``default`` if absent.
+
+    Raises VolumeError naming the attribute when it is present but not a finite number: a peer's
+    "abc" or NaN must fail the series with its reason, not the worker with a ValueError.
+    """
+    value = ds.get(keyword)
+    if isinstance(value, pydicom.multival.MultiValue):
+        value = value[0] if len(value) else None
+    if value is None or value == "":
+        return default
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise VolumeError(f"{keyword} is not a number.") from None
+    if not math.isfinite(number):
+        raise VolumeError(f"{keyword} is not a finite number.")
+    return number
+
+
+def _optional_number(ds: Dataset, keyword: str) -> float | None:
+    """An informative attribute (window, slice thickness): a malformed value counts as absent."""
+    try:
+        return _number(ds, keyword)
+    except VolumeError:
+        return None
 
 
 def _stack_key(ds: Dataset) -> tuple[object, ...]:
@@ -58,11 +97,10 @@ def _is_localizer(ds: Dataset) -> bool:
 
 
 def _window(ds: Dataset) -> tuple[float, float] | None:
-    c, w = ds.get("WindowCenter"), ds.get("WindowWidth")
+    c, w = _optional_number(ds, "WindowCenter"), _optional_number(ds, "WindowWidth")
     if c is None or w is None:
         return None
-    first = lambda v: float(v[0]) if isinstance(v, pydicom.multival.MultiValue) else float(v)  # noqa: E731
-    return first(c), first(w)
+    return c, w
 
 
 def _pixel_spacing(ds: Dataset) -> tuple[float, float]:
@@ -83,7 +121,8 @@ def _volume_dtype(stack: Sequence[Dataset]) -> np.dtype:
     for ds in stack:
         if ds.get("PhotometricInterpretation") == "MONOCHROME1" or int(ds.get("SamplesPerPixel", 1)) != 1:
             return np.dtype(np.float32)
-        slope, intercept = (float(ds.get(k) or d) for k, d in (("RescaleSlope", 1), ("RescaleIntercept", 0)))
+        slope, intercept = _number(ds, "RescaleSlope", 1.0), _number(ds, "RescaleIntercept", 0.0)
+        assert slope is not None and intercept is not None
         bits = int(ds.get("BitsStored") or ds.get("BitsAllocated") or 16)
         signed = int(ds.get("PixelRepresentation") or 0) == 1
         lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
@@ -95,20 +134,27 @@ def _volume_dtype(stack: Sequence[Dataset]) -> np.dtype:
 
 def _modality_values(ds: Dataset, dtype: np.dtype = FLOAT32) -> tuple[np.ndarray, bool]:
     """Decoded pixels in modality units (rescaled) or raw, in ``dtype``; and whether rescaled."""
+    ts = ds.file_meta.get("TransferSyntaxUID", "unknown") if hasattr(ds, "file_meta") else "unknown"
+    reason = undecodable_reason(ds, ts)
+    if reason is not None:
+        raise VolumeError(reason)
     try:
         arr = ds.pixel_array
     except Exception as exc:  # unsupported or corrupt compression
-        ts = ds.file_meta.get("TransferSyntaxUID", "unknown") if hasattr(ds, "file_meta") else "unknown"
         raise VolumeError(f"Pixel data cannot be decoded (transfer syntax {ts}): {exc}") from exc
     if int(ds.get("SamplesPerPixel", 1)) != 1:
         raise VolumeError("Only single-sample (grey) images are supported for volumes.")
-    slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+    if arr.shape != (int(ds.Rows), int(ds.Columns)):  # e.g. frames inferred from the data's length
+        raise VolumeError(f"Decoded pixel data has shape {arr.shape}, not Rows x Columns of one image.")
+    slope, intercept = _number(ds, "RescaleSlope"), _number(ds, "RescaleIntercept")
     if slope is not None and intercept is not None:
+        if abs(slope) * 2.0 ** (8 * arr.dtype.itemsize) + abs(intercept) > FLOAT32_MAX:
+            raise VolumeError("RescaleSlope and RescaleIntercept map pixels beyond float32's range.")
         if dtype.kind == "i":  # integral slope and intercept (see _volume_dtype): exact in int32
-            return (arr.astype(np.int32) * int(float(slope)) + int(float(intercept))).astype(dtype), True
-        return (arr.astype(np.float32) * float(slope) + float(intercept)).astype(dtype), True
+            return (arr.astype(np.int32) * int(slope) + int(intercept)).astype(dtype), True
+        return (arr.astype(np.float32) * slope + intercept).astype(dtype), True
     if ds.get("PhotometricInterpretation") == "MONOCHROME1":
-        top = float(2 ** int(ds.BitsStored) - 1)
+        top = float(2 ** int(ds.get("BitsStored") or ds.get("BitsAllocated") or 16) - 1)
         return (top - arr.astype(np.float32)).astype(dtype), False
     return arr.astype(dtype), False
 
@@ -134,8 +180,15 @@ def read_series(paths: Sequence[Path], max_voxel_bytes: int = 0) -> SeriesVolume
         datasets.append(ds)
     if not datasets:
         raise VolumeError("No instance of the series has pixel data.")
-    if any(int(ds.get("NumberOfFrames", 1) or 1) > 1 for ds in datasets):
-        raise VolumeError("Multi-frame instances are not supported yet.")
+    frames = [_number(ds, "NumberOfFrames", 1.0) for ds in datasets]
+    if any(f != 1 for f in frames):
+        raise VolumeError(
+            "Multi-frame instances are not supported yet."
+            if all(f is not None and f >= 1 and f == int(f) for f in frames)
+            else "NumberOfFrames is not a positive integer."
+        )
+    if not all(int(ds.get("Rows") or 0) > 0 and int(ds.get("Columns") or 0) > 0 for ds in datasets):
+        raise VolumeError("An instance has no Rows or Columns (or zero): its pixels have no shape.")
     modality = str(datasets[0].get("Modality", ""))
     if not modality:
         raise VolumeError("The series has no Modality.")
@@ -151,7 +204,7 @@ def _single_image(datasets: list[Dataset], modality: str) -> SeriesVolume:
         values = values.max() + values.min() - values
     iop = _float_tuple(ds.get("ImageOrientationPatient"), 6) or DEFAULT_ORIENTATION
     ipp = _float_tuple(ds.get("ImagePositionPatient"), 3) or (0.0, 0.0, 0.0)
-    thickness = float(ds.get("SliceThickness") or 0.0)
+    thickness = abs(_optional_number(ds, "SliceThickness") or 0.0)
     del ds.PixelData
     return SeriesVolume(
         voxels=values[None].astype(np.float32),
@@ -174,14 +227,14 @@ def _stack(datasets: list[Dataset], modality: str, max_voxel_bytes: int = 0) -> 
         stacks[_stack_key(ds)].append(ds)
     key, stack = max(stacks.items(), key=lambda kv: len(kv[1])) if stacks else (None, [])
     if key is None or key[0] is None:
-        raise VolumeError("The instances have no Image Orientation (Patient); cannot order slices.")
+        raise VolumeError("The instances have no valid Image Orientation (Patient); cannot order slices.")
     iop = np.array(_float_tuple(stack[0].ImageOrientationPatient, 6))
     normal = np.cross(iop[:3], iop[3:])
     positions = []
     for ds in stack:
         ipp = _float_tuple(ds.get("ImagePositionPatient"), 3)
         if ipp is None:
-            raise VolumeError("An instance has no Image Position (Patient); cannot order slices.")
+            raise VolumeError("An instance has no valid Image Position (Patient); cannot order slices.")
         positions.append(float(np.dot(normal, ipp)))
     order = np.argsort(positions, kind="stable")
     stack = [stack[i] for i in order]
@@ -194,7 +247,7 @@ def _stack(datasets: list[Dataset], modality: str, max_voxel_bytes: int = 0) -> 
         if np.any(np.abs(gaps - mean_gap) > SPACING_TOLERANCE * abs(mean_gap)):
             raise VolumeError(f"Slice spacing is not uniform (gaps {gaps.min():.2f}..{gaps.max():.2f} mm).")
     else:
-        mean_gap = float(stack[0].get("SliceThickness") or 0.0)
+        mean_gap = _optional_number(stack[0], "SliceThickness") or 0.0
     rescaled_all = {_has_rescale(ds) for ds in stack}
     if len(rescaled_all) != 1:
         raise VolumeError("Some instances have a rescale and others do not.")

@@ -39,8 +39,12 @@ def read_layers(path: str | Path | None, environ: Mapping[str, str] | None = Non
             data = tomllib.loads(p.read_text(encoding="utf-8"))
         except FileNotFoundError as exc:
             raise ConfigError(f"Config file {p} does not exist.") from exc
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"Config file {p} is not valid TOML: {exc}") from exc
+        except OSError as exc:  # a directory, no permission
+            raise ConfigError(f"Config file {p} cannot be read: {exc.strerror}.") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"Config file {p} is not valid TOML: not UTF-8 text ({exc.reason}).") from exc
+        except (tomllib.TOMLDecodeError, RecursionError) as exc:  # RecursionError: arrays nested too deep
+            raise ConfigError(f"Config file {p} is not valid TOML: {str(exc) or 'nested too deep'}") from exc
     for key, value in environ.items():
         if not key.startswith(ENV_PREFIX) or "__" not in key:
             continue  # every config key is <SECTION>__<KEY>: the rest are other switches or secrets
@@ -52,6 +56,14 @@ def read_layers(path: str | Path | None, environ: Mapping[str, str] | None = Non
                 raise ConfigError(f"Environment variable {key} addresses a non-table key.")
         node[parts[-1]] = value  # a string; build() converts it to the field's type
     return data
+
+
+def _json(value: str, where: str) -> Any:
+    """A list or table given as JSON in an environment variable."""
+    try:
+        return json.loads(value)
+    except (ValueError, RecursionError) as exc:
+        raise ConfigError(f"Config '{where}' has value {value[:40]!r}. Not valid JSON.") from exc
 
 
 def _convert(value: Any, tp: Any, where: str) -> Any:
@@ -68,7 +80,7 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     if origin in (list, tuple):
         (inner, *_) = typing.get_args(tp) or (Any,)
         if isinstance(value, str):
-            value = json.loads(value) if value.startswith("[") else [v for v in value.split(",") if v]
+            value = _json(value, where) if value.startswith("[") else [v for v in value.split(",") if v]
         if not isinstance(value, list):
             raise ConfigError(f"Config '{where}' must be a list.")
         items = [_convert(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
@@ -76,7 +88,7 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     if origin is dict:
         _, inner = typing.get_args(tp) or (str, Any)
         if isinstance(value, str):
-            value = json.loads(value)
+            value = _json(value, where)
         if not isinstance(value, dict):
             raise ConfigError(f"Config '{where}' must be a table.")
         return {k: _convert(v, inner, f"{where}.{k}") for k, v in value.items()}
@@ -93,9 +105,11 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             if isinstance(value, bool):
                 raise ValueError
             return tp(value)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, OverflowError) as exc:  # OverflowError: int(inf), float(10**400)
             raise ConfigError(f"Config '{where}' has value {value!r}. Not a valid {tp.__name__}.") from exc
     if tp is Path:
+        if not isinstance(value, str):
+            raise ConfigError(f"Config '{where}' must be a path (a string).")
         return Path(value)
     if tp is str:
         if not isinstance(value, str | int | float):

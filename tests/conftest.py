@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -12,6 +13,13 @@ from typing import Any
 # fail with "AST constructor recursion depth mismatch" (CPython gh-106905). Import it up front.
 import hypothesis  # noqa: F401
 import pytest
+
+# Import hypothesis now, while pytest starts: its plugin otherwise imports it (assertion-rewritten)
+# in pytest_terminal_summary, and on CPython 3.11.7 ast.parse there fails with "SystemError: AST
+# constructor recursion depth mismatch" once any test has hit a RecursionError (torch, transformers),
+# turning a green session into an INTERNALERROR.
+with contextlib.suppress(ImportError):
+    import hypothesis  # noqa: F401
 
 from dicom_node.config import ScpSection
 from dicom_node.index import Index
