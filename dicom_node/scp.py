@@ -39,6 +39,7 @@ from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
+from dicom_node import reactor
 from dicom_node.attributes import check_uid, identifiers, searchable_attributes
 from dicom_node.config import ScpSection
 from dicom_node.errors import (
@@ -51,6 +52,7 @@ from dicom_node.errors import (
 from dicom_node.group_commit import GroupCommitter
 from dicom_node.index import Index, ReceivedInstance
 from dicom_node.metrics import BYTES_RECEIVED, INSTANCES_RECEIVED, INSTANCES_REFUSED
+from dicom_node.part10 import file_preamble
 from dicom_node.spool import TMP_SUFFIX, Spool, open_private, uid_key
 from radbridge_common.tls import server_context
 
@@ -79,7 +81,7 @@ def _staged_file(*args: Any, **kwargs: Any) -> Any:
 
 def configure_pynetdicom(staging_dir: Path | None = None) -> None:
     """Process-wide pynetdicom switches: no identifiers in logs, accept unknown storage classes,
-    and stream each received C-STORE data set to a file in ``staging_dir`` as its PDUs arrive
+    event-driven association loops (dicom_node.reactor), and stream each received C-STORE data set to a file in ``staging_dir`` as its PDUs arrive
     (no copy of the instance in memory; the handler reads only the header)."""
     global _staging_dir
     _config.LOG_REQUEST_IDENTIFIERS = False
@@ -90,6 +92,7 @@ def configure_pynetdicom(staging_dir: Path | None = None) -> None:
         dimse_messages.NamedTemporaryFile = _staged_file  # type: ignore[attr-defined]
     _config.STORE_RECV_CHUNKED_DATASET = staging_dir is not None
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    reactor.install()
 
 
 def _staged(event: evt.Event, spool: Spool) -> Path:
@@ -97,9 +100,17 @@ def _staged(event: evt.Event, spool: Spool) -> Path:
     if _config.STORE_RECV_CHUNKED_DATASET:
         return Path(event.dataset_path)
     staged = spool.staging_path()  # not streamed (the switch was turned off): write it out
+    request = event.request
     try:
         with open_private(staged) as fh:
-            fh.write(event.encoded_dataset(include_meta=True))
+            fh.write(
+                file_preamble(
+                    str(request.AffectedSOPClassUID),
+                    str(request.AffectedSOPInstanceUID),
+                    str(event.context.transfer_syntax),
+                )
+            )
+            fh.write(request.DataSet.getbuffer())  # as sent, no copy
     except OSError as exc:
         staged.unlink(missing_ok=True)
         raise StorageError(f"Out of resources: cannot write spool ({exc.strerror})") from exc

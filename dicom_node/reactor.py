@@ -1,0 +1,183 @@
+"""Event-driven wake-ups for pynetdicom's two polling loops (acceptor and requestor alike).
+
+Profiling the SCP (bench/bench_ingest.py, a handler that does nothing) showed about a third of
+each C-STORE spent asleep: pynetdicom's association reactor sleeps 1 ms between looks at its
+message queue, and its DUL thread sleeps 1 ms whenever a pass found nothing to do, so a request
+waits for the first, its response for the second and the next request for the second again.
+Here the loops keep their code and their order; only *how they wait* changes:
+
+- the DUL thread waits in ``select`` on its socket and on a wake-up pipe that every put on its
+  queues writes to (a primitive to send, an event), at most ``MAX_WAIT_S`` (ARTIM, kill);
+- the association thread waits on an Event set by every put on its DIMSE message queue and on
+  its DUL's to-user queue (a message, a release, an abort), also at most ``MAX_WAIT_S``.
+
+The hook points are names pynetdicom's association module looks up when it builds an
+Association (its DUL and DIMSE provider classes, its ``time``), so nothing of pynetdicom's is
+copied (the socket wrapper, too, is swapped by name: it reads a PDU in 256 KiB pieces);
+``install`` checks that the loops it relies on are the ones it knows (pynetdicom 3.0).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import select
+import ssl
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import pynetdicom
+from pynetdicom import ae, association, transport
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.transport import AssociationSocket
+
+#: Longest wait without a wake-up: how late a kill, ARTIM or idle timeout is noticed.
+MAX_WAIT_S = 0.01
+#: The association reactor's per-pass sleep (pynetdicom 3.0 association._run_reactor).
+_REACTOR_SLEEP_S = 0.001
+_WAKE_ATTR = "_radbridge_wake"
+#: Bytes asked of the socket per recv while a PDU is read (pynetdicom: 4096, ~128 calls per CT slice).
+RECV_CHUNK = 256 * 1024
+
+
+class _WakingQueue(queue.Queue):  # type: ignore[type-arg]
+    """A queue that calls ``wake`` after every put (an Event's set or a pipe write)."""
+
+    def __init__(self, wake: Callable[[], None]) -> None:
+        super().__init__()
+        self._wake = wake
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        self._wake()
+
+
+class _Pipe:
+    """A self-pipe: other threads write a byte so that the DUL's ``select`` returns."""
+
+    def __init__(self) -> None:
+        self.read_fd, self.write_fd = os.pipe()
+        os.set_blocking(self.read_fd, False)
+        os.set_blocking(self.write_fd, False)
+
+    def wake(self) -> None:
+        with contextlib.suppress(OSError):  # full (a wake-up is pending anyway) or closed
+            os.write(self.write_fd, b"\0")
+
+    def drain(self) -> None:
+        try:
+            while os.read(self.read_fd, 4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    @staticmethod
+    def close(read_fd: int, write_fd: int) -> None:
+        for fd in (read_fd, write_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def _association_wake(assoc: Any) -> threading.Event:
+    wake = getattr(assoc, _WAKE_ATTR, None)
+    if wake is None:
+        wake = threading.Event()
+        setattr(assoc, _WAKE_ATTR, wake)
+    return wake
+
+
+class EventDrivenDUL(DULServiceProvider):
+    """pynetdicom's DUL whose idle passes block in ``select`` instead of sleeping 1 ms."""
+
+    def __init__(self, assoc: Any) -> None:
+        super().__init__(assoc)
+        self._pipe = _Pipe()
+        weakref.finalize(self, _Pipe.close, self._pipe.read_fd, self._pipe.write_fd)
+        self._run_loop_delay = 0  # its loop's sleep(0) only yields; the wait is in _idle_wait
+        self.to_provider_queue = _WakingQueue(self._pipe.wake)
+        self.event_queue = _WakingQueue(self._pipe.wake)
+        self.to_user_queue = _WakingQueue(_association_wake(assoc).set)
+
+    def _is_transport_event(self) -> bool:
+        # Called only on a pass that sent nothing: wait here until there is something to do.
+        if self.to_provider_queue.empty() and self.event_queue.empty() and not self._kill_thread:
+            self._idle_wait()
+        return super()._is_transport_event()
+
+    def _idle_wait(self) -> None:
+        fds: list[Any] = [self._pipe.read_fd]
+        sock = getattr(self.socket, "socket", None)
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return  # decrypted bytes already buffered: select would not see them
+        if sock is not None and sock.fileno() >= 0:
+            fds.append(sock)
+        try:
+            select.select(fds, [], [], MAX_WAIT_S)
+        except (OSError, ValueError):  # socket closed under us: the base class reports it
+            return
+        self._pipe.drain()
+
+    def stop_dul(self) -> bool:
+        if self.state_machine.current_state != "Sta1":
+            return False
+        self._kill_thread = True
+        self._pipe.wake()
+        if threading.current_thread() is not self:
+            self.join()
+        return True
+
+
+class EventDrivenDIMSE(DIMSEServiceProvider):
+    """pynetdicom's DIMSE provider whose completed messages wake the association reactor."""
+
+    def __init__(self, assoc: Any) -> None:
+        super().__init__(assoc)
+        self.msg_queue = _WakingQueue(_association_wake(assoc).set)
+
+
+class _ReactorClock:
+    """pynetdicom.association's ``time``: the reactor's 1 ms sleep becomes a wait for work."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+    def sleep(self, seconds: float) -> None:
+        thread = threading.current_thread()
+        wake = getattr(thread, _WAKE_ATTR, None)
+        if wake is None or seconds != _REACTOR_SLEEP_S:
+            time.sleep(seconds)  # any other sleep, or an Association built before install
+            return
+        wake.clear()  # then look: a put after this sets it again, so nothing is missed
+        if thread.dimse.msg_queue.empty() and thread.dul.to_user_queue.empty() and not thread._kill:
+            wake.wait(MAX_WAIT_S)
+
+
+class BulkRecvSocket(AssociationSocket):
+    """pynetdicom's socket wrapper reading a PDU in large pieces rather than 4 KiB ones."""
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        sock = self.socket
+        assert sock is not None  # pynetdicom reads only from a connected socket
+        data = bytearray()
+        while len(data) < nr_bytes:
+            piece = sock.recv(min(nr_bytes - len(data), RECV_CHUNK))
+            if not piece:  # connection closed: what was read, as pynetdicom does
+                break
+            data += piece
+        return data
+
+
+def install() -> None:
+    """Make every Association built from now on in this process event-driven (idempotent)."""
+    if not pynetdicom.__version__.startswith("3.0."):
+        raise RuntimeError(f"dicom_node.reactor knows pynetdicom 3.0, not {pynetdicom.__version__}")
+    association.DULServiceProvider = EventDrivenDUL  # type: ignore[misc]
+    association.DIMSEServiceProvider = EventDrivenDIMSE  # type: ignore[misc]
+    association.time = _ReactorClock()  # type: ignore[assignment]
+    ae.AssociationSocket = BulkRecvSocket  # type: ignore[misc]
+    transport.AssociationSocket = BulkRecvSocket  # type: ignore[misc]

@@ -1,0 +1,135 @@
+"""dicom_node.reactor: pynetdicom's loops wait for work instead of polling every millisecond."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pynetdicom
+import pytest
+from pynetdicom import AE, association, evt
+from pynetdicom.sop_class import Verification
+
+from dicom_node import reactor
+
+
+@pytest.fixture(autouse=True)
+def installed() -> None:
+    reactor.install()
+
+
+class _RecordingEvent(threading.Event):
+    def __init__(self) -> None:
+        super().__init__()
+        self.waits: list[float | None] = []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waits.append(timeout)
+        return super().wait(0)
+
+
+class _FakeAssociation(threading.Thread):
+    """Just what _ReactorClock looks at: the wake Event, the two queues and _kill."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wake = _RecordingEvent()
+        setattr(self, reactor._WAKE_ATTR, self.wake)
+        self.dimse = type("D", (), {"msg_queue": reactor._WakingQueue(self.wake.set)})()
+        self.dul = type("U", (), {"to_user_queue": reactor._WakingQueue(self.wake.set)})()
+        self._kill = False
+        self.results: list[int] = []
+
+    def run(self) -> None:
+        clock = reactor._ReactorClock()
+        clock.sleep(0.001)  # nothing queued: waits (bounded)
+        self.results.append(len(self.wake.waits))
+        self.dimse.msg_queue.put("message")
+        clock.sleep(0.001)  # a message is queued: returns without waiting
+        self.results.append(len(self.wake.waits))
+        self.dimse.msg_queue.get()
+        self.dul.to_user_queue.put("release")
+        clock.sleep(0.001)  # a release/abort primitive is queued: no wait either
+        self.results.append(len(self.wake.waits))
+
+
+def test_reactor_clock_waits_only_when_nothing_is_queued() -> None:
+    fake = _FakeAssociation()
+    fake.start()
+    fake.join(5)
+    assert fake.results == [1, 1, 1]
+    assert fake.wake.waits == [reactor.MAX_WAIT_S]  # bounded: a kill or timeout is still seen
+
+
+def test_other_sleeps_are_real_sleeps() -> None:
+    fake = _FakeAssociation()
+    clock = reactor._ReactorClock()
+    clock.sleep(0)  # not the reactor's 1 ms sleep, not an association thread: plain time.sleep
+    assert fake.wake.waits == []
+    assert clock.monotonic() > 0  # everything else is the time module's
+
+
+def test_waking_queue_signals_every_put() -> None:
+    calls: list[int] = []
+    q = reactor._WakingQueue(lambda: calls.append(1))
+    q.put(1)
+    q.put_nowait(2)
+    assert calls == [1, 1]
+    assert [q.get(), q.get()] == [1, 2]
+
+
+def test_new_associations_are_event_driven() -> None:
+    assoc = association.Association(AE(), "requestor")
+    assert isinstance(assoc.dul, reactor.EventDrivenDUL)
+    assert isinstance(assoc.dimse, reactor.EventDrivenDIMSE)
+    assert isinstance(assoc.dimse.msg_queue, reactor._WakingQueue)
+    assert isinstance(assoc.dul.to_user_queue, reactor._WakingQueue)
+
+
+def test_install_refuses_an_unknown_pynetdicom(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pynetdicom, "__version__", "4.0.0")
+    with pytest.raises(RuntimeError, match="pynetdicom 3.0, not 4.0.0"):
+        reactor.install()
+
+
+@pytest.fixture
+def echo_server() -> Iterator[int]:
+    ae = AE(ae_title="REACTOR")
+    ae.add_supported_context(Verification)
+    server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_ECHO, lambda e: 0)])
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+
+
+def test_many_echoes_and_a_release_over_event_driven_loops(echo_server: int) -> None:
+    ae = AE(ae_title="SCU")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", echo_server, ae_title="REACTOR")
+    assert assoc.is_established
+    statuses = [assoc.send_c_echo().Status for _ in range(50)]
+    assoc.release()
+    assert statuses == [0] * 50
+    assert assoc.is_released
+    assoc.join(5)
+    assoc.dul.join(5)
+    assert not assoc.is_alive() and not assoc.dul.is_alive()  # the loops end once released
+
+
+def test_bulk_recv_returns_what_arrived_when_the_peer_closes() -> None:
+    left, right = socket.socketpair()
+    try:
+        sock: Any = reactor.BulkRecvSocket.__new__(reactor.BulkRecvSocket)
+        sock.socket = left
+        sender = threading.Thread(target=right.sendall, args=(b"x" * 300_000,))
+        sender.start()  # more than the socket buffer holds: sent while recv reads
+        assert len(sock.recv(300_000)) == 300_000  # several pieces of RECV_CHUNK
+        sender.join(5)
+        right.sendall(b"abc")
+        right.close()
+        assert sock.recv(10) == bytearray(b"abc")
+    finally:
+        left.close()
