@@ -255,6 +255,11 @@ def _enhanced_planes(ds: Dataset, n_frames: int) -> list[_Plane]:
     """One plane per frame from the functional groups (Enhanced CT/MR/PET, Legacy Converted)."""
     shared = _item(ds, "SharedFunctionalGroupsSequence")
     per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+    if not per_frame:
+        raise VolumeError(
+            "A multi-frame instance without Per-Frame Functional Groups (e.g. NM, US or XA cine) "
+            "cannot be placed in 3D; only enhanced CT/MR/PET images are analysed as volumes."
+        )
     if len(per_frame) != n_frames:
         raise VolumeError(
             f"The multi-frame instance has {len(per_frame)} Per-Frame Functional Groups for {n_frames} frames."
