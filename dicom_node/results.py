@@ -31,8 +31,8 @@ from pydicom.uid import generate_uid
 
 from dicom_node._contours import major_components, outline
 from dicom_node.masks import PackedMask
+from dicom_node.slices import SliceRef
 from dicom_node.text import SPECIFIC_CHARACTER_SET, clean, clean_language, raw
-from dicom_node.volume import SliceRef
 from protos.radbridge.v1 import inference_pb2 as pb
 
 MANUFACTURER = "RadBridge"

@@ -36,6 +36,7 @@ from pydicom.pixels import iter_pixels
 
 from dicom_node._pixels import undecodable_reason
 from dicom_node.errors import VolumeError, VolumeTooLarge
+from dicom_node.slices import SliceRef
 
 PROJECTION_MODALITIES = frozenset({"CR", "DX", "MG", "XA", "RF", "IO", "PX"})
 SPACING_TOLERANCE = 0.05  # relative deviation allowed between slice gaps
@@ -43,19 +44,6 @@ FLOAT32 = np.dtype(np.float32)
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 DEFER_BYTES = 16 * 1024  # values larger than this (pixel data) are read when first used
 DEFAULT_ORIENTATION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
-
-
-@dataclass(frozen=True)
-class SliceRef:
-    """Where one volume slice came from: a received image (index into the sources) and its frame
-    (1-based, multi-frame images only), or neither for a position interpolated by resampling."""
-
-    source: int | None
-    frame: int | None = None
-
-    @property
-    def received(self) -> bool:
-        return self.source is not None
 
 
 @dataclass(frozen=True)
