@@ -40,6 +40,8 @@ from dicom_node.slices import SliceRef
 
 PROJECTION_MODALITIES = frozenset({"CR", "DX", "MG", "XA", "RF", "IO", "PX"})
 SPACING_TOLERANCE = 0.05  # relative deviation allowed between slice gaps
+SAME_ORIENTATION_DEG = 0.1  # planes closer than this in orientation are one stack (scanner rounding)
+NON_PARALLEL_DEG = 5.0  # stacks tilted by less than this against the analysed one: refused
 FLOAT32 = np.dtype(np.float32)
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 DEFER_BYTES = 16 * 1024  # values larger than this (pixel data) are read when first used
@@ -188,13 +190,13 @@ class _Plane:
     thickness: float | None
     slope: float | None
     intercept: float | None
-    group: tuple[object, ...]  # what besides orientation and size splits stacks (see _stack_key)
+    group: tuple[object, ...]  # what besides orientation and size splits stacks (see stack_key)
     group_label: str  # that group in words, for the note
     localizer: bool
 
     def stack_key(self) -> tuple[object, ...]:
-        iop = tuple(round(v, 3) for v in self.iop) if self.iop else None
-        return (*self.group, iop, int(self.ds.Rows), int(self.ds.Columns))
+        """What must be equal within one stack (the orientation is compared with a tolerance)."""
+        return (*self.group, int(self.ds.Rows), int(self.ds.Columns))
 
 
 def _item(seq_owner: Dataset | None, keyword: str) -> Dataset | None:
@@ -474,35 +476,67 @@ def _normal(iop: Sequence[float]) -> np.ndarray:
     return n / norm
 
 
+def _orientation_angle(a: Sequence[float], b: Sequence[float]) -> float:
+    """The larger angle (degrees) between the row directions and between the column directions."""
+    va, vb = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    angles = []
+    for x, y in ((va[:3], vb[:3]), (va[3:], vb[3:])):
+        cos = float(np.dot(x, y) / max(np.linalg.norm(x) * np.linalg.norm(y), 1e-12))
+        angles.append(math.degrees(math.acos(max(-1.0, min(1.0, cos)))))
+    return max(angles)
+
+
+def _normal_angle(a: Sequence[float], b: Sequence[float]) -> float:
+    """Degrees between two slice planes (0 = parallel, whichever way the normals point)."""
+    return math.degrees(math.acos(min(1.0, abs(float(np.dot(_normal(a), _normal(b)))))))
+
+
 def _choose_stack(planes: list[_Plane]) -> tuple[list[_Plane], str, int]:
     """The largest stack (ties: the first met), a note naming it when there were others, and
-    how many stacks there were. Refuses stacks that mix orientations and near-parallel ones."""
-    stacks: dict[tuple[object, ...], list[_Plane]] = defaultdict(list)
+    how many stacks there were. Planes whose orientations agree within SAME_ORIENTATION_DEG (scanner
+    rounding) share a stack. Refused: an enhanced image's Stack ID holding several orientations or
+    sizes, and stacks tilted against each other by less than NON_PARALLEL_DEG (not one stack, and
+    not a reformat in another plane either)."""
+    stacks: list[tuple[tuple[object, ...], tuple[float, ...] | None, list[_Plane]]] = []
     for p in planes:
-        if not p.localizer:
-            stacks[p.stack_key()].append(p)
+        if p.localizer:
+            continue
+        key = p.stack_key()
+        for k, ref, members in stacks:
+            if k == key and (
+                (ref is None and p.iop is None)
+                or (
+                    ref is not None
+                    and p.iop is not None
+                    and _orientation_angle(ref, p.iop) < SAME_ORIENTATION_DEG
+                )
+            ):
+                members.append(p)
+                break
+        else:
+            stacks.append((key, p.iop, [p]))
     if not stacks:
         raise VolumeError("Every image of the series is a localizer; there is no stack to analyse.")
-    key, stack = max(stacks.items(), key=lambda kv: len(kv[1]))
-    if key[-3] is None:
+    chosen = max(range(len(stacks)), key=lambda i: len(stacks[i][2]))
+    _, iop, stack = stacks[chosen]
+    if iop is None:
         raise VolumeError("The instances have no valid Image Orientation (Patient); cannot order slices.")
     first = stack[0]
-    normal = _normal(first.iop)  # type: ignore[arg-type]
-    for other_key, other in stacks.items():
-        if other_key == key or other[0].iop is None:
+    for i, (_, other_iop, other) in enumerate(stacks):
+        if i == chosen or other_iop is None:
             continue
         same_group = other[0].group == first.group
         if same_group and first.frame is not None and first.group[1]:
             raise VolumeError(
                 f"Stack {first.group[1]!r} of the multi-frame image mixes orientations or matrix sizes."
             )
-        angle = math.degrees(math.acos(min(1.0, abs(float(np.dot(normal, _normal(other[0].iop)))))))
-        if same_group and 0.0 < angle < 5.0 and len(other) > 1:
+        angle = _normal_angle(iop, other_iop)
+        if same_group and angle < NON_PARALLEL_DEG and len(other) > 1:
             raise VolumeError(f"The slices are not parallel (orientations differ by {angle:.1f} degrees).")
     note = ""
     if len(stacks) > 1:
         unit = "frames" if first.frame is not None else "images"
-        left = sum(len(v) for k, v in stacks.items() if k != key)
+        left = sum(len(members) for i, (_, _, members) in enumerate(stacks) if i != chosen)
         what = f" ({first.group_label})" if first.group_label else ""
         note = (
             f"the series holds {len(stacks)} stacks; analysed the largest{what}, {len(stack)} {unit}; "

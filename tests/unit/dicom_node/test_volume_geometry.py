@@ -202,3 +202,25 @@ def test_classic_regular_series_is_unchanged(small_ct_files: list[Path]) -> None
     vol = read_series(small_ct_files)
     assert vol.slices == () and vol.note == ""
     assert vol.slice_refs == tuple(SliceRef(i) for i in range(24))
+
+
+def test_orientation_rounding_noise_keeps_one_stack(tmp_path: Path) -> None:
+    """Scanners write IOP with noise in the last digits: still one stack, nothing left out."""
+    datasets = ct_series(n_slices=6)
+    for k, ds in enumerate(datasets):
+        e = 4e-4 if k % 2 else -4e-4  # across a 3-decimal rounding boundary, about 0.02 degrees
+        ds.ImageOrientationPatient = [1, e, 0, -e, 1, 0.0005 + e]
+    vol = read_series(write_series(datasets, tmp_path / "ct"))
+    assert vol.voxels.shape[0] == 6 and vol.skipped == 0 and vol.note == ""
+
+
+def test_a_reformat_in_the_series_is_left_out_and_named(tmp_path: Path) -> None:
+    datasets = ct_series(n_slices=8)
+    for ds in datasets[6:]:  # two coronal images in the axial series
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
+    vol = read_series(write_series(datasets, tmp_path / "ct"))
+    assert vol.voxels.shape[0] == 6 and vol.skipped == 2
+    assert (
+        vol.note
+        == "the series holds 2 stacks; analysed the largest, 6 images; 2 images of the other stacks not analysed"
+    )
