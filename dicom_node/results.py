@@ -290,7 +290,7 @@ class ResultWriter:
         pixels = _segment_pixels([self.masks[m.segment_number] for m in infos])
         if pixels.shape[0] != len(self.slices):
             raise ValueError(f"Masks have {pixels.shape[0]} slices for {len(self.slices)} source images.")
-        pixels, seg_sources = self._on_received(pixels)
+        pixels, seg_sources, frame_numbers = self._on_received(pixels)
         seg = hd.seg.Segmentation(
             source_images=seg_sources,
             pixel_array=pixels,
@@ -310,28 +310,58 @@ class ResultWriter:
         )
         if self.modality in PROJECTION and "PatientOrientation" in self.sources[0]:
             seg.PatientOrientation = self.sources[0].PatientOrientation
+        if frame_numbers:
+            self._restore_frame_numbers(seg, frame_numbers)
         _drop_unknown_pixel_spacing(seg)
         self._derive_dimension_organization(seg)
         return seg
 
-    def _on_received(self, pixels: np.ndarray) -> tuple[np.ndarray, list[Dataset]]:
-        """The SEG's frames on the received images only: one mask per received single-frame image
-        (interpolated slices dropped), or, for a multi-frame source, one per source frame in frame
-        order (frames outside the analysed stack left empty, so highdicom omits them and every SEG
-        frame's Derivation Image names its Referenced Frame Number)."""
+    def _on_received(self, pixels: np.ndarray) -> tuple[np.ndarray, list[Dataset], list[int]]:
+        """The SEG's input on the received images only, and for a multi-frame source the source
+        frame number of each mask slice given to highdicom (empty otherwise).
+
+        Single-frame sources: one mask per received image (interpolated slices dropped). A
+        multi-frame source: highdicom is given a header copy holding only the analysed frames, in
+        slice order, because it refuses a source whose frames repeat a position (other temporal
+        positions, echoes, stacks); ``_restore_frame_numbers`` then puts the source's own frame
+        numbers back into every SEG frame's Source Image reference."""
         if not self.multiframe:
             if len(self.received) == len(self.slices) and all(
                 r.source == k for k, r in enumerate(self.slices)
             ):
-                return pixels, self.sources
-            return pixels[self.received], [self.sources[self.slices[k].source] for k in self.received]  # type: ignore[index]
+                return pixels, self.sources, []
+            sources = [self.sources[self.slices[k].source] for k in self.received]  # type: ignore[index]
+            return pixels[self.received], sources, []
         if len(self.sources) != 1:
             raise ValueError("A multi-frame source must be the only source image of the volume.")
         source = self.sources[0]
-        frames = np.zeros((int(source.NumberOfFrames), *pixels.shape[1:]), dtype=pixels.dtype)
-        for k in self.received:
-            frames[self.slices[k].frame - 1] = pixels[k]  # type: ignore[operator]
-        return frames, [source]
+        numbers = [int(self.slices[k].frame) for k in self.received]  # type: ignore[arg-type]
+        view = Dataset()
+        view.file_meta = getattr(source, "file_meta", Dataset())
+        for element in source:
+            if element.keyword not in ("PerFrameFunctionalGroupsSequence", "PixelData", "NumberOfFrames"):
+                view.add(element)
+        view.NumberOfFrames = len(numbers)
+        view.PerFrameFunctionalGroupsSequence = [
+            source.PerFrameFunctionalGroupsSequence[n - 1] for n in numbers
+        ]
+        return pixels[self.received], [view], numbers
+
+    @staticmethod
+    def _restore_frame_numbers(seg: Dataset, numbers: Sequence[int]) -> None:
+        """Frame i of the header copy given to highdicom is source frame ``numbers[i - 1]``.
+
+        highdicom shares one reference item between the SEG frames (segments) of a source frame:
+        each item is renumbered once."""
+        refs = {
+            id(ref): ref
+            for frame in seg.PerFrameFunctionalGroupsSequence
+            for derivation in frame.get("DerivationImageSequence", [])
+            for ref in derivation.get("SourceImageSequence", [])
+            if "ReferencedFrameNumber" in ref
+        }
+        for ref in refs.values():
+            ref.ReferencedFrameNumber = numbers[int(ref.ReferencedFrameNumber) - 1]
 
     def _derive_dimension_organization(self, seg: Dataset) -> None:
         """highdicom draws a random Dimension Organization UID; derive it, so a re-run (or the
