@@ -352,11 +352,12 @@ def read_series(paths: Sequence[Path], max_voxel_bytes: int = 0) -> SeriesVolume
     modality = str(datasets[0].get("Modality", ""))
     if not modality:
         raise VolumeError("The series has no Modality.")
-    multi = [
-        ds
-        for ds, f in zip(datasets, frames, strict=True)
-        if f != 1 or "PerFrameFunctionalGroupsSequence" in ds
-    ]
+
+    def enhanced(ds: Dataset, f: float | None) -> bool:
+        """Several frames, or one frame placed by functional groups (a 1-frame enhanced CT/MR)."""
+        return f != 1 or ("PerFrameFunctionalGroupsSequence" in ds and modality not in PROJECTION_MODALITIES)
+
+    multi = [ds for ds, f in zip(datasets, frames, strict=True) if enhanced(ds, f)]
     if not multi and (modality in PROJECTION_MODALITIES or len(datasets) == 1):
         return _single_image(datasets, modality)
     if multi and modality in PROJECTION_MODALITIES:
@@ -365,7 +366,7 @@ def read_series(paths: Sequence[Path], max_voxel_bytes: int = 0) -> SeriesVolume
         )
     planes: list[_Plane] = []
     for ds, f in zip(datasets, frames, strict=True):
-        if f != 1 or "PerFrameFunctionalGroupsSequence" in ds:
+        if enhanced(ds, f):
             planes.extend(_enhanced_planes(ds, int(f or 1)))
         else:
             planes.extend(_classic_planes(ds))

@@ -49,7 +49,9 @@ class AnalysisClient(Protocol):
 
     address: str
 
-    def analyze_upload(self, upload: Upload, on_progress: ProgressHandler | None = None) -> AnalysisOutcome: ...
+    def analyze_upload(
+        self, upload: Upload, on_progress: ProgressHandler | None = None
+    ) -> AnalysisOutcome: ...
 
     def close(self) -> None: ...
 
@@ -127,7 +129,10 @@ def run_analyze(job: Job, ctx: StepContext) -> None:
     budget = ctx.settings.worker.analysis_budget_bytes()
     volume = read_series(paths, max_voxel_bytes=budget // ANALYSIS_MEMORY_FACTOR if budget else 0)
     sources, slices, geometry_note = volume.sources, volume.slices, volume.note
-    if geometry_note:  # the operator sees what was analysed, beside the SR's reader
+    if geometry_note and not any(  # the operator sees what was analysed (once, not per retry)
+        e["event"] == "geometry" and e["detail"] == geometry_note
+        for e in ctx.index.events(job.study_instance_uid)
+    ):
         ctx.index.add_event(job.study_instance_uid, "geometry", geometry_note)
     spec = make_spec(
         tasks,
