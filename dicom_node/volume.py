@@ -14,8 +14,8 @@ as 3D Slicer's acquisition-geometry regularization does when hardened: the grid 
 smallest gap, received slices keep their own pixels, grid positions between them are linearly
 interpolated. ``SeriesVolume.slices`` says which received image and frame each volume slice is,
 so results are written back on the received images only. Refused, with the reason: mixed
-orientations within one stack of an enhanced image, images at one position with different
-pixels, gaps too irregular to grid.
+orientations within one stack of an enhanced image, stacks tilted against each other by less
+than NON_PARALLEL_DEG, images at one position with different pixels, gaps too irregular to grid.
 
 highdicom's ``Image.get_volume`` was not used: it takes one regular stack and cannot say how
 an irregular one was regularized nor keep the frame of each slice for the SEG's references.
@@ -621,6 +621,8 @@ def _stack(planes: list[_Plane], modality: str, max_voxel_bytes: int = 0) -> Ser
     voxels = np.empty(shape, dtype=dtype)
     slot_of = {id(s[0]): k for k, s in enumerate(slots)}
     duplicates = {id(p): k for k, s in enumerate(slots) for p in s[1:]}
+    # Each slot's first plane is decoded before its duplicates: slots are in order, and within a
+    # multi-frame instance (decoded in frame order) the stable sort kept the lower frame first.
     wanted = [p for s in slots for p in s]
     skipped_dups = 0
     for p, values in _decode_planes(wanted, dtype):
@@ -640,13 +642,9 @@ def _stack(planes: list[_Plane], modality: str, max_voxel_bytes: int = 0) -> Ser
         _interpolate_irregular(voxels, received, np.asarray(unique), grid)  # type: ignore[arg-type]
     elif grid is not None and grid.size > len(unique):
         _interpolate_missing(voxels, grid.index)
-    for s in slots:
-        for p in s:
-            if p.frame is None and "PixelData" in p.ds:
-                del p.ds.PixelData  # the sources are kept as headers only
     for p in stack:
-        if p.frame is not None and "PixelData" in p.ds:
-            del p.ds.PixelData
+        if "PixelData" in p.ds:
+            del p.ds.PixelData  # the sources are kept as headers only
     sources: list[Dataset] = []
     source_index: dict[int, int] = {}
     refs: list[SliceRef] = [SliceRef(None)] * size
