@@ -3,16 +3,17 @@
 Every image plane of the series -- a classic single-frame instance, or one frame of an
 enhanced (multi-frame) CT/MR/PET instance described by its functional groups -- becomes a
 ``_Plane``; one code path then assembles them. Planes are split into stacks (orientation, matrix
-size, and for enhanced images the instance, Stack ID, temporal position, echo and b-value;
+size; Temporal Position Identifier and Echo Numbers of classic images; for enhanced images the
+instance, Stack ID, Temporal Position Index, echo time and b-value;
 localizers left out) and the largest stack is analysed (named in ``SeriesVolume.note`` when there
 were others). The stack is sorted by position along the slice normal (never by InstanceNumber),
 rescaled to modality units (per frame), and MONOCHROME1 is inverted so that brighter always means
 denser.
 
 Uneven spacing (a missing slice, irregular gaps) is put on a regular grid along the slice axis,
-as 3D Slicer's acquisition-geometry regularization does when hardened: the grid step is the
-smallest gap, received slices keep their own pixels, grid positions between them are linearly
-interpolated. ``SeriesVolume.slices`` says which received image and frame each volume slice is,
+in the spirit of 3D Slicer's acquisition-geometry regularization (our choice of grid: the
+smallest gap as step; received slices keep their own pixels, grid positions between them are
+linearly interpolated). ``SeriesVolume.slices`` says which received image and frame each volume slice is,
 so results are written back on the received images only. Refused, with the reason: mixed
 orientations within one stack of an enhanced image, stacks tilted against each other by less
 than NON_PARALLEL_DEG, images at one position with different pixels, gaps too irregular to grid.
