@@ -224,3 +224,29 @@ def test_a_reformat_in_the_series_is_left_out_and_named(tmp_path: Path) -> None:
         vol.note
         == "the series holds 2 stacks; analysed the largest, 6 images; 2 images of the other stacks not analysed"
     )
+
+
+def test_legacy_converted_enhanced_mr_is_one_volume(tmp_path: Path) -> None:
+    """The same path for MR: the synthetic slices relabelled as an MR series, then converted."""
+    datasets = ct_series(n_slices=5)
+    for ds in datasets:
+        ds.Modality = "MR"
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = pydicom.uid.MRImageStorage
+        for keyword in ("RescaleIntercept", "RescaleSlope", "RescaleType", "KVP"):
+            delattr(ds, keyword)
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "OTHER"]
+        ds.ScanningSequence, ds.SequenceVariant, ds.MRAcquisitionType = "SE", "NONE", "2D"
+        ds.EchoTime, ds.RepetitionTime, ds.MagneticFieldStrength = 10, 500, 3
+    raw = {round(float(ds.ImagePositionPatient[2]), 2): ds.pixel_array for ds in datasets}
+    mf = hd.legacy.LegacyConvertedEnhancedMRImage(
+        legacy_datasets=datasets,
+        series_instance_uid=generate_uid(),
+        series_number=3,
+        sop_instance_uid=generate_uid(),
+        instance_number=1,
+    )
+    vol = read_series([save(mf, tmp_path / "mr.dcm")])
+    assert vol.modality == "MR" and vol.voxels.shape == (5, 512, 512)
+    assert [frame_z(mf, r.frame) for r in vol.slices] == [-10.0, -7.5, -5.0, -2.5, 0.0]  # type: ignore[arg-type]
+    for k, ref in enumerate(vol.slices):
+        np.testing.assert_array_equal(vol.voxels[k], raw[frame_z(mf, ref.frame)])  # type: ignore[arg-type]
