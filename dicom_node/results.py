@@ -31,6 +31,7 @@ from pydicom.uid import generate_uid
 
 from dicom_node._contours import major_components, outline
 from dicom_node.masks import PackedMask
+from dicom_node.slices import SliceRef
 from dicom_node.text import SPECIFIC_CHARACTER_SET, clean, clean_language, raw
 from protos.radbridge.v1 import inference_pb2 as pb
 
@@ -57,6 +58,7 @@ WEIGHTS_SHA256 = hd.sr.CodedConcept("SHA256", LOCAL_SCHEME, "Model weights SHA-2
 PROMPT_ID = hd.sr.CodedConcept("PROMPT", LOCAL_SCHEME, "Prompt identifier")
 RAW_OUTPUT = hd.sr.CodedConcept("RAW", LOCAL_SCHEME, "Raw model output")
 TASK_NAME = hd.sr.CodedConcept("TASK", LOCAL_SCHEME, "Model task")
+INPUT_GEOMETRY = hd.sr.CodedConcept("GEOMETRY", LOCAL_SCHEME, "Input geometry")
 PROJECTION = frozenset({"CR", "DX", "MG", "XA", "RF", "IO", "PX"})
 
 
@@ -142,15 +144,24 @@ def _drop_unknown_pixel_spacing(seg: Dataset) -> None:
         del shared.PixelMeasuresSequence
 
 
-def _pixel_area_mm2(ds: Dataset) -> float | None:
-    """Area of one pixel from PixelSpacing (else ImagerPixelSpacing, as volume.py); None if unknown."""
-    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
-        try:
-            row, col = (float(v) for v in ds.get(keyword) or ())
-        except (TypeError, ValueError):
-            continue
-        if row > 0 and col > 0:
-            return row * col
+def _pixel_area_mm2(ds: Dataset, frame: int | None = None) -> float | None:
+    """Area of one pixel from PixelSpacing (else ImagerPixelSpacing, as volume.py); a frame of a
+    multi-frame image from its Pixel Measures (per-frame, else shared); None if unknown."""
+    holders = [ds]
+    if frame is not None:
+        groups = [
+            ds.PerFrameFunctionalGroupsSequence[frame - 1],
+            *ds.get("SharedFunctionalGroupsSequence", []),
+        ]
+        holders = [g.PixelMeasuresSequence[0] for g in groups if g.get("PixelMeasuresSequence")]
+    for holder in holders:
+        for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+            try:
+                row, col = (float(v) for v in holder.get(keyword) or ())
+            except (TypeError, ValueError):
+                continue
+            if row > 0 and col > 0:
+                return row * col
     return None
 
 
@@ -180,12 +191,27 @@ class ResultWriter:
         masks: dict[int, np.ndarray],
         uid_root: str = DEFAULT_UID_ROOT,
         previous: Mapping[str, Sequence[Dataset]] | None = None,
+        slices: Sequence[SliceRef] = (),
+        geometry_note: str = "",
     ) -> None:
         """``previous``: by kind, the objects an earlier analysis of this series wrote (headers are
-        enough); the new SRs name them in PredecessorDocumentsSequence, and instance numbers go on."""
+        enough); the new SRs name them in PredecessorDocumentsSequence, and instance numbers go on.
+
+        ``slices`` (``SeriesVolume.slices``): which source image and frame each mask slice is, or
+        none (an interpolated position: no SEG frame, no SCOORD); empty means slice i is
+        ``sources[i]``. ``geometry_note`` (``SeriesVolume.note``) is written into the narrative SR.
+        """
         if not sources:
             raise ValueError("At least one source image is needed.")
         self.sources = list(sources)
+        self.slices = list(slices) or [SliceRef(i) for i in range(len(self.sources))]
+        if any(r.source is not None and not 0 <= r.source < len(self.sources) for r in self.slices):
+            raise ValueError("A slice names a source image that is not among the sources.")
+        self.received = [k for k, r in enumerate(self.slices) if r.source is not None]
+        if not self.received:
+            raise ValueError("No slice of the volume is a received image.")
+        self.multiframe = any(r.frame is not None for r in self.slices)
+        self.geometry_note = clean(geometry_note, "UT")
         self.previous = {kind: list(objs) for kind, objs in (previous or {}).items()}
         # The input's identity: the same images give the same instance UIDs (a re-run after a crash
         # replaces, never duplicates); images added later give new instances (a revision).
@@ -262,10 +288,11 @@ class ResultWriter:
             for m in infos
         ]
         pixels = _segment_pixels([self.masks[m.segment_number] for m in infos])
-        if pixels.shape[0] != len(self.sources):
-            raise ValueError(f"Masks have {pixels.shape[0]} slices for {len(self.sources)} source images.")
+        if pixels.shape[0] != len(self.slices):
+            raise ValueError(f"Masks have {pixels.shape[0]} slices for {len(self.slices)} source images.")
+        pixels, seg_sources, frame_numbers = self._on_received(pixels)
         seg = hd.seg.Segmentation(
-            source_images=self.sources,
+            source_images=seg_sources,
             pixel_array=pixels,
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
             segment_descriptions=descriptions,
@@ -283,9 +310,58 @@ class ResultWriter:
         )
         if self.modality in PROJECTION and "PatientOrientation" in self.sources[0]:
             seg.PatientOrientation = self.sources[0].PatientOrientation
+        if frame_numbers:
+            self._restore_frame_numbers(seg, frame_numbers)
         _drop_unknown_pixel_spacing(seg)
         self._derive_dimension_organization(seg)
         return seg
+
+    def _on_received(self, pixels: np.ndarray) -> tuple[np.ndarray, list[Dataset], list[int]]:
+        """The SEG's input on the received images only, and for a multi-frame source the source
+        frame number of each mask slice given to highdicom (empty otherwise).
+
+        Single-frame sources: one mask per received image (interpolated slices dropped). A
+        multi-frame source: highdicom is given a header copy holding only the analysed frames, in
+        slice order, because it refuses a source whose frames repeat a position (other temporal
+        positions, echoes, stacks); ``_restore_frame_numbers`` then puts the source's own frame
+        numbers back into every SEG frame's Source Image reference."""
+        if not self.multiframe:
+            if len(self.received) == len(self.slices) and all(
+                r.source == k for k, r in enumerate(self.slices)
+            ):
+                return pixels, self.sources, []
+            sources = [self.sources[self.slices[k].source] for k in self.received]  # type: ignore[index]
+            return pixels[self.received], sources, []
+        if len(self.sources) != 1:
+            raise ValueError("A multi-frame source must be the only source image of the volume.")
+        source = self.sources[0]
+        numbers = [int(self.slices[k].frame) for k in self.received]  # type: ignore[arg-type]
+        view = Dataset()
+        view.file_meta = getattr(source, "file_meta", Dataset())
+        for element in source:
+            if element.keyword not in ("PerFrameFunctionalGroupsSequence", "PixelData", "NumberOfFrames"):
+                view.add(element)
+        view.NumberOfFrames = len(numbers)
+        view.PerFrameFunctionalGroupsSequence = [
+            source.PerFrameFunctionalGroupsSequence[n - 1] for n in numbers
+        ]
+        return pixels[self.received], [view], numbers
+
+    @staticmethod
+    def _restore_frame_numbers(seg: Dataset, numbers: Sequence[int]) -> None:
+        """Frame i of the header copy given to highdicom is source frame ``numbers[i - 1]``.
+
+        highdicom shares one reference item between the SEG frames (segments) of a source frame:
+        each item is renumbered once."""
+        refs = {
+            id(ref): ref
+            for frame in seg.PerFrameFunctionalGroupsSequence
+            for derivation in frame.get("DerivationImageSequence", [])
+            for ref in derivation.get("SourceImageSequence", [])
+            if "ReferencedFrameNumber" in ref
+        }
+        for ref in refs.values():
+            ref.ReferencedFrameNumber = numbers[int(ref.ReferencedFrameNumber) - 1]
 
     def _derive_dimension_organization(self, seg: Dataset) -> None:
         """highdicom draws a random Dimension Organization UID; derive it, so a re-run (or the
@@ -315,10 +391,16 @@ class ResultWriter:
             uid=self.uid("tracking", *parts), identifier=clean(label, "LO") or "unnamed"
         )
 
-    def _source_for(self, slice_index: int) -> Dataset:
-        if not 0 <= slice_index < len(self.sources):
-            raise ValueError(f"Slice index {slice_index} is outside the series ({len(self.sources)}).")
-        return self.sources[slice_index]
+    def _source_for(self, slice_index: int) -> tuple[Dataset, int | None]:
+        """The received image (and frame) of a volume slice; for an interpolated slice, the
+        nearest received one (a SCOORD can only name an image that exists)."""
+        if not 0 <= slice_index < len(self.slices):
+            raise ValueError(f"Slice index {slice_index} is outside the series ({len(self.slices)}).")
+        ref = self._nearest_received(slice_index)
+        return self.sources[ref.source], ref.frame  # type: ignore[index]
+
+    def _nearest_received(self, slice_index: int) -> SliceRef:
+        return self.slices[min(self.received, key=lambda r: (abs(r - slice_index), r))]
 
     def build_measurement_report(self, seg: hd.seg.Segmentation | None) -> hd.sr.Comprehensive3DSR:
         groups: list[object] = []
@@ -337,7 +419,7 @@ class ResultWriter:
             info = infos[number]
             tracking = self._tracking("segment", number, label=info.label)
             # TID 1411 with a Referenced Segment (no frame numbers): valid for one image too.
-            single = len(self.sources) == 1
+            single = len(self.sources) == 1 and not self.multiframe
             ref = hd.sr.ReferencedSegment(
                 sop_class_uid=seg.SOPClassUID,  # type: ignore[union-attr]
                 sop_instance_uid=seg.SOPInstanceUID,  # type: ignore[union-attr]
@@ -411,24 +493,26 @@ class ResultWriter:
         return hd.sr.Comprehensive3DSR(evidence=evidence, content=report, **self._sr_identity(kind, what))
 
     @staticmethod
-    def _region(src: Dataset, points: np.ndarray) -> hd.sr.ImageRegion:
-        """A POLYLINE SCOORD in (column, row) pixel coordinates of one source image."""
+    def _region(src: Dataset, frame: int | None, points: np.ndarray) -> hd.sr.ImageRegion:
+        """A POLYLINE SCOORD in (column, row) pixel coordinates of one source image (and frame)."""
         return hd.sr.ImageRegion(
             graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
             graphic_data=points,
-            source_image=hd.sr.SourceImageForRegion(src.SOPClassUID, src.SOPInstanceUID),
+            source_image=hd.sr.SourceImageForRegion(
+                src.SOPClassUID, src.SOPInstanceUID, referenced_frame_numbers=[frame] if frame else None
+            ),
         )
 
     def _box_group(
         self, i: int, j: int, box: pb.Box, with_site: bool
     ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
         """Box j of task i: a closed 5-point POLYLINE "Bounded by" (Slicer shows it as a box)."""
-        src = self._source_for(box.slice_index)
+        src, frame = self._source_for(box.slice_index)
         r0, c0, r1, c1 = box.row_min, box.column_min, box.row_max, box.column_max
         points = np.array([[c0, r0], [c1, r0], [c1, r1], [c0, r1], [c0, r0]], dtype=np.float32)
         return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=self._tracking("box", i, j, label=box.label or box.finding.meaning),
-            referenced_region=self._region(src, points),
+            referenced_region=self._region(src, frame, points),
             finding_type=_code(box.finding),
             geometric_purpose=codes.SCT.BoundedBy,
             algorithm_id=self.algorithm_id,
@@ -438,7 +522,8 @@ class ResultWriter:
 
     # -- key slices (TID 1500 for OHIF) ----------------------------------------------
     def key_slice(self, segment_number: int) -> int | None:
-        """Index of the source slice where the segment's mask has the largest area (first on ties)."""
+        """Index of the received slice where the segment's mask has the largest area (first on ties;
+        interpolated slices are not candidates)."""
         mask = self.masks.get(segment_number)
         if mask is None:
             return None
@@ -447,28 +532,36 @@ class ResultWriter:
         else:
             mask = np.asarray(mask, dtype=bool)
             areas = np.count_nonzero(mask.reshape(mask.shape[0], -1), axis=1)
+        if len(self.received) != len(areas):
+            keep = np.zeros(len(areas), dtype=bool)
+            keep[self.received] = True
+            areas = np.where(keep, areas, 0)
         return int(areas.argmax()) if areas.any() else None
 
     def _segment_outline_groups(
         self, info: pb.MaskInfo, k: int
     ) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
         """The segment's major connected components outlined on key slice k, each with its area."""
-        src = self._source_for(k)
-        pixel_mm2 = _pixel_area_mm2(src)  # a component's own pixels: holes are not counted
+        src, frame = self._source_for(k)
+        pixel_mm2 = _pixel_area_mm2(src, frame)  # a component's own pixels: holes are not counted
         label = info.label or info.type.meaning
         groups = []
-        for part, component in enumerate(major_components(np.asarray(self.masks[info.segment_number][k], bool))):
+        for part, component in enumerate(
+            major_components(np.asarray(self.masks[info.segment_number][k], bool))
+        ):
             area = float(component.sum()) * pixel_mm2 if pixel_mm2 else None
             # The largest part keeps the Tracking UID of this segment's volume group in "measurements".
             tracking = (
                 self._tracking("segment", info.segment_number, label=label)
                 if part == 0
-                else self._tracking("segment", info.segment_number, "part", part, label=f"{label} ({part + 1})")
+                else self._tracking(
+                    "segment", info.segment_number, "part", part, label=f"{label} ({part + 1})"
+                )
             )
             groups.append(
                 hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
                     tracking_identifier=tracking,
-                    referenced_region=self._region(src, outline(component, MAX_OUTLINE_POINTS)),
+                    referenced_region=self._region(src, frame, outline(component, MAX_OUTLINE_POINTS)),
                     finding_type=_code(info.type),
                     algorithm_id=self.algorithm_id,
                     finding_sites=[hd.sr.FindingSite(anatomic_location=_code(info.type))],
@@ -484,15 +577,15 @@ class ResultWriter:
     def build_key_slice_report(self) -> hd.sr.Comprehensive3DSR | None:
         """TID 1500 whose every group has one image SCOORD (OHIF loads it); None if there is none."""
         groups: list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations] = []
-        slices: set[int] = set()
+        slices: set[int] = set()  # indices into the sources
         for info in sorted((m for t in self.result.tasks for m in t.masks), key=lambda m: m.segment_number):
             if (k := self.key_slice(info.segment_number)) is not None:
                 groups.extend(self._segment_outline_groups(info, k))
-                slices.add(k)
+                slices.add(self._nearest_received(k).source)  # type: ignore[arg-type]
         for i, task in enumerate(self.result.tasks):
             for j, box in enumerate(task.boxes):
                 groups.append(self._box_group(i, j, box, with_site=True))
-                slices.add(box.slice_index)
+                slices.add(self._nearest_received(box.slice_index).source)  # type: ignore[arg-type]
         if not groups:
             return None
         evidence = [self.sources[k] for k in sorted(slices)]  # only the images the SCOORDs name
@@ -534,6 +627,8 @@ class ResultWriter:
         ]
         if self.model.weights_sha256:
             entries.append(text(WEIGHTS_SHA256, self.model.weights_sha256))
+        if self.geometry_note:
+            entries.append(text(INPUT_GEOMETRY, self.geometry_note))
         for task in self.result.tasks:
             entries.append(text(TASK_NAME, pb.TaskKind.Name(task.task).removeprefix("TASK_KIND_").lower()))
             if task.prompt_id:
@@ -567,6 +662,8 @@ class ResultWriter:
                 findings.append(task.answer)
         if self.model.non_clinical:
             impressions.append("Non-clinical reference output; not for diagnostic use.")
+        if self.geometry_note:
+            findings.append(f"Input geometry: {self.geometry_note}.")
         for section, concept, texts in (
             (FINDINGS_SECTION, codes.DCM.Finding, findings),
             (IMPRESSIONS_SECTION, codes.DCM.Impression, impressions),

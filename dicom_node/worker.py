@@ -49,7 +49,9 @@ class AnalysisClient(Protocol):
 
     address: str
 
-    def analyze_upload(self, upload: Upload, on_progress: ProgressHandler | None = None) -> AnalysisOutcome: ...
+    def analyze_upload(
+        self, upload: Upload, on_progress: ProgressHandler | None = None
+    ) -> AnalysisOutcome: ...
 
     def close(self) -> None: ...
 
@@ -126,7 +128,12 @@ def run_analyze(job: Job, ctx: StepContext) -> None:
 
     budget = ctx.settings.worker.analysis_budget_bytes()
     volume = read_series(paths, max_voxel_bytes=budget // ANALYSIS_MEMORY_FACTOR if budget else 0)
-    sources = volume.sources
+    sources, slices, geometry_note = volume.sources, volume.slices, volume.note
+    if geometry_note and not any(  # the operator sees what was analysed (once, not per retry)
+        e["event"] == "geometry" and e["detail"] == geometry_note
+        for e in ctx.index.events(job.study_instance_uid)
+    ):
+        ctx.index.add_event(job.study_instance_uid, "geometry", geometry_note)
     spec = make_spec(
         tasks,
         model=rule.model,
@@ -155,7 +162,14 @@ def run_analyze(job: Job, ctx: StepContext) -> None:
     step("inference_ms")
     if crosswalk is not None:
         reidentify_result(outcome.result, crosswalk)  # SR/SEG are built from the original sources
-    writer = ResultWriter(sources, outcome.result, outcome.masks, ctx.settings.worker.uid_root)
+    writer = ResultWriter(
+        sources,
+        outcome.result,
+        outcome.masks,
+        ctx.settings.worker.uid_root,
+        slices=slices,
+        geometry_note=geometry_note,
+    )
     writer.previous = _previous_outputs(ctx.index, writer)
     if writer.previous:
         replaced = sum(len(v) for v in writer.previous.values())

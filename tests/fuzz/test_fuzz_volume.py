@@ -219,7 +219,8 @@ def workdir() -> Iterator[Path]:
 def _check_volume(volume: SeriesVolume) -> None:
     """What every consumer of a SeriesVolume relies on (the SEG/SR writers, the gRPC header)."""
     assert volume.voxels.ndim == 3
-    assert volume.voxels.shape[0] == len(volume.sources)
+    assert volume.voxels.shape[0] == len(volume.slice_refs)  # resampled: more slices than images
+    assert {r.source for r in volume.slice_refs if r.received} == set(range(len(volume.sources)))
     assert all(math.isfinite(v) and v >= 0 for v in volume.spacing_mm), volume.spacing_mm
     assert len(volume.orientation) == 6 and all(math.isfinite(v) for v in volume.orientation)
     assert len(volume.position) == 3 and all(math.isfinite(v) for v in volume.position)

@@ -118,7 +118,8 @@ def _spool_series(index: Index, files: list[Path]) -> str:
 def test_a_series_that_cannot_be_analysed_is_failed_with_its_reason_in_status(
     tmp_path: Path, small_ct_files: list[Path]
 ) -> None:
-    """The missing-slice case: before, status said COMPLETE with an empty reason."""
+    """An unusable series (before: the missing-slice case, now resampled); status once said COMPLETE
+    with an empty reason."""
     settings = NodeSettings(
         spool=SpoolSection(tmp_path / "spool"),
         routing=RoutingSection(rules=[RoutingRule(name="ct", match=RuleMatch(modality=["CT"]))]),
@@ -127,15 +128,20 @@ def test_a_series_that_cannot_be_analysed_is_failed_with_its_reason_in_status(
     ctx = StepContext(
         settings, spool, Index(spool.index_path), client_factory=lambda: pytest.fail("no inference")
     )
-    gapped = small_ct_files[:10] + small_ct_files[11:]
-    study = _spool_series(ctx.index, gapped)
+    # Slice 11 sent again at slice 10's position: two images, one position, other pixels.
+    clash = pydicom.dcmread(small_ct_files[11])
+    clash.ImagePositionPatient = pydicom.dcmread(small_ct_files[10]).ImagePositionPatient
+    clash.SOPInstanceUID = pydicom.uid.generate_uid()
+    clash.save_as(tmp_path / "clash.dcm")
+    study = _spool_series(ctx.index, [*small_ct_files, tmp_path / "clash.dcm"])
     ctx.index.complete_study(study, 1.0, now=10.0)
     assert run_job(ctx.index.claim_job(), ctx) is JobState.SUCCEEDED  # route
     assert run_job(ctx.index.claim_job(), ctx) is JobState.FAILED  # analyze: not retryable
     doc = describe(ctx.index, ctx.index.study(study), history=True)
     assert doc["status"] == "FAILED"
     assert doc["reasons"] == [
-        "analysis of series 2 (CT) with rule 'ct': VolumeError: Slice spacing is not uniform (gaps 2.50..5.00 mm)."
+        "analysis of series 2 (CT) with rule 'ct': VolumeError: Two or more instances share one slice"
+        " position (-25.00 mm along the normal) with different pixels."
     ]
     assert [e["event"] for e in doc["history"]] == [
         "received",

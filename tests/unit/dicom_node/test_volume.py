@@ -27,9 +27,12 @@ def test_shuffled_series_is_sorted_by_position(small_ct_files: list[Path]) -> No
     assert all("PixelData" not in ds for ds in vol.sources)
 
 
-def test_uneven_spacing_is_refused(small_ct_files: list[Path]) -> None:
-    with pytest.raises(VolumeError, match="not uniform"):
-        read_series(small_ct_files[:5] + small_ct_files[7:10])
+def test_two_missing_slices_are_interpolated(small_ct_files: list[Path]) -> None:
+    """Two slices missing: resampled to the series' 2.5 mm, the received slices kept as they came."""
+    vol = read_series(small_ct_files[:5] + small_ct_files[7:10])  # z = 0..-10, then -17.5..-22.5 (ascending: -22.5 first)
+    assert vol.voxels.shape == (10, 512, 512) and vol.spacing_mm[0] == pytest.approx(2.5)
+    assert [r.source for r in vol.slices] == [0, 1, 2, None, None, 3, 4, 5, 6, 7]
+    assert "2 missing slices between z=-17.50 and z=-10.00 mm" in vol.note and "2.50 mm" in vol.note
 
 
 def test_duplicate_positions_are_refused(tmp_path: Path, small_ct_files: list[Path]) -> None:

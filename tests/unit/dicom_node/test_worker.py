@@ -161,3 +161,45 @@ def test_completion_and_exports_do_not_wait_behind_a_long_analysis(
     finally:
         release.set()
         worker.stop()
+
+
+def test_a_resampled_series_is_named_once_in_the_history(tmp_path: Path, small_ct_files: list[Path]) -> None:
+    """The gap is in the history before inference, and a retried attempt does not repeat it."""
+    from dataclasses import replace
+
+    import pydicom
+
+    from dicom_node.errors import InferenceUnavailable
+    from dicom_node.spool import InstanceRef
+
+    class DownClient:
+        address = "127.0.0.1:1"
+
+        def analyze_upload(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            raise InferenceUnavailable("service down")
+
+        def close(self) -> None:
+            pass
+
+    settings = NodeSettings(
+        spool=SpoolSection(tmp_path / "spool"),
+        routing=RoutingSection(rules=[RoutingRule(name="ct", match=RuleMatch(modality=["CT"]))]),
+    )
+    ctx = replace(_ctx(tmp_path, settings), client_factory=DownClient)
+    for path in small_ct_files[:10] + small_ct_files[11:]:  # slice 10 (z = -25) never arrived
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        ref = InstanceRef(
+            ds.SOPInstanceUID, ds.SOPClassUID, ds.StudyInstanceUID, ds.SeriesInstanceUID,
+            "1.2.840.10008.1.2.1", path, 1,
+        )  # fmt: skip
+        ctx.index.add_instance(ref, "CT", "SCU", now=0.0)
+    study = str(ds.StudyInstanceUID)
+    ctx.index.complete_study(study, 1.0, now=10.0)
+    assert run_job(ctx.index.claim_job(), ctx) is JobState.SUCCEEDED  # route
+    for _ in range(2):  # the service is down: the analysis waits and runs again
+        job = ctx.index.claim_job(now=time.time() + 3600)
+        assert job is not None and run_job(job, ctx) is JobState.PENDING
+    geometry = [e["detail"] for e in ctx.index.events(study) if e["event"] == "geometry"]
+    assert geometry == [
+        "1 missing slice between z=-27.50 and z=-22.50 mm; resampled to 2.50 mm (missing positions linearly interpolated)"
+    ]
