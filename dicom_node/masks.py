@@ -68,3 +68,50 @@ class PackedMask:
 
     def any(self) -> bool:
         return bool(self._packed.any())
+
+
+class FractionalMask:
+    """A probability map (slices, rows, columns) as it came over gRPC (MASK_ENCODING_FRACTIONAL_UINT8):
+    one byte a voxel, 0..255 for probability 0..1.
+
+    As a mask (``__array__``, ``__getitem__``, ``slice_counts``: outlines, key slices, areas) it is
+    the voxels of probability >= 0.5; the SEG writes ``probabilities`` as a FRACTIONAL segment.
+    """
+
+    MAX_VALUE = 255
+    THRESHOLD = 128  # 128 / 255 >= 0.5
+
+    def __init__(self, data: bytes | bytearray, shape: tuple[int, ...]) -> None:
+        self.shape = tuple(int(v) for v in shape)
+        self.size = int(np.prod(self.shape))
+        if len(data) != self.size:
+            raise ValueError(f"{len(data)} bytes do not hold a {self.shape} probability map.")
+        self.probabilities = np.frombuffer(data, dtype=np.uint8).reshape(self.shape)
+
+    dtype = np.dtype(bool)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.probabilities.nbytes)
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        full = self.probabilities >= self.THRESHOLD
+        return full if dtype is None else full.astype(dtype, copy=False)
+
+    def __getitem__(self, k: int) -> np.ndarray:
+        if not isinstance(k, int | np.integer):
+            return np.asarray(self)[k]
+        return self.probabilities[int(k)] >= self.THRESHOLD
+
+    def slice_counts(self) -> np.ndarray:
+        return np.count_nonzero((self.probabilities >= self.THRESHOLD).reshape(self.shape[0], -1), axis=1)
+
+    def count(self) -> int:
+        return int(self.slice_counts().sum())
+
+    def any(self) -> bool:
+        return bool((self.probabilities >= self.THRESHOLD).any())

@@ -164,7 +164,7 @@ def run_analyze(job: Job, ctx: StepContext) -> None:
             "analysis revised",
             f"the series changed since its last analysis; the new objects replace {replaced} earlier one(s)",
         )
-    objects = writer.build_all()
+    objects = writer.build_all(key_images=rule.key_images)
     step("build_ms")
     written = [keep_output(ctx.spool, ctx.index, obj.kind, obj.dataset) for obj in objects]
     step("write_ms")
