@@ -172,6 +172,15 @@ def _segment_pixels(masks: Sequence[np.ndarray]) -> np.ndarray:
     return labels
 
 
+def _fractional_pixels(masks: Sequence[np.ndarray | FractionalMask]) -> np.ndarray:
+    """Segments 1..n as highdicom takes a FRACTIONAL SEG: float32 (slices, rows, columns, n) in 0..1
+    (4 bytes a voxel and segment: probability maps are the exception, not the default)."""
+    stack = np.zeros((*masks[0].shape, len(masks)), dtype=np.float32)
+    for i, mask in enumerate(masks):
+        stack[..., i] = mask.fraction() if isinstance(mask, FractionalMask) else np.asarray(mask, dtype=bool)
+    return stack
+
+
 class ResultWriter:
     """Builds the output objects of one analysis of one series."""
 
@@ -266,13 +275,21 @@ class ResultWriter:
             )
             for m in infos
         ]
-        pixels = _segment_pixels([self.masks[m.segment_number] for m in infos])
+        masks = [self.masks[m.segment_number] for m in infos]
+        fractional = any(isinstance(mask, FractionalMask) for mask in masks)
+        pixels = _fractional_pixels(masks) if fractional else _segment_pixels(masks)
         if pixels.shape[0] != len(self.sources):
             raise ValueError(f"Masks have {pixels.shape[0]} slices for {len(self.sources)} source images.")
         seg = hd.seg.Segmentation(
             source_images=self.sources,
             pixel_array=pixels,
-            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            # A probability map makes the whole SEG FRACTIONAL (PROBABILITY, 0..255); its binary
+            # segments are then 0 or 255. Binary masks alone keep the BINARY SEG.
+            segmentation_type=(
+                hd.seg.SegmentationTypeValues.FRACTIONAL if fractional else hd.seg.SegmentationTypeValues.BINARY
+            ),
+            fractional_type=hd.seg.SegmentationFractionalTypeValues.PROBABILITY,
+            max_fractional_value=255,
             segment_descriptions=descriptions,
             series_instance_uid=self.uid("seg", "series"),
             series_number=SERIES_NUMBERS["seg"],
