@@ -108,7 +108,12 @@ def display_window(ds: Dataset, values: np.ndarray, rescaled: bool) -> tuple[flo
     """(centre, width): the image's own window, else soft tissue for CT in HU, else the slice's
     1st..99th percentile (a projection image without a window)."""
     centre, width = _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))
-    if centre is not None and width is not None and width > 0 and ds.get("PhotometricInterpretation") != "MONOCHROME1":
+    if (
+        centre is not None
+        and width is not None
+        and width > 0
+        and ds.get("PhotometricInterpretation") != "MONOCHROME1"
+    ):
         return centre, width
     if str(ds.get("Modality", "")) == "CT" and rescaled:
         return SOFT_TISSUE_WINDOW
@@ -131,7 +136,9 @@ def slice_values(ds: Dataset) -> tuple[np.ndarray, bool]:
     if "PixelData" not in ds:
         filename = getattr(ds, "filename", None)
         if not filename:
-            raise ValueError("A key image needs the source image's pixels, and its header has neither pixels nor a file.")
+            raise ValueError(
+                "A key image needs the source image's pixels, and its header has neither pixels nor a file."
+            )
         ds = pydicom.dcmread(filename)
     values, rescaled = _modality_values(ds)
     if ds.get("PhotometricInterpretation") == "MONOCHROME1" and rescaled:
@@ -200,5 +207,3 @@ def patient_orientation(ds: Dataset) -> tuple[str, str] | None:
 
     values = [float(v) for v in iop]
     return direction(values[:3]), direction(values[3:])
-
-

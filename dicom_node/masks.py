@@ -78,10 +78,16 @@ class FractionalMask:
     the voxels of probability >= 0.5; the SEG writes ``probabilities`` as a FRACTIONAL segment.
     """
 
-    def __init__(self, data: bytes | bytearray | np.ndarray, shape: tuple[int, ...], max_value: int = 255) -> None:
+    def __init__(
+        self, data: bytes | bytearray | np.ndarray, shape: tuple[int, ...], max_value: int = 255
+    ) -> None:
         self.shape = tuple(int(v) for v in shape)
         self.size = int(np.prod(self.shape))
-        values = np.asarray(data, dtype=np.uint8) if isinstance(data, np.ndarray) else np.frombuffer(data, np.uint8)
+        values = (
+            np.asarray(data, dtype=np.uint8)
+            if isinstance(data, np.ndarray)
+            else np.frombuffer(data, np.uint8)
+        )
         if values.size != self.size:
             raise ValueError(f"{values.size} bytes do not hold a {self.shape} probability map.")
         if not 1 <= max_value <= 255:

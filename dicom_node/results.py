@@ -286,7 +286,9 @@ class ResultWriter:
             # A probability map makes the whole SEG FRACTIONAL (PROBABILITY, 0..255); its binary
             # segments are then 0 or 255. Binary masks alone keep the BINARY SEG.
             segmentation_type=(
-                hd.seg.SegmentationTypeValues.FRACTIONAL if fractional else hd.seg.SegmentationTypeValues.BINARY
+                hd.seg.SegmentationTypeValues.FRACTIONAL
+                if fractional
+                else hd.seg.SegmentationTypeValues.BINARY
             ),
             fractional_type=hd.seg.SegmentationFractionalTypeValues.PROBABILITY,
             max_fractional_value=255,
@@ -302,6 +304,7 @@ class ResultWriter:
             content_description=self._description("SEG"),
             content_label="RADBRIDGE",
             series_description=self._description("SEG"),
+            contributing_equipment=[self._contributing_equipment()],
         )
         if self.modality in PROJECTION and "PatientOrientation" in self.sources[0]:
             seg.PatientOrientation = self.sources[0].PatientOrientation
@@ -535,6 +538,7 @@ class ResultWriter:
             "is_complete": True,
             "is_verified": False,
             "series_description": self._description(what),
+            "contributing_equipment": [self._contributing_equipment()],
         }
 
     @staticmethod
@@ -586,7 +590,9 @@ class ResultWriter:
                     label = box.label or box.finding.meaning
                     if box.score >= 0:
                         label = f"{label} {box.score:.2f}"
-                    boxes.append((label, ki.BOX_COLOUR, (box.row_min, box.column_min, box.row_max, box.column_max)))
+                    boxes.append(
+                        (label, ki.BOX_COLOUR, (box.row_min, box.column_min, box.row_max, box.column_max))
+                    )
         return ki.Overlay(outlines, boxes)
 
     def _title_lines(self) -> list[str]:
@@ -621,7 +627,9 @@ class ResultWriter:
                     manufacturer=MANUFACTURER,
                     patient_orientation=orientation or ("L", "P"),
                     pixel_spacing=(
-                        (spacing[0] / scale, spacing[1] / scale) if len(spacing) == 2 and min(spacing) > 0 else None
+                        (spacing[0] / scale, spacing[1] / scale)
+                        if len(spacing) == 2 and min(spacing) > 0
+                        else None
                     ),
                     transfer_syntax_uid="1.2.840.10008.1.2.1",
                     manufacturer_model_name=self.model.name,

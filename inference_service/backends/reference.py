@@ -298,7 +298,14 @@ class ReferenceBackend(Backend):
         result = TaskResult(task=task, prompt_id=f"reference-xray-{task.value}")
         if task is TaskKind.SEGMENT:
             result.masks.append(
-                Mask(1, "Foreground", ANATOMICAL_STRUCTURE, BODY_STRUCTURE, LAB_FOREGROUND, self._mask_voxels(fg[None]))
+                Mask(
+                    1,
+                    "Foreground",
+                    ANATOMICAL_STRUCTURE,
+                    BODY_STRUCTURE,
+                    LAB_FOREGROUND,
+                    self._mask_voxels(fg[None]),
+                )
             )
             result.measurements.append(Measurement(MEAN, round(mean, 4), NO_UNITS, 1))
             result.measurements.append(Measurement(STDDEV, round(std, 4), NO_UNITS, 1))
