@@ -637,6 +637,9 @@ class ResultWriter:
                     series_description=self._description("AI key images"),
                     contributing_equipment=[self._contributing_equipment()],
                 )
+            for element in sc:  # highdicom copies dates and times as DA/TM objects; keep plain text
+                if element.VR in ("DA", "TM", "DT") and element.VM == 1 and element.value:
+                    element.value = str(element.value)
             if orientation is None:
                 sc.PatientOrientation = None  # Type 2: known to be unknown
             sc.Laterality = src.get("Laterality", None)  # Type 2C (paired body parts); empty if unknown

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import highdicom as hd
@@ -22,6 +23,7 @@ from scipy import ndimage
 
 from dicom_node import keyimages as ki
 from dicom_node._contours import major_components
+from dicom_node.attributes import searchable_attributes
 from dicom_node.client import unpack_masks
 from dicom_node.results import SERIES_NUMBERS, ResultWriter
 from dicom_node.volume import read_series
@@ -54,6 +56,8 @@ def test_ct_key_images_validate_and_show_the_outline(tmp_path: Path, small_ct_fi
     slices = writer.key_image_slices()
     paths = _key_images(objects, tmp_path, "ct")
     assert slices and len(paths) == len(slices) <= ki.MAX_KEY_IMAGES
+    for obj in objects:  # the spool's index stores them as they are built (worker.keep_output)
+        json.dumps(searchable_attributes(obj.dataset))
     for k, path in zip(slices, paths, strict=True):
         assert_valid_dicom_object(path)
         ds = pydicom.dcmread(path)
