@@ -269,7 +269,7 @@ class ResultWriter:
                 segmented_property_type=_code(m.type),
                 algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
                 algorithm_identification=self.algorithm,
-                tracking_uid=self.uid("segment", m.segment_number),
+                tracking_uid=self.uid("tracking", "segment", m.segment_number),  # = its SR groups' (AIR)
                 tracking_id=m.label or m.type.meaning,
                 display_color=_lab(m.cielab),
             )

@@ -125,3 +125,13 @@ def test_seg_segments_identify_algorithm_and_tracking(air) -> None:  # noqa: ANN
         assert algorithm.AlgorithmName == model.name and algorithm.AlgorithmVersion == model.version
         assert algorithm.AlgorithmFamilyCodeSequence[0].CodeMeaning == "Artificial Intelligence"
         assert segment.TrackingUID and segment.TrackingID
+
+
+def test_a_segment_has_one_tracking_uid_in_seg_and_both_srs(air) -> None:  # noqa: ANN001
+    _, _, objs = air
+    seg_uids = {str(s.TrackingUID) for s in objs["seg"].SegmentSequence}
+    for kind in ("measurements", "keyslices"):
+        sr_uids = {
+            str(i.UID) for g in _groups(objs[kind]) for i in g.ContentSequence if _concept(i) == "DCM:112040"
+        }
+        assert seg_uids <= sr_uids, kind
