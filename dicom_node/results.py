@@ -248,11 +248,18 @@ class ResultWriter:
             outputs.append(OutputObject("keyslices", key_slices))
         if any(t.HasField("report") or t.answer for t in self.result.tasks):
             outputs.append(OutputObject("narrative", self.build_narrative()))
-        if key_images:
-            outputs.extend(OutputObject("keyimages", sc) for sc in self.build_key_images())
         for output in outputs:
             # Text may be non-ASCII (a Chinese label or report): declare UTF-8 in every object. The
             # values copied from the sources are decoded str, so they are re-encoded correctly.
+            output.dataset.SpecificCharacterSet = SPECIFIC_CHARACTER_SET
+        if key_images:
+            outputs.extend(self.key_image_outputs())
+        return outputs
+
+    def key_image_outputs(self) -> list[OutputObject]:
+        """The key images as output objects (none without a mask or box)."""
+        outputs = [OutputObject("keyimages", sc) for sc in self.build_key_images()]
+        for output in outputs:
             output.dataset.SpecificCharacterSet = SPECIFIC_CHARACTER_SET
         return outputs
 

@@ -132,3 +132,8 @@ def test_writer_key_image_slices_follow_the_largest_areas_and_boxes() -> None:
     b[2, :1, :1] = True  # segment 2: slice 2
     writer = ResultWriter(sources, _result_with_masks_and_boxes(), {1: a, 2: b})
     assert writer.key_image_slices() == [0, 2, 4]
+
+
+def test_slice_values_needs_pixels_or_a_file() -> None:
+    with pytest.raises(ValueError, match="needs the source image's pixels"):
+        ki.slice_values(_header(Modality="CT"))
