@@ -178,7 +178,9 @@ def render(
     for i, line in enumerate(title_lines):
         draw.text((4, 4 + i * (size + 4)), line, fill=(255, 255, 0) if i == 0 else (255, 255, 255), font=font)
     legend = [(label, rgb) for label, rgb, _ in overlay.outlines]
-    legend += [(label, rgb) for label, rgb, _ in overlay.boxes if (label, rgb) not in legend]
+    for label, rgb, _ in overlay.boxes:  # each box is also labelled where it is drawn
+        if (label, rgb) not in legend:
+            legend.append((label, rgb))
     y = rows * f - (size + 4) * len(legend) - 4
     if legend:
         width_px = max(draw.textlength(label, font=font) for label, _ in legend)
