@@ -19,7 +19,7 @@ import numpy as np
 
 from dicom_node.config import InferenceSection
 from dicom_node.errors import InferenceRejected, InferenceUnavailable
-from dicom_node.masks import PackedMask
+from dicom_node.masks import FractionalMask, PackedMask
 from dicom_node.volume import SeriesVolume
 from protos.radbridge.v1 import inference_pb2 as pb
 from protos.radbridge.v1 import inference_pb2_grpc as pb_grpc
@@ -44,10 +44,10 @@ ProgressHandler = Callable[[pb.Progress], None]
 
 @dataclass
 class AnalysisOutcome:
-    """The final result plus its masks (segment number -> bool volume, bit-packed)."""
+    """The final result plus its masks (segment number -> bit-packed bool volume, or probability map)."""
 
     result: pb.AnalysisResult
-    masks: dict[int, PackedMask] = field(default_factory=dict)
+    masks: dict[int, PackedMask | FractionalMask] = field(default_factory=dict)
 
 
 def _pixel_payload(volume: SeriesVolume) -> tuple[int, memoryview]:
@@ -132,9 +132,10 @@ def make_spec(
 
 def unpack_masks(
     result: pb.AnalysisResult, chunks: dict[int, bytearray], shape: tuple[int, ...]
-) -> dict[int, PackedMask]:
-    """The masks by segment number, checked for length and kept bit-packed (see dicom_node.masks)."""
-    masks: dict[int, PackedMask] = {}
+) -> dict[int, PackedMask | FractionalMask]:
+    """The masks by segment number, checked for length and kept as they came (see dicom_node.masks):
+    binary ones bit-packed, probability maps (MASK_ENCODING_FRACTIONAL_UINT8) one byte a voxel."""
+    masks: dict[int, PackedMask | FractionalMask] = {}
     for task in result.tasks:
         for info in task.masks:
             data = chunks.get(info.segment_number, bytearray())
@@ -142,7 +143,15 @@ def unpack_masks(
                 raise InferenceRejected(
                     f"Mask {info.segment_number} arrived with {len(data)} of {info.packed_bytes} bytes."
                 )
-            masks[info.segment_number] = PackedMask(data, shape)  # stays packed: 1 bit a voxel
+            try:
+                if info.encoding == pb.MASK_ENCODING_FRACTIONAL_UINT8:
+                    masks[info.segment_number] = FractionalMask(data, shape, info.max_fractional_value or 255)
+                elif info.encoding in (pb.MASK_ENCODING_UNSPECIFIED, pb.MASK_ENCODING_BINARY_PACKBITS):
+                    masks[info.segment_number] = PackedMask(data, shape)  # stays packed: 1 bit a voxel
+                else:
+                    raise ValueError(f"its encoding {info.encoding} is unknown to this node")
+            except ValueError as exc:
+                raise InferenceRejected(f"Mask {info.segment_number} cannot be read: {exc}") from exc
     return masks
 
 

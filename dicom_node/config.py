@@ -191,6 +191,9 @@ class RoutingRule:
     #: Send this route's series de-identified (PS3.15 Basic Profile on what crosses the wire, UIDs
     #: through the keyed crosswalk of [deidentification]); see dicom_node.deidentify.
     deidentify: bool = False
+    #: Also write a Secondary Capture series of the key slices with the result burned in, for PACS
+    #: and viewers that show neither SEG nor SR (dicom_node.keyimages); exported like the SEG/SR.
+    key_images: bool = False
 
     def __post_init__(self) -> None:
         bad = [t for t in self.tasks if t not in TASKS]

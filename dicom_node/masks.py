@@ -68,3 +68,64 @@ class PackedMask:
 
     def any(self) -> bool:
         return bool(self._packed.any())
+
+
+class FractionalMask:
+    """A probability map (slices, rows, columns) as it came over gRPC (MASK_ENCODING_FRACTIONAL_UINT8):
+    one byte a voxel, 0..``max_value`` for probability 0..1.
+
+    As a mask (``__array__``, ``__getitem__``, ``slice_counts``: outlines, key slices, areas) it is
+    the voxels of probability >= 0.5; the SEG writes ``probabilities`` as a FRACTIONAL segment.
+    """
+
+    def __init__(
+        self, data: bytes | bytearray | np.ndarray, shape: tuple[int, ...], max_value: int = 255
+    ) -> None:
+        self.shape = tuple(int(v) for v in shape)
+        self.size = int(np.prod(self.shape))
+        values = (
+            np.asarray(data, dtype=np.uint8)
+            if isinstance(data, np.ndarray)
+            else np.frombuffer(data, np.uint8)
+        )
+        if values.size != self.size:
+            raise ValueError(f"{values.size} bytes do not hold a {self.shape} probability map.")
+        if not 1 <= max_value <= 255:
+            raise ValueError(f"max_fractional_value {max_value} is not in 1..255.")
+        if int(values.max(initial=0)) > max_value:
+            raise ValueError(f"a value is above max_fractional_value {max_value}.")
+        self.max_value = int(max_value)
+        self.threshold = (self.max_value + 1) // 2  # probability >= 0.5 (128 of 255)
+        self.probabilities = values.reshape(self.shape)
+
+    def fraction(self) -> np.ndarray:
+        """The probabilities as float32 in 0..1."""
+        return self.probabilities.astype(np.float32) / self.max_value
+
+    dtype = np.dtype(bool)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.probabilities.nbytes)
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        full = self.probabilities >= self.threshold
+        return full if dtype is None else full.astype(dtype, copy=False)
+
+    def __getitem__(self, k: int) -> np.ndarray:
+        if not isinstance(k, int | np.integer):
+            return np.asarray(self)[k]
+        return self.probabilities[int(k)] >= self.threshold
+
+    def slice_counts(self) -> np.ndarray:
+        return np.count_nonzero((self.probabilities >= self.threshold).reshape(self.shape[0], -1), axis=1)
+
+    def count(self) -> int:
+        return int(self.slice_counts().sum())
+
+    def any(self) -> bool:
+        return bool((self.probabilities >= self.threshold).any())

@@ -20,6 +20,7 @@ Two TID 1500 reports, one per kind of reader:
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -29,15 +30,16 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
+from dicom_node import keyimages as ki
 from dicom_node._contours import major_components, outline
-from dicom_node.masks import PackedMask
+from dicom_node.masks import FractionalMask, PackedMask
 from dicom_node.slices import SliceRef
 from dicom_node.text import SPECIFIC_CHARACTER_SET, clean, clean_language, raw
 from protos.radbridge.v1 import inference_pb2 as pb
 
 MANUFACTURER = "RadBridge"
 DEFAULT_UID_ROOT = "1.2.826.0.1.3680043.8.498."
-SERIES_NUMBERS = {"seg": 9701, "measurements": 9702, "narrative": 9703, "keyslices": 9704}
+SERIES_NUMBERS = {"seg": 9701, "measurements": 9702, "narrative": 9703, "keyslices": 9704, "keyimages": 9705}
 TITLE = hd.sr.CodedConcept("18748-4", "LN", "Diagnostic Imaging Report")
 FINDINGS_SECTION = hd.sr.CodedConcept("59776-5", "LN", "Findings")
 IMPRESSIONS_SECTION = hd.sr.CodedConcept("19005-8", "LN", "Impressions")
@@ -66,7 +68,7 @@ PROJECTION = frozenset({"CR", "DX", "MG", "XA", "RF", "IO", "PX"})
 class OutputObject:
     """One produced DICOM object and what it is."""
 
-    kind: str  # "seg" | "measurements" | "keyslices" | "narrative"
+    kind: str  # "seg" | "measurements" | "keyslices" | "narrative" | "keyimages"
     dataset: Dataset
 
     @property
@@ -181,6 +183,15 @@ def _segment_pixels(masks: Sequence[np.ndarray]) -> np.ndarray:
     return labels
 
 
+def _fractional_pixels(masks: Sequence[np.ndarray | FractionalMask]) -> np.ndarray:
+    """Segments 1..n as highdicom takes a FRACTIONAL SEG: float32 (slices, rows, columns, n) in 0..1
+    (4 bytes a voxel and segment: probability maps are the exception, not the default)."""
+    stack = np.zeros((*masks[0].shape, len(masks)), dtype=np.float32)
+    for i, mask in enumerate(masks):
+        stack[..., i] = mask.fraction() if isinstance(mask, FractionalMask) else np.asarray(mask, dtype=bool)
+    return stack
+
+
 class ResultWriter:
     """Builds the output objects of one analysis of one series."""
 
@@ -247,9 +258,10 @@ class ResultWriter:
         tag = " (non-clinical)" if self.model.non_clinical else " (AI draft, unverified)"
         return clean(f"{what} by {self.model.name}{tag}", "LO")
 
-    def build_all(self) -> list[OutputObject]:
+    def build_all(self, key_images: bool = False) -> list[OutputObject]:
         """SEG (if any mask), TID 1500 SR (if anything to measure), key-slice TID 1500 SR (if any
-        mask or box), narrative SR (if text)."""
+        mask or box), narrative SR (if text); with ``key_images``, Secondary Capture images of the
+        key slices with the result burned in (if any mask or box)."""
         outputs: list[OutputObject] = []
         infos = [m for t in self.result.tasks for m in t.masks]
         seg = self.build_seg() if infos else None
@@ -266,6 +278,15 @@ class ResultWriter:
             # Text may be non-ASCII (a Chinese label or report): declare UTF-8 in every object. The
             # values copied from the sources are decoded str, so they are re-encoded correctly.
             output.dataset.SpecificCharacterSet = SPECIFIC_CHARACTER_SET
+        if key_images:
+            outputs.extend(self.key_image_outputs())
+        return outputs
+
+    def key_image_outputs(self) -> list[OutputObject]:
+        """The key images as output objects (none without a mask or box)."""
+        outputs = [OutputObject("keyimages", sc) for sc in self.build_key_images()]
+        for output in outputs:
+            output.dataset.SpecificCharacterSet = SPECIFIC_CHARACTER_SET
         return outputs
 
     # -- SEG ---------------------------------------------------------------------
@@ -281,20 +302,30 @@ class ResultWriter:
                 segmented_property_type=_code(m.type),
                 algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
                 algorithm_identification=self.algorithm,
-                tracking_uid=self.uid("segment", m.segment_number),
+                tracking_uid=self.uid("tracking", "segment", m.segment_number),  # = its SR groups' (AIR)
                 tracking_id=m.label or m.type.meaning,
                 display_color=_lab(m.cielab),
             )
             for m in infos
         ]
-        pixels = _segment_pixels([self.masks[m.segment_number] for m in infos])
+        masks = [self.masks[m.segment_number] for m in infos]
+        fractional = any(isinstance(mask, FractionalMask) for mask in masks)
+        pixels = _fractional_pixels(masks) if fractional else _segment_pixels(masks)
         if pixels.shape[0] != len(self.slices):
             raise ValueError(f"Masks have {pixels.shape[0]} slices for {len(self.slices)} source images.")
         pixels, seg_sources, frame_numbers = self._on_received(pixels)
         seg = hd.seg.Segmentation(
             source_images=seg_sources,
             pixel_array=pixels,
-            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            # A probability map makes the whole SEG FRACTIONAL (PROBABILITY, 0..255); its binary
+            # segments are then 0 or 255. Binary masks alone keep the BINARY SEG.
+            segmentation_type=(
+                hd.seg.SegmentationTypeValues.FRACTIONAL
+                if fractional
+                else hd.seg.SegmentationTypeValues.BINARY
+            ),
+            fractional_type=hd.seg.SegmentationFractionalTypeValues.PROBABILITY,
+            max_fractional_value=255,
             segment_descriptions=descriptions,
             series_instance_uid=self.uid("seg", "series"),
             series_number=SERIES_NUMBERS["seg"],
@@ -307,6 +338,7 @@ class ResultWriter:
             content_description=self._description("SEG"),
             content_label="RADBRIDGE",
             series_description=self._description("SEG"),
+            contributing_equipment=[self._contributing_equipment()],
         )
         if self.modality in PROJECTION and "PatientOrientation" in self.sources[0]:
             seg.PatientOrientation = self.sources[0].PatientOrientation
@@ -400,7 +432,7 @@ class ResultWriter:
         return self.sources[ref.source], ref.frame  # type: ignore[index]
 
     def _nearest_received(self, slice_index: int) -> SliceRef:
-        return self.slices[min(self.received, key=lambda r: (abs(r - slice_index), r))]
+        return self.slices[self._received_index(slice_index)]
 
     def build_measurement_report(self, seg: hd.seg.Segmentation | None) -> hd.sr.Comprehensive3DSR:
         groups: list[object] = []
@@ -527,7 +559,7 @@ class ResultWriter:
         mask = self.masks.get(segment_number)
         if mask is None:
             return None
-        if isinstance(mask, PackedMask):
+        if isinstance(mask, PackedMask | FractionalMask):
             areas = mask.slice_counts()
         else:
             mask = np.asarray(mask, dtype=bool)
@@ -606,6 +638,7 @@ class ResultWriter:
             "is_complete": True,
             "is_verified": False,
             "series_description": self._description(what),
+            "contributing_equipment": [self._contributing_equipment()],
         }
 
     @staticmethod
@@ -638,6 +671,113 @@ class ResultWriter:
         container = hd.sr.ContainerContentItem(name=PROVENANCE, relationship_type=contains)
         container.ContentSequence = hd.sr.ContentSequence(entries)
         return container
+
+    # -- key images (Secondary Capture, burned in) ----------------------------------
+    def key_image_slices(self) -> list[int]:
+        """The slices the key images show (keyimages.choose_key_slices)."""
+        infos = sorted((m for t in self.result.tasks for m in t.masks), key=lambda m: m.segment_number)
+        boxes = [(b.slice_index, b.score) for t in self.result.tasks for b in t.boxes]
+        chosen = ki.choose_key_slices([self.key_slice(m.segment_number) for m in infos], boxes)
+        # Only received images can be shown: an interpolated slice stands for its nearest one.
+        return list(dict.fromkeys(self._received_index(k) for k in chosen))
+
+    def _received_index(self, slice_index: int) -> int:
+        return min(self.received, key=lambda r: (abs(r - slice_index), r))
+
+    def _overlay(self, k: int) -> ki.Overlay:
+        outlines = []
+        for m in sorted((m for t in self.result.tasks for m in t.masks), key=lambda m: m.segment_number):
+            plane = np.asarray(self.masks[m.segment_number][k], dtype=bool)
+            if plane.any():
+                outlines.append((m.label or m.type.meaning, ki.colour(m.segment_number, m.cielab), plane))
+        boxes = []
+        for task in self.result.tasks:
+            for box in task.boxes:
+                if self._received_index(box.slice_index) == k:
+                    label = box.label or box.finding.meaning
+                    if box.score >= 0:
+                        label = f"{label} {box.score:.2f}"
+                    boxes.append(
+                        (label, ki.BOX_COLOUR, (box.row_min, box.column_min, box.row_max, box.column_max))
+                    )
+        return ki.Overlay(outlines, boxes)
+
+    def _title_lines(self) -> list[str]:
+        model = f"{self.model.name} {self.model.version}".strip()
+        tag = " - non-clinical reference" if self.model.non_clinical else ""
+        return [ki.BANNER, f"Model: {model}{tag}"]
+
+    def build_key_images(self) -> list[hd.sc.SCImage]:
+        """One RGB Secondary Capture per key slice, result burned in (see dicom_node.keyimages)."""
+        images = []
+        first = self.instance_number("keyimages")
+        for i, k in enumerate(self.key_image_slices()):
+            src, frame = self._source_for(k)
+            if frame is not None:
+                raise ValueError("Key images of multi-frame sources are not written yet")
+            values, rescaled = ki.slice_values(src)
+            grey = ki.windowed(values, ki.display_window(src, values, rescaled))
+            rgb = ki.render(grey, self._overlay(k), self._title_lines())
+            scale = rgb.shape[1] // grey.shape[1]
+            spacing = [float(v) for v in src.get("PixelSpacing") or ()]
+            orientation = ki.patient_orientation(src)
+            with warnings.catch_warnings():  # a source's one-component person name is copied as it is
+                warnings.filterwarnings("ignore", "The string .* is unlikely to represent", UserWarning)
+                sc = hd.sc.SCImage.from_ref_dataset(
+                    ref_dataset=src,
+                    pixel_array=rgb,
+                    photometric_interpretation="RGB",
+                    bits_allocated=8,
+                    coordinate_system="PATIENT",
+                    series_instance_uid=self.uid("keyimages", "series"),
+                    series_number=SERIES_NUMBERS["keyimages"],
+                    sop_instance_uid=self.uid("keyimages", "instance", self.input_key, k),
+                    instance_number=first + i,
+                    manufacturer=MANUFACTURER,
+                    patient_orientation=orientation or ("L", "P"),
+                    pixel_spacing=(
+                        (spacing[0] / scale, spacing[1] / scale)
+                        if len(spacing) == 2 and min(spacing) > 0
+                        else None
+                    ),
+                    transfer_syntax_uid="1.2.840.10008.1.2.1",
+                    manufacturer_model_name=self.model.name,
+                    software_versions=self.model.version or "unknown",
+                    series_description=self._description("AI key images"),
+                    contributing_equipment=[self._contributing_equipment()],
+                )
+            for element in sc:  # highdicom copies dates and times as DA/TM objects; keep plain text
+                if element.VR in ("DA", "TM", "DT") and element.VM == 1 and element.value:
+                    element.value = str(element.value)
+            if orientation is None:
+                sc.PatientOrientation = None  # Type 2: known to be unknown
+            sc.Laterality = src.get("Laterality", None)  # Type 2C (paired body parts); empty if unknown
+            sc.ImageType = ["DERIVED", "SECONDARY"]
+            sc.ConversionType = "WSD"  # a workstation rendered it
+            sc.BurnedInAnnotation = "YES"
+            sc.LossyImageCompression = "00"
+            sc.DerivationDescription = clean(
+                f"{ki.BANNER}. Source image windowed, {self.model.name} result drawn over it", "ST"
+            )
+            sc.ImageComments = clean(f"{ki.BANNER}; {' '.join(self._title_lines()[1:])}", "LT")
+            ref = Dataset()
+            ref.ReferencedSOPClassUID = src.SOPClassUID
+            ref.ReferencedSOPInstanceUID = src.SOPInstanceUID
+            sc.SourceImageSequence = [ref]
+            images.append(sc)
+        return images
+
+    def _contributing_equipment(self) -> hd.ContributingEquipment:
+        """The AI as Processing Equipment (IHE AIR: the producing algorithm named in the header)."""
+        return hd.ContributingEquipment(
+            manufacturer=MANUFACTURER,
+            purpose_of_reference=codes.DCM.ProcessingEquipment,
+            manufacturer_model_name=self.model.name,
+            software_versions=self.model.version or "unknown",
+            contribution_description=clean(
+                f"AI result by {self.model.name} ({self.model.backend or 'unknown backend'})", "ST"
+            ),
+        )
 
     # -- TID 2000 narrative ----------------------------------------------------------
     def build_narrative(self) -> hd.sr.EnhancedSR:

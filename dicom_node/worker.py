@@ -179,6 +179,16 @@ def run_analyze(job: Job, ctx: StepContext) -> None:
             f"the series changed since its last analysis; the new objects replace {replaced} earlier one(s)",
         )
     objects = writer.build_all()
+    if rule.key_images:
+        try:
+            objects += writer.key_image_outputs()
+        except (ValueError, OSError, RadBridgeError) as exc:  # e.g. a source slice that cannot be decoded
+            # The key images are a courtesy copy: the SEG and SRs still go out without them.
+            ctx.index.add_event(
+                job.study_instance_uid,
+                "key images not written",
+                f"rule '{rule.name}': {type(exc).__name__}: {exc}",
+            )
     step("build_ms")
     written = [keep_output(ctx.spool, ctx.index, obj.kind, obj.dataset) for obj in objects]
     step("write_ms")

@@ -120,7 +120,10 @@ def _code(c: Code) -> pb.Code:
 
 
 def pack_mask(mask: Mask) -> bytes:
-    """Bit-pack a mask (numpy packbits, C order, big bit order)."""
+    """A mask's bytes: bit-packed (numpy packbits, C order, big bit order), or a probability map's
+    bytes as they are (one a voxel, C order)."""
+    if mask.fractional:
+        return np.ascontiguousarray(mask.voxels).tobytes()
     return np.packbits(mask.voxels, axis=None).tobytes()
 
 
@@ -187,8 +190,10 @@ def task_result_to_pb(r: TaskResult) -> pb.TaskResult:
             category=_code(k.category),
             type=_code(k.type),
             cielab=list(k.cielab),
-            packed_bytes=(k.voxels.size + 7) // 8,
-            voxel_count=int(k.voxels.sum()),
+            packed_bytes=k.voxels.size if k.fractional else (k.voxels.size + 7) // 8,
+            voxel_count=int(np.count_nonzero(k.voxels >= 128)) if k.fractional else int(k.voxels.sum()),
+            encoding=pb.MASK_ENCODING_FRACTIONAL_UINT8 if k.fractional else pb.MASK_ENCODING_BINARY_PACKBITS,
+            max_fractional_value=255 if k.fractional else 0,
         )
     if r.report is not None:
         msg.report.CopyFrom(

@@ -121,7 +121,8 @@ class Box:
 
 @dataclass(frozen=True)
 class Mask:
-    """A binary mask over the whole volume (slices, rows, columns), bool."""
+    """A mask over the whole volume (slices, rows, columns): bool (binary), or uint8 for a
+    probability map (0..255 for probability 0..1; sent as MASK_ENCODING_FRACTIONAL_UINT8)."""
 
     segment_number: int
     label: str
@@ -131,10 +132,14 @@ class Mask:
     voxels: np.ndarray
 
     def __post_init__(self) -> None:
-        if self.voxels.dtype != np.bool_ or self.voxels.ndim != 3:
-            raise ValueError("Mask voxels must be a 3-D bool array.")
+        if self.voxels.dtype not in (np.bool_, np.uint8) or self.voxels.ndim != 3:
+            raise ValueError("Mask voxels must be a 3-D bool array (or uint8 for a probability map).")
         if not 1 <= self.segment_number < 65536:
             raise ValueError("Segment number must be a positive integer below 65536.")
+
+    @property
+    def fractional(self) -> bool:
+        return self.voxels.dtype == np.uint8
 
 
 @dataclass(frozen=True)

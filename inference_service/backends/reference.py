@@ -196,6 +196,18 @@ class ReferenceBackend(Backend):
         if self._memo is not None and id(self._memo[1]) == masks_id:
             self._memo = None
 
+    def _mask_voxels(self, mask: np.ndarray) -> np.ndarray:
+        """The binary mask, or with ``options.probability_maps`` a probability map: the mask
+        smoothed in-plane (Gaussian, sigma 1 voxel), so that its edges carry fractional values.
+        It exercises the FRACTIONAL path end to end; it is not a calibrated probability."""
+        if not self.config.options.get("probability_maps", False):
+            return mask
+        out = np.empty(mask.shape, dtype=np.uint8)
+        for k in range(mask.shape[0]):
+            soft = ndimage.gaussian_filter(mask[k].astype(np.float32), sigma=1.0)
+            out[k] = np.clip(np.round(soft * 255), 0, 255).astype(np.uint8)
+        return out
+
     @property
     def tasks(self) -> frozenset[TaskKind]:
         return frozenset({TaskKind.SEGMENT, TaskKind.REPORT, TaskKind.DETECT})
@@ -247,7 +259,7 @@ class ReferenceBackend(Backend):
                 (3, "Soft tissue", TISSUE, SOFT_TISSUE, LAB_SOFT, "soft"),
             ]
             for number, label, cat, typ, lab, key in specs:
-                result.masks.append(Mask(number, label, cat, typ, lab, m[key]))
+                result.masks.append(Mask(number, label, cat, typ, lab, self._mask_voxels(m[key])))
                 result.measurements.append(Measurement(VOLUME, round(ml[key], 1), ML, number))
         elif task is TaskKind.DETECT:
             area = np.count_nonzero(m["lungs"], axis=(1, 2))
@@ -286,7 +298,14 @@ class ReferenceBackend(Backend):
         result = TaskResult(task=task, prompt_id=f"reference-xray-{task.value}")
         if task is TaskKind.SEGMENT:
             result.masks.append(
-                Mask(1, "Foreground", ANATOMICAL_STRUCTURE, BODY_STRUCTURE, LAB_FOREGROUND, fg[None])
+                Mask(
+                    1,
+                    "Foreground",
+                    ANATOMICAL_STRUCTURE,
+                    BODY_STRUCTURE,
+                    LAB_FOREGROUND,
+                    self._mask_voxels(fg[None]),
+                )
             )
             result.measurements.append(Measurement(MEAN, round(mean, 4), NO_UNITS, 1))
             result.measurements.append(Measurement(STDDEV, round(std, 4), NO_UNITS, 1))

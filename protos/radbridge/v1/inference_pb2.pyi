@@ -24,6 +24,12 @@ class PixelType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PIXEL_TYPE_INT16: _ClassVar[PixelType]
     PIXEL_TYPE_UINT16: _ClassVar[PixelType]
     PIXEL_TYPE_FLOAT32: _ClassVar[PixelType]
+
+class MaskEncoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MASK_ENCODING_UNSPECIFIED: _ClassVar[MaskEncoding]
+    MASK_ENCODING_BINARY_PACKBITS: _ClassVar[MaskEncoding]
+    MASK_ENCODING_FRACTIONAL_UINT8: _ClassVar[MaskEncoding]
 TASK_KIND_UNSPECIFIED: TaskKind
 TASK_KIND_REPORT: TaskKind
 TASK_KIND_VQA: TaskKind
@@ -36,6 +42,9 @@ PIXEL_TYPE_UINT8: PixelType
 PIXEL_TYPE_INT16: PixelType
 PIXEL_TYPE_UINT16: PixelType
 PIXEL_TYPE_FLOAT32: PixelType
+MASK_ENCODING_UNSPECIFIED: MaskEncoding
+MASK_ENCODING_BINARY_PACKBITS: MaskEncoding
+MASK_ENCODING_FRACTIONAL_UINT8: MaskEncoding
 
 class Code(_message.Message):
     __slots__ = ("value", "scheme", "meaning")
@@ -192,7 +201,7 @@ class Box(_message.Message):
     def __init__(self, slice_index: _Optional[int] = ..., row_min: _Optional[float] = ..., column_min: _Optional[float] = ..., row_max: _Optional[float] = ..., column_max: _Optional[float] = ..., finding: _Optional[_Union[Code, _Mapping]] = ..., label: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
 
 class MaskInfo(_message.Message):
-    __slots__ = ("segment_number", "label", "category", "type", "cielab", "packed_bytes", "voxel_count")
+    __slots__ = ("segment_number", "label", "category", "type", "cielab", "packed_bytes", "voxel_count", "encoding", "max_fractional_value")
     SEGMENT_NUMBER_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
     CATEGORY_FIELD_NUMBER: _ClassVar[int]
@@ -200,6 +209,8 @@ class MaskInfo(_message.Message):
     CIELAB_FIELD_NUMBER: _ClassVar[int]
     PACKED_BYTES_FIELD_NUMBER: _ClassVar[int]
     VOXEL_COUNT_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
+    MAX_FRACTIONAL_VALUE_FIELD_NUMBER: _ClassVar[int]
     segment_number: int
     label: str
     category: Code
@@ -207,7 +218,9 @@ class MaskInfo(_message.Message):
     cielab: _containers.RepeatedScalarFieldContainer[int]
     packed_bytes: int
     voxel_count: int
-    def __init__(self, segment_number: _Optional[int] = ..., label: _Optional[str] = ..., category: _Optional[_Union[Code, _Mapping]] = ..., type: _Optional[_Union[Code, _Mapping]] = ..., cielab: _Optional[_Iterable[int]] = ..., packed_bytes: _Optional[int] = ..., voxel_count: _Optional[int] = ...) -> None: ...
+    encoding: MaskEncoding
+    max_fractional_value: int
+    def __init__(self, segment_number: _Optional[int] = ..., label: _Optional[str] = ..., category: _Optional[_Union[Code, _Mapping]] = ..., type: _Optional[_Union[Code, _Mapping]] = ..., cielab: _Optional[_Iterable[int]] = ..., packed_bytes: _Optional[int] = ..., voxel_count: _Optional[int] = ..., encoding: _Optional[_Union[MaskEncoding, str]] = ..., max_fractional_value: _Optional[int] = ...) -> None: ...
 
 class MaskChunk(_message.Message):
     __slots__ = ("segment_number", "offset", "data")

@@ -354,8 +354,13 @@ class RadBridgeClient:
                         f"Mask {info.segment_number} arrived with {len(data)} of {info.packed_bytes} bytes.",
                         grpc.StatusCode.DATA_LOSS,
                     )
-                bits = np.unpackbits(np.frombuffer(bytes(data), dtype=np.uint8), count=n_voxels)
-                mask = bits.reshape(shape).astype(bool)
+                if info.encoding == pb.MASK_ENCODING_FRACTIONAL_UINT8:
+                    # A probability map: the segment is its voxels of probability >= 0.5.
+                    values = np.frombuffer(bytes(data), dtype=np.uint8)
+                    mask = (values >= ((info.max_fractional_value or 255) + 1) // 2).reshape(shape)
+                else:
+                    bits = np.unpackbits(np.frombuffer(bytes(data), dtype=np.uint8), count=n_voxels)
+                    mask = bits.reshape(shape).astype(bool)
                 out.masks[info.segment_number] = mask[::-1].copy() if flipped else mask
                 out.segments[info.segment_number] = info
             out.boxes.extend(task.boxes)

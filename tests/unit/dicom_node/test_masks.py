@@ -29,3 +29,77 @@ def test_packed_mask_refuses_bytes_of_another_shape() -> None:
         PackedMask(b"\x00" * 3, (2, 4, 4))
     with pytest.raises(IndexError):
         PackedMask(b"\x00" * 4, (2, 4, 4))[2]
+
+
+# -- probability maps (MASK_ENCODING_FRACTIONAL_UINT8) ------------------------------------------
+def test_fractional_mask_is_its_voxels_of_probability_at_least_half() -> None:
+    from dicom_node.masks import FractionalMask
+
+    values = np.array([[[0, 127, 128], [255, 10, 200]], [[0, 0, 0], [0, 0, 128]]], dtype=np.uint8)
+    mask = FractionalMask(values.tobytes(), values.shape)
+    assert np.array_equal(np.asarray(mask), values >= 128) and np.asarray(mask).dtype == bool
+    assert np.array_equal(mask[0], values[0] >= 128)
+    assert mask.slice_counts().tolist() == [3, 1] and mask.count() == 4 and mask.any()
+    assert mask.fraction()[0, 1, 0] == 1.0 and mask.fraction().dtype == np.float32
+    half = FractionalMask(np.array([0, 1, 2], np.uint8), (1, 1, 3), max_value=2)
+    assert np.asarray(half).tolist() == [[[False, True, True]]]  # 1 of 2 is probability 0.5
+
+
+@pytest.mark.parametrize(
+    ("data", "max_value", "message"),
+    [
+        (b"\x00" * 5, 255, "do not hold"),
+        (b"\x00\x03", 2, "above max_fractional_value"),
+        (b"\x00\x00", 0, "1..255"),
+    ],
+)
+def test_fractional_mask_refuses_bad_input(data: bytes, max_value: int, message: str) -> None:
+    from dicom_node.masks import FractionalMask
+
+    with pytest.raises(ValueError, match=message):
+        FractionalMask(data, (1, 1, 2), max_value)
+
+
+def _result_with_mask(**info: object):  # noqa: ANN202
+    from protos.radbridge.v1 import inference_pb2 as pb
+
+    return pb.AnalysisResult(tasks=[pb.TaskResult(masks=[pb.MaskInfo(segment_number=1, **info)])])
+
+
+def test_unpack_masks_by_encoding() -> None:
+    from dicom_node.client import unpack_masks
+    from dicom_node.masks import FractionalMask, PackedMask
+    from protos.radbridge.v1 import inference_pb2 as pb
+
+    shape = (1, 2, 4)
+    packed = np.packbits(np.ones(shape, bool)).tobytes()
+    for encoding in (
+        pb.MASK_ENCODING_UNSPECIFIED,
+        pb.MASK_ENCODING_BINARY_PACKBITS,
+    ):  # old services: unspecified
+        masks = unpack_masks(
+            _result_with_mask(packed_bytes=1, encoding=encoding), {1: bytearray(packed)}, shape
+        )
+        assert isinstance(masks[1], PackedMask) and np.asarray(masks[1]).all()
+    probabilities = bytearray(range(0, 256, 32))
+    result = _result_with_mask(
+        packed_bytes=8, encoding=pb.MASK_ENCODING_FRACTIONAL_UINT8, max_fractional_value=255
+    )
+    masks = unpack_masks(result, {1: probabilities}, shape)
+    assert isinstance(masks[1], FractionalMask) and masks[1].probabilities.ravel().tolist() == list(
+        probabilities
+    )
+
+
+def test_unpack_masks_refuses_an_unknown_encoding_or_a_bad_value() -> None:
+    from dicom_node.client import unpack_masks
+    from dicom_node.errors import InferenceRejected
+    from protos.radbridge.v1 import inference_pb2 as pb
+
+    with pytest.raises(InferenceRejected, match="encoding 7 is unknown"):
+        unpack_masks(_result_with_mask(packed_bytes=1, encoding=7), {1: bytearray(b"\xff")}, (1, 1, 8))
+    result = _result_with_mask(
+        packed_bytes=2, encoding=pb.MASK_ENCODING_FRACTIONAL_UINT8, max_fractional_value=100
+    )
+    with pytest.raises(InferenceRejected, match="above max_fractional_value"):
+        unpack_masks(result, {1: bytearray(b"\x00\xc8")}, (1, 1, 2))

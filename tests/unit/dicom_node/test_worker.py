@@ -163,6 +163,69 @@ def test_completion_and_exports_do_not_wait_behind_a_long_analysis(
         worker.stop()
 
 
+@pytest.mark.parametrize("broken", [False, True])
+def test_key_images_follow_the_rule_and_never_hold_back_the_seg_and_sr(
+    tmp_path: Path, small_ct_files: list[Path], monkeypatch: pytest.MonkeyPatch, broken: bool
+) -> None:
+    """A rule with key_images adds the SC series to the outputs; if they cannot be built (here: a
+    source slice that cannot be read), the SEG and SRs are still written and the history says why."""
+    import pydicom
+
+    from dicom_node.results import SERIES_NUMBERS, ResultWriter
+    from dicom_node.spool import InstanceRef
+    from dicom_node.volume import read_series
+    from tests.reference_run import analyze_reference
+
+    outcome = analyze_reference(read_series(small_ct_files))
+
+    class ReferenceClient:
+        address = "in-process"
+
+        def analyze_upload(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            return outcome
+
+        def close(self) -> None:
+            pass
+
+    if broken:
+
+        def unreadable(self: ResultWriter) -> list:
+            raise ValueError("A key image needs the source image's pixels")
+
+        monkeypatch.setattr(ResultWriter, "build_key_images", unreadable)
+    rule = RoutingRule(name="ct-keys", match=RuleMatch(modality=["CT"]), tasks=["segment"], key_images=True)
+    settings = NodeSettings(spool=SpoolSection(tmp_path / "spool"), routing=RoutingSection(rules=[rule]))
+    from dataclasses import replace
+
+    ctx = replace(_ctx(tmp_path, settings), client_factory=ReferenceClient)
+    for path in small_ct_files:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        ref = InstanceRef(
+            ds.SOPInstanceUID,
+            ds.SOPClassUID,
+            ds.StudyInstanceUID,
+            ds.SeriesInstanceUID,
+            "1.2.840.10008.1.2.1",
+            path,
+            1,
+        )
+        ctx.index.add_instance(ref, "CT", "SCU", now=0.0)
+    study = str(ds.StudyInstanceUID)
+    ctx.index.complete_study(study, 1.0, now=10.0)
+    assert run_job(ctx.index.claim_job(), ctx) is JobState.SUCCEEDED  # route
+    assert run_job(ctx.index.claim_job(), ctx) is JobState.SUCCEEDED  # analyze
+    outputs = sorted(p.name.split("-")[0] for p in ctx.spool.output_dir(study).iterdir())
+    assert "seg" in outputs and "measurements" in outputs
+    key_images = [p for p in ctx.spool.output_dir(study).iterdir() if p.name.startswith("keyimages-")]
+    events = {e["event"]: e["detail"] for e in ctx.index.events(study)}
+    if broken:
+        assert not key_images and "needs the source image's pixels" in events["key images not written"]
+    else:
+        assert key_images and "key images not written" not in events
+        for path in key_images:
+            assert pydicom.dcmread(path).SeriesNumber == SERIES_NUMBERS["keyimages"]
+
+
 def test_a_resampled_series_is_named_once_in_the_history(tmp_path: Path, small_ct_files: list[Path]) -> None:
     """The gap is in the history before inference, and a retried attempt does not repeat it."""
     from dataclasses import replace

@@ -90,3 +90,30 @@ def test_geometry_validation() -> None:
         Geometry((1, 2, 2), (1, 1, 1), (1, 0, 0), (0, 0, 0), "CT")
     with pytest.raises(ValueError, match="does not match"):
         Volume(np.zeros((2, 2, 2)), Geometry((1, 2, 2), (1, 1, 1), (1, 0, 0, 0, 1, 0), (0, 0, 0), "CT"))
+
+
+def test_probability_maps_option_sends_fractional_masks() -> None:
+    """options.probability_maps: uint8 probability maps whose >= 0.5 part is the binary mask, sent
+    as MASK_ENCODING_FRACTIONAL_UINT8 (one byte a voxel); without it, bit-packed binary masks."""
+    from inference_service.assembly import pack_mask, result_to_pb
+    from inference_service.types import AnalysisResult
+    from protos.radbridge.v1 import inference_pb2 as pb
+
+    volume = _ct(8)
+    item = WorkItem(volume, AnalysisSpec("", (TaskKind.SEGMENT,)))
+    plain = ReferenceBackend(ModelConfig("reference", "reference"))
+    soft = ReferenceBackend(ModelConfig("reference", "reference", options={"probability_maps": True}))
+    (binary,) = plain.run([item], TaskKind.SEGMENT)
+    (fractional,) = soft.run([item], TaskKind.SEGMENT)
+    for b, f in zip(binary.masks, fractional.masks, strict=True):
+        assert b.voxels.dtype == bool and f.voxels.dtype == np.uint8 and f.fractional
+        assert np.any((f.voxels > 0) & (f.voxels < 255))  # fractional at the edges
+        assert np.mean((f.voxels >= 128) == b.voxels) > 0.99  # the same structure
+        assert len(pack_mask(f)) == f.voxels.size and len(pack_mask(b)) == (b.voxels.size + 7) // 8
+    infos = result_to_pb(AnalysisResult(soft.identity, [fractional])).tasks[0].masks
+    assert all(
+        i.encoding == pb.MASK_ENCODING_FRACTIONAL_UINT8 and i.max_fractional_value == 255 for i in infos
+    )
+    assert all(i.packed_bytes == volume.voxels.size for i in infos)
+    infos = result_to_pb(AnalysisResult(plain.identity, [binary])).tasks[0].masks
+    assert all(i.encoding == pb.MASK_ENCODING_BINARY_PACKBITS for i in infos)

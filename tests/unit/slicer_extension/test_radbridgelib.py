@@ -294,3 +294,26 @@ def test_mutual_tls_with_a_client_certificate(pki: Pki, tmp_path: Path) -> None:
 def test_tls_needs_both_certificate_and_key(pki: Pki) -> None:
     with pytest.raises(ValueError, match="both tls_cert_file and tls_key_file"):
         ServiceSection(tls_cert_file=pki.server_crt)
+
+
+def test_probability_maps_arrive_as_the_same_binary_masks(
+    client: lib.RadBridgeClient, ct: np.ndarray
+) -> None:
+    """A service whose model sends probability maps (MASK_ENCODING_FRACTIONAL_UINT8): the panel
+    gets each segment as its voxels of probability >= 0.5, the same structure as the binary mask."""
+    from inference_service.config import ModelSection
+
+    settings = ServiceSettings(
+        inference_service=ServiceSection(port=0),
+        models={"reference": ModelSection(backend="reference", options={"probability_maps": True})},
+    )
+    binary = client.analyze(ct, oblique_ijk_to_ras(), ["segment"])
+    with (
+        EmbeddedInferenceService(settings) as svc,
+        lib.RadBridgeClient(svc.address, deadline_s=120) as soft_client,
+    ):
+        soft = soft_client.analyze(ct, oblique_ijk_to_ras(), ["segment"])
+    assert soft.masks.keys() == binary.masks.keys()
+    for number, mask in soft.masks.items():
+        assert mask.dtype == bool and mask.shape == ct.shape
+        assert np.mean(mask == binary.masks[number]) > 0.99
