@@ -36,10 +36,11 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, dimse_messages, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.attributes import check_uid, identifiers, searchable_attributes
+from dicom_node.commitment import handle_event_report
 from dicom_node.config import ScpSection
 from dicom_node.errors import (
     InvalidInstance,
@@ -448,9 +449,14 @@ def start_scp(settings: ScpSection, spool: Spool, index: Index) -> ThreadedAssoc
     for context in AllStoragePresentationContexts:
         ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
     ae.add_supported_context(Verification)
+    # Storage Commitment reports (N-EVENT-REPORT) for our exports: the PACS opens the association
+    # and proposes the SCP role for itself (SCP/SCU Role Selection), which is accepted; it may not
+    # ask us to commit anything (we are not a commitment SCP: no N-ACTION handler).
+    ae.add_supported_context(StorageCommitmentPushModel, scu_role=False, scp_role=True)
     handlers = [
         (evt.EVT_C_STORE, handle_store, [spool, index, GroupCommitter(index)]),
         (evt.EVT_C_ECHO, handle_echo),
+        (evt.EVT_N_EVENT_REPORT, handle_event_report, [index]),
         (evt.EVT_REJECTED, handle_rejected),
     ]
     server = ae.make_server(
