@@ -34,8 +34,9 @@ from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, dimse_messages, evt
-from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, acse, dimse_messages, evt, presentation
+from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation
+from pynetdicom.presentation import AllStoragePresentationContexts, PresentationContext
 from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -78,6 +79,23 @@ def _staged_file(*args: Any, **kwargs: Any) -> Any:
     return tempfile.NamedTemporaryFile(*args, **kwargs)
 
 
+def _negotiate_keeping_roles(
+    rq_contexts: list[PresentationContext],
+    ac_contexts: list[PresentationContext],
+    roles: dict[Any, tuple[bool | None, bool | None]] | None = None,
+) -> tuple[list[PresentationContext], list[SCP_SCU_RoleSelectionNegotiation]]:
+    """pynetdicom 3.0's ``negotiate_unrestricted`` returns the SCP/SCU Role Selection replies of
+    the storage contexts only and drops those of the others it negotiates normally. A PACS that
+    proposes the SCP role to send its N-EVENT-REPORT (Orthanc does) would get no reply item, which
+    means the default roles (it as SCU): here the replies of the non-storage contexts are kept."""
+    result, storage_roles = presentation.negotiate_unrestricted(rq_contexts, ac_contexts, roles)
+    _, other_roles = presentation.negotiate_as_acceptor(
+        [cx for cx in rq_contexts if str(cx.abstract_syntax) == StorageCommitmentPushModel], ac_contexts, roles
+    )
+    replies = {str(r.sop_class_uid): r for r in [*storage_roles, *other_roles]}
+    return result, [replies[uid] for uid in sorted(replies)]
+
+
 def configure_pynetdicom(staging_dir: Path | None = None) -> None:
     """Process-wide pynetdicom switches: no identifiers in logs, accept unknown storage classes,
     and stream each received C-STORE data set to a file in ``staging_dir`` as its PDUs arrive
@@ -86,6 +104,7 @@ def configure_pynetdicom(staging_dir: Path | None = None) -> None:
     _config.LOG_REQUEST_IDENTIFIERS = False
     _config.LOG_RESPONSE_IDENTIFIERS = False
     _config.UNRESTRICTED_STORAGE_SERVICE = True
+    acse.negotiate_unrestricted = _negotiate_keeping_roles  # type: ignore[attr-defined]
     if staging_dir is not None:
         _staging_dir = staging_dir
         dimse_messages.NamedTemporaryFile = _staged_file  # type: ignore[attr-defined]

@@ -22,12 +22,12 @@ from typing import Any
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, build_role, evt
 from pynetdicom.sop_class import StorageCommitmentPushModel
 
 from dicom_node.commitment import PUSH_MODEL_INSTANCE
 from dicom_node.config import ExportSection, ExportTarget, NodeSettings, SpoolSection
-from dicom_node.index import CommitmentState, Delivery, Index, Job, JobKind, JobState
+from dicom_node.index import Commitment, CommitmentState, Delivery, Index, Job, JobKind, JobState
 from dicom_node.results import ResultWriter
 from dicom_node.spool import Spool, uid_key
 from dicom_node.status import StudyStatus, derive, describe
@@ -370,3 +370,53 @@ def _listening(port: int) -> bool:
         return True
     except OSError:
         return False
+
+
+class TestNodeScpReports:
+    """The node's SCP as the PACS's reports reach it: SCP role accepted, every answer specific."""
+
+    @staticmethod
+    def _send(port: int, event_type: int, info: Dataset) -> tuple[int, str]:
+        ae = AE(ae_title="PACS")
+        ae.add_requested_context(StorageCommitmentPushModel)
+        role = build_role(StorageCommitmentPushModel, scp_role=True)  # as Orthanc proposes it
+        assoc = ae.associate("127.0.0.1", port, ae_title=NODE_AE, ext_neg=[role])
+        assert assoc.is_established
+        try:
+            (context,) = assoc.accepted_contexts
+            accepted_role = "SCP" if context.as_scp else "SCU"  # our role, as the requestor sees it
+            status, _ = assoc.send_n_event_report(
+                info, event_type, StorageCommitmentPushModel, PUSH_MODEL_INSTANCE
+            )
+            return int(status.Status), accepted_role
+        finally:
+            assoc.release()
+
+    def test_a_known_transaction_is_recorded_and_others_are_refused(self, start_node_scp: StartScp) -> None:
+        port, _, index = start_node_scp()
+        now = time.time()
+        index.add_job(JobKind.EXPORT, "k", "1.2.3", {"path": "x", "target": "pacs"})
+        job_id = index.jobs()[0].id
+        asked = [("1.2.840.10008.5.1.4.1.1.66.4", "1.2.3.4.5")]
+        index.add_commitment(
+            Commitment("2.25.99", job_id, "1.2.3", "pacs", asked, CommitmentState.AWAITING, "", now, now + 60)
+        )
+        info = Dataset()
+        info.TransactionUID = "2.25.99"
+        item = Dataset()
+        item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = asked[0]
+        info.ReferencedSOPSequence = [item]
+
+        assert self._send(port, 1, info) == (0x0000, "SCP")  # the PACS acts as SCP on its association
+        request = index.commitment("2.25.99")
+        assert (
+            request.state is CommitmentState.COMMITTED and request.detail == "PACS: 1 instance(s) committed"
+        )
+        assert self._send(port, 1, info)[0] == 0x0000  # a repeat is answered, the first report counts
+
+        unknown = Dataset()
+        unknown.TransactionUID = "2.25.100"
+        unknown.ReferencedSOPSequence = [item]
+        assert self._send(port, 1, unknown)[0] == 0x0115  # invalid argument value: not our transaction
+        assert self._send(port, 7, info)[0] == 0x0113  # no such event type
+        assert self._send(port, 2, info)[0] == 0x0115  # failures exist, yet no Failed SOP Sequence
