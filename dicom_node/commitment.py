@@ -246,11 +246,11 @@ class CommitmentRequester:
             self.index.judge_commitment(self.transaction_uid, CommitmentState.FAILED)
             raise ExportError(f"N-ACTION (storage commitment) to {where} failed: {exc}") from exc
         code = getattr(status, "Status", None)
-        if code not in (0x0000,):
+        if code != 0x0000:
             self.index.judge_commitment(self.transaction_uid, CommitmentState.FAILED)
             comment = status.get("ErrorComment", "") if status else "no response"
             detail = f"N-ACTION (storage commitment) to {where} failed: status {_hex(code)} {comment}".strip()
-            if code is not None and not (dimse_status_is_transient(int(code)) or code == 0x0213):
+            if code is not None and not dimse_status_is_transient(int(code)):  # as for C-STORE
                 raise PermanentExportError(detail)
             raise ExportError(detail)
         deadline = time.monotonic() + self.target.commitment_hold_s

@@ -16,6 +16,9 @@ TLS (scp.tls_cert_file) the same bounds hold: the TLS handshake happens in the
 connection's thread within the same time limit (never in the accepting thread),
 then the first PDU is read through TLS, checked, and replayed to pynetdicom.
 Called AE titles other than scp.ae_title are rejected (scp.require_called_aet).
+
+The SCP also takes the Storage Commitment reports (N-EVENT-REPORT) a PACS sends for the node's
+exports on a new association (dicom_node.commitment), granting the SCP role the PACS proposes.
 """
 
 from __future__ import annotations
