@@ -280,7 +280,8 @@ def outcome(index: Index, request: Commitment, where: str, now: float | None = N
         waited = request.deadline_time - request.requested_time
         raise CommitmentFailed(
             f"no storage commitment report (N-EVENT-REPORT) from {where} within {waited:g} s of the"
-            " N-ACTION; check that the PACS knows our AE title, host and port"
+            " N-ACTION; check that the PACS knows our AE title, host and port, and that"
+            " scp.allowed_calling_aets lets it associate"
         )
     raise AwaitingCommitment(
         f"sent to {where}, awaiting its storage commitment report", request.deadline_time

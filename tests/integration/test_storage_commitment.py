@@ -277,7 +277,7 @@ def test_no_report_within_the_timeout_is_an_export_failure(
         assert failed.last_error == (
             f"CommitmentFailed: no storage commitment report (N-EVENT-REPORT) from ORTHANC@127.0.0.1:"
             f"{orthanc.dicom_port} within 1.5 s of the N-ACTION; check that the PACS knows our AE"
-            " title, host and port"
+            " title, host and port, and that scp.allowed_calling_aets lets it associate"
         )
         assert ctx.index.commitment(transaction).state is CommitmentState.TIMED_OUT
 

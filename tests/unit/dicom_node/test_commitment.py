@@ -292,3 +292,31 @@ class TestExportJob:
             JobKind.EXPORT, "seg->pacs", STUDY, {"path": "/spool/outputs/seg-x.dcm", "target": "pacs"}
         )
         assert _only_job(ctx).delivery is Delivery.NONE and _only_job(ctx).state is JobState.PENDING
+
+
+class TestTargetConfig:
+    def test_keys_come_from_the_toml_and_the_environment(self, tmp_path: Path) -> None:
+        from dicom_node.config import settings_from
+        from radbridge_common.settings import read_layers
+
+        cfg = tmp_path / "node.toml"
+        cfg.write_text(
+            '[export.targets.pacs]\nae_title = "ORTHANC"\nstorage_commitment = true\ncommitment_timeout_s = 30\n'
+        )
+        env = {"RADBRIDGE_EXPORT__TARGETS__PACS__COMMITMENT_HOLD_S": "0.5"}
+        target = settings_from(read_layers(cfg, env)).export.targets["pacs"]
+        assert (target.storage_commitment, target.commitment_timeout_s, target.commitment_hold_s) == (
+            True,
+            30,
+            0.5,
+        )
+        assert ExportTarget().storage_commitment is False  # off unless asked for
+
+    def test_an_unknown_commitment_key_names_itself(self, tmp_path: Path) -> None:
+        from dicom_node.config import settings_from
+        from radbridge_common.settings import ConfigError, read_layers
+
+        cfg = tmp_path / "node.toml"
+        cfg.write_text("[export.targets.pacs]\nstorage_comitment = true\n")
+        with pytest.raises(ConfigError, match="storage_comitment"):
+            settings_from(read_layers(cfg, {}))
