@@ -26,9 +26,10 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, build_role, evt
 from pynetdicom.sop_class import StorageCommitmentPushModel
 
 from dicom_node.commitment import PUSH_MODEL_INSTANCE
-from dicom_node.config import ExportSection, ExportTarget, NodeSettings, SpoolSection
+from dicom_node.config import ExportSection, ExportTarget, NodeSettings, ScpSection, SpoolSection
 from dicom_node.index import Commitment, CommitmentState, Delivery, Index, Job, JobKind, JobState
 from dicom_node.results import ResultWriter
+from dicom_node.scp import start_scp
 from dicom_node.spool import Spool, uid_key
 from dicom_node.status import StudyStatus, derive, describe
 from dicom_node.volume import read_series
@@ -217,6 +218,39 @@ def test_delivery_is_committed_only_after_the_n_event_report(
         ]
         events = [e["event"] for e in ctx.index.events(study)]
         assert events == ["export awaiting commitment", "export committed", "export done"]
+
+
+def test_a_report_arriving_after_a_restart_completes_the_export(
+    tmp_path: Path, result_files: dict[str, Path], relay_factory: Callable[[int], GatedRelay]
+) -> None:
+    spool = Spool(tmp_path / "spool")
+    index = Index(spool.index_path)
+    before = start_scp(ScpSection(port=0, ae_title=NODE_AE), spool, index)
+    relay = relay_factory(before.server_address[1])
+    with _orthanc(tmp_path, relay.port) as orthanc:
+        target = _target(orthanc.dicom_port, commitment_hold_s=0.2)
+        _queue(_ctx(index, spool, target), result_files["seg"])
+        assert _run_due(_ctx(index, spool, target)) == [JobState.PENDING]
+        _until(lambda: relay.connections == 1, "Orthanc's association for the report")
+        before.shutdown()  # the node stops while the report waits at the gate
+        index.close()
+
+        index = Index(spool.index_path)  # and starts again, on the same spool
+        after = start_scp(ScpSection(port=0, ae_title=NODE_AE), spool, index)
+        try:
+            ctx = _ctx(index, spool, target)
+            assert _job(ctx, "seg").delivery is Delivery.AWAITING_COMMITMENT
+            relay.upstream_port = after.server_address[1]
+            relay.gate.set()
+            _until(lambda: _job(ctx, "seg").next_try_time <= time.time(), "the report to wake the job")
+            assert _run_due(ctx) == [JobState.SUCCEEDED]
+            assert _job(ctx, "seg").delivery is Delivery.COMMITTED
+            assert (
+                len(orthanc.find_instances(StudyInstanceUID=_study_uid(result_files["seg"]))) == 1
+            )  # sent once
+        finally:
+            after.shutdown()
+            index.close()
 
 
 def test_an_object_acknowledged_but_not_kept_fails_commitment_and_is_retried(
