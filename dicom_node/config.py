@@ -253,7 +253,8 @@ class InferenceSection:
 
 @dataclass(frozen=True)
 class ExportTarget:
-    """A destination: ``type = "dicom"`` (C-STORE SCU) or ``"dicomweb"`` (STOW-RS to ``url``)."""
+    """A destination: ``type = "dicom"`` (C-STORE SCU, optionally with Storage Commitment) or
+    ``"dicomweb"`` (STOW-RS to ``url``)."""
 
     type: str = "dicom"
     host: str = "127.0.0.1"

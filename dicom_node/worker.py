@@ -1,7 +1,8 @@
 """The job loop: claim a due job, run its step, record the new state.
 
 Steps: route (study -> analyze jobs), analyze (series -> volume -> gRPC ->
-SR/SEG written to the spool's outputs -> export jobs), export (C-STORE).
+SR/SEG written to the spool's outputs -> export jobs), export (C-STORE or STOW-RS;
+with Storage Commitment the job waits, PENDING, for the PACS's report: dicom_node.commitment).
 Every step is idempotent, so a job cut off by a crash simply runs again.
 """
 
