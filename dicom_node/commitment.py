@@ -24,6 +24,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import evt
+from pynetdicom.association import Association
 from pynetdicom.sop_class import StorageCommitmentPushModel, StorageCommitmentPushModelInstance
 
 from dicom_node.config import ExportTarget
@@ -154,11 +155,8 @@ def handle_event_report(event: evt.Event, index: Index) -> tuple[int, Dataset | 
     try:
         report = parse_report(int(req.EventTypeID or 0), event.event_information)
     except ValueError as exc:
-        status = (
-            NO_SUCH_EVENT_TYPE
-            if req.EventTypeID not in (ALL_COMMITTED, FAILURES_EXIST)
-            else (INVALID_ARGUMENT_VALUE)
-        )
+        known_type = req.EventTypeID in (ALL_COMMITTED, FAILURES_EXIST)
+        status = INVALID_ARGUMENT_VALUE if known_type else NO_SUCH_EVENT_TYPE
         logger.warning(
             "N-EVENT-REPORT refused", extra={**log, "status": f"0x{status:04X}", "reason": str(exc)}
         )
@@ -204,6 +202,7 @@ class CommitmentRequester:
     transaction_uid: str = ""
 
     def instances(self) -> list[tuple[str, str]]:
+        """(SOP Class UID, SOP Instance UID) of each file, as the N-ACTION names them."""
         pairs = []
         for path in self.paths:
             ds = pydicom.dcmread(
@@ -212,7 +211,7 @@ class CommitmentRequester:
             pairs.append((str(ds.SOPClassUID), str(ds.SOPInstanceUID)))
         return pairs
 
-    def __call__(self, assoc: Any) -> None:
+    def __call__(self, assoc: Association) -> None:
         where = f"{self.target.ae_title}@{self.target.host}:{self.target.port}"
         if not any(c.abstract_syntax == PUSH_MODEL for c in assoc.accepted_contexts):
             raise PermanentExportError(
