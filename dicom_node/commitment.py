@@ -61,6 +61,7 @@ NO_SUCH_EVENT_TYPE = 0x0113
 INVALID_ARGUMENT_VALUE = 0x0115
 NO_SUCH_SOP_CLASS = 0x0118
 PROCESSING_FAILURE = 0x0110
+UNRECOGNISED_OPERATION = 0x0211  # an N-ACTION to us: the node is no commitment SCP
 _POLL_S = 0.05
 _MAX_LISTED = 5
 
@@ -186,6 +187,19 @@ def handle_event_report(event: evt.Event, index: Index) -> tuple[int, Dataset | 
         },
     )
     return EVENT_REPORT_SUCCESS, None
+
+
+def refuse_action(event: evt.Event) -> tuple[int, None]:
+    """EVT_N_ACTION on the SCP: the node asks for commitment, it does not give it (0x0211)."""
+    logger.warning(
+        "N-ACTION refused",
+        extra={
+            "event": "commitment.action_refused",
+            "peer_ae": event.assoc.requestor.ae_title,
+            "status": "0x0211",
+        },
+    )
+    return UNRECOGNISED_OPERATION, None
 
 
 @dataclass

@@ -44,7 +44,7 @@ from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.attributes import check_uid, identifiers, searchable_attributes
-from dicom_node.commitment import handle_event_report
+from dicom_node.commitment import handle_event_report, refuse_action
 from dicom_node.config import ScpSection
 from dicom_node.errors import (
     InvalidInstance,
@@ -479,6 +479,7 @@ def start_scp(settings: ScpSection, spool: Spool, index: Index) -> ThreadedAssoc
         (evt.EVT_C_STORE, handle_store, [spool, index, GroupCommitter(index)]),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_N_EVENT_REPORT, handle_event_report, [index]),
+        (evt.EVT_N_ACTION, refuse_action),
         (evt.EVT_REJECTED, handle_rejected),
     ]
     server = ae.make_server(

@@ -25,7 +25,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, build_role, evt
 from pynetdicom.sop_class import StorageCommitmentPushModel
 
-from dicom_node.commitment import PUSH_MODEL_INSTANCE
+from dicom_node.commitment import PUSH_MODEL_INSTANCE, build_action
 from dicom_node.config import ExportSection, ExportTarget, NodeSettings, ScpSection, SpoolSection
 from dicom_node.index import Commitment, CommitmentState, Delivery, Index, Job, JobKind, JobState
 from dicom_node.results import ResultWriter
@@ -454,3 +454,20 @@ class TestNodeScpReports:
         assert self._send(port, 1, unknown)[0] == 0x0115  # invalid argument value: not our transaction
         assert self._send(port, 7, info)[0] == 0x0113  # no such event type
         assert self._send(port, 2, info)[0] == 0x0115  # failures exist, yet no Failed SOP Sequence
+
+    def test_an_n_action_to_the_node_is_an_unrecognised_operation(self, start_node_scp: StartScp) -> None:
+        port, _, _ = start_node_scp()
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(StorageCommitmentPushModel)  # default roles: it would be the SCU
+        assoc = ae.associate("127.0.0.1", port, ae_title=NODE_AE)
+        assert assoc.is_established
+        try:
+            status, _ = assoc.send_n_action(
+                build_action("2.25.5", [("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4")]),
+                1,
+                StorageCommitmentPushModel,
+                PUSH_MODEL_INSTANCE,
+            )
+            assert status.Status == 0x0211
+        finally:
+            assoc.release()
