@@ -39,7 +39,9 @@ def test_results_are_delivered_only_once_orthanc_commits_them(tmp_path: Path) ->
                 assert study["status"] in ("COMPLETE", "QUEUED", "ANALYSING", "EXPORTING"), study
                 assert time.monotonic() < deadline, f"not DELIVERED in time: {study}"
                 time.sleep(0.5)
+            study, jobs = study_status(cfg, study_uid)
             assert [d["delivery"] for d in study["deliveries"]] == ["committed"] * 4
+            assert [j["delivery"] for j in jobs if j["kind"] == "export"] == ["committed"] * 4
             events = [e["event"] for e in study["history"]]
             assert events.count("export committed") == 4 and events.count("export done") == 4
             for event in (e for e in study["history"] if e["event"] == "export committed"):
