@@ -32,6 +32,8 @@ DEFAULT_MAX_PART_BYTES = 2 * 1024**3  # one instance inside a STOW-RS request
 OHIF_VERSION = "3.13.2"
 DEFAULT_OHIF_DIR = Path.home() / ".cache" / "radbridge" / f"ohif-{OHIF_VERSION}"
 EXPORT_TYPES = ("dicom", "dicomweb")
+DEFAULT_COMMITMENT_TIMEOUT_S = 300.0  # N-ACTION -> N-EVENT-REPORT; Orthanc answers in well under 1 s
+DEFAULT_COMMITMENT_HOLD_S = 5.0
 #: http.auth: "auto" = tokens when any are configured, else open on a loopback host only;
 #: "token" = tokens required; "none" = open on any host (an explicit choice).
 HTTP_AUTH_MODES = ("auto", "none", "token")
@@ -254,7 +256,8 @@ class InferenceSection:
 
 @dataclass(frozen=True)
 class ExportTarget:
-    """A destination: ``type = "dicom"`` (C-STORE SCU) or ``"dicomweb"`` (STOW-RS to ``url``)."""
+    """A destination: ``type = "dicom"`` (C-STORE SCU, optionally with Storage Commitment) or
+    ``"dicomweb"`` (STOW-RS to ``url``)."""
 
     type: str = "dicom"
     host: str = "127.0.0.1"
@@ -274,9 +277,25 @@ class ExportTarget:
     tls_cert_file: Path | None = None  # our client certificate, for a peer that requires one
     tls_key_file: Path | None = None
     tls_server_name: str = ""  # the name the peer's certificate is checked against; "" = host
+    #: dicom: Storage Commitment Push Model after the C-STOREs (N-ACTION); the export counts as
+    #: delivered only once the PACS's N-EVENT-REPORT says every instance is committed.
+    storage_commitment: bool = False
+    #: How long after the N-ACTION a report may come before the export fails (and is retried).
+    commitment_timeout_s: float = DEFAULT_COMMITMENT_TIMEOUT_S
+    #: How long the association stays open after the N-ACTION for a report on it (or on a new
+    #: association to our SCP) before the job is parked to wait for it without blocking exports.
+    commitment_hold_s: float = DEFAULT_COMMITMENT_HOLD_S
 
     def __post_init__(self) -> None:
         check_pair(self.tls_cert_file, self.tls_key_file, "An export target")
+        if self.storage_commitment and self.type != "dicom":
+            raise ValueError("storage_commitment applies to dicom export targets only (C-STORE).")
+        for key in ("commitment_timeout_s", "commitment_hold_s"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                raise ValueError(f"An export target's {key} must be a number >= 0, not {value!r}.")
+        if self.commitment_timeout_s <= 0:
+            raise ValueError("An export target's commitment_timeout_s must be positive.")
         if self.type == "dicomweb" and self.uses_tls and not self.url.startswith("https://"):
             raise ValueError(
                 f"A dicomweb export target with tls_* keys needs an https url, not {self.url!r}."

@@ -12,9 +12,11 @@ RadBridgeError
  ├ InferenceUnavailable  job retried with backoff (service down, deadline)
  ├ InferenceRejected     job FAILED (the service refused the request)
  ├ DeidentificationRefused  job FAILED (a de-identifying route cannot send the series, e.g. burned-in text)
- └ ExportError           job retried with backoff, then DEAD_LETTER
-   └ PermanentExportError  not retried: DEAD_LETTER at once (the peer refused for good:
-                           STOW-RS 4xx, FailureReason 0x0122/0x0124/0xA9xx/0xCxxx)
+ ├ ExportError           job retried with backoff, then DEAD_LETTER
+ │ ├ PermanentExportError  not retried: DEAD_LETTER at once (the peer refused for good:
+ │ │                       STOW-RS 4xx, FailureReason 0x0122/0x0124/0xA9xx/0xCxxx)
+ │ └ CommitmentFailed    Storage Commitment: the PACS reported failures, or no report in time
+ └ AwaitingCommitment    not a failure: the export job waits (PENDING) for the N-EVENT-REPORT
 """
 
 from __future__ import annotations
@@ -125,6 +127,20 @@ class PermanentExportError(ExportError):
     """The destination refused the objects in a way a retry cannot change (parked, not retried)."""
 
     retryable = False
+
+
+class CommitmentFailed(ExportError):
+    """The PACS acknowledged the C-STOREs but did not commit every instance (N-EVENT-REPORT event
+    type 2), or sent no report within commitment_timeout_s: retried like any export failure."""
+
+
+class AwaitingCommitment(RadBridgeError):
+    """The objects are sent and the N-ACTION accepted; the job waits for the N-EVENT-REPORT
+    until ``until`` (epoch seconds) without using up an attempt."""
+
+    def __init__(self, message: str, until: float) -> None:
+        super().__init__(message)
+        self.until = until
 
 
 #: DIMSE status for unexpected errors in a C-STORE handler (processing failure).

@@ -13,6 +13,7 @@ import ssl
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import pydicom
@@ -21,6 +22,7 @@ from dicomweb_client.api import DICOMwebClient
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
+from pynetdicom.association import Association
 
 from dicom_node.auth import read_bearer_token
 from dicom_node.config import ExportTarget
@@ -58,26 +60,40 @@ def _requests_tls(target: ExportTarget) -> tuple[str | bool, tuple[str, str] | N
     return verify, None
 
 
-def send_cstore(paths: Sequence[Path], target: ExportTarget, calling_ae: str) -> None:
+def send_cstore(
+    paths: Sequence[Path],
+    target: ExportTarget,
+    calling_ae: str,
+    *,
+    then: Callable[[Association], None] | None = None,
+    contexts: Sequence[str] = (),
+    handlers: Sequence[tuple[Any, ...]] = (),
+) -> None:
     """One association, one C-STORE per file; any non-success status is an ExportError.
 
     With DICOM TLS the files are read again for each export (a renewed certificate is used
-    without a restart); a handshake the peer refuses is an ExportError, retried.
+    without a restart); a handshake the peer refuses is an ExportError, retried. ``then`` runs
+    on the same association after every C-STORE succeeded (Storage Commitment's N-ACTION), with
+    ``contexts`` (more SOP classes) proposed and ``handlers`` bound for it.
     """
     tls = tls_args(target)
     ae = AE(ae_title=target.calling_ae_title or calling_ae)
-    contexts: set[tuple[str, str]] = set()
+    stored: set[tuple[str, str]] = set()
     for path in paths:
         meta = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
-        contexts.add((str(meta.SOPClassUID), str(meta.file_meta.TransferSyntaxUID)))
-    for sop_class in sorted({c for c, _ in contexts}):
+        stored.add((str(meta.SOPClassUID), str(meta.file_meta.TransferSyntaxUID)))
+    for sop_class in sorted({c for c, _ in stored}):
         syntaxes = sorted(
-            {ts for c, ts in contexts if c == sop_class} | {ExplicitVRLittleEndian, ImplicitVRLittleEndian}
+            {ts for c, ts in stored if c == sop_class} | {ExplicitVRLittleEndian, ImplicitVRLittleEndian}
         )
         ae.add_requested_context(sop_class, syntaxes)
+    for sop_class in contexts:
+        ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     where = f"{target.ae_title}@{target.host}:{target.port}" + (" (TLS)" if tls else "")
     try:
-        assoc = ae.associate(target.host, target.port, ae_title=target.ae_title, tls_args=tls)
+        assoc = ae.associate(
+            target.host, target.port, ae_title=target.ae_title, tls_args=tls, evt_handlers=list(handlers)
+        )
     except Exception as exc:
         raise ExportError(f"Cannot connect to {where}: {exc}") from exc
     if assoc.is_rejected:
@@ -100,6 +116,8 @@ def send_cstore(paths: Sequence[Path], target: ExportTarget, calling_ae: str) ->
                 if code is not None and not dimse_status_is_transient(int(code)):
                     raise PermanentExportError(detail)
                 raise ExportError(detail)
+        if then is not None:
+            then(assoc)
     finally:
         if assoc.is_established:
             assoc.release()

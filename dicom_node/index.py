@@ -74,6 +74,20 @@ CREATE TABLE IF NOT EXISTS uid_crosswalk (
     pseudonym TEXT PRIMARY KEY,
     original TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS commitments (
+    transaction_uid TEXT PRIMARY KEY,
+    job_id INTEGER NOT NULL,
+    study_instance_uid TEXT NOT NULL,
+    target TEXT NOT NULL,
+    instances TEXT NOT NULL,
+    state TEXT NOT NULL,
+    detail TEXT NOT NULL DEFAULT '',
+    requested_time REAL NOT NULL,
+    deadline_time REAL NOT NULL,
+    resolved_time REAL NOT NULL DEFAULT 0,
+    judged INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS commitments_job ON commitments(job_id);
 CREATE TABLE IF NOT EXISTS node (
     key TEXT PRIMARY KEY,
     value INTEGER NOT NULL
@@ -101,6 +115,23 @@ class JobKind(enum.StrEnum):
     EXPORT = "export"
 
 
+class Delivery(enum.StrEnum):
+    """What the destination has acknowledged of an export job's object (``radbridge status``)."""
+
+    NONE = ""  # not sent yet
+    SENT = "sent"  # C-STORE / STOW-RS acknowledged; no commitment asked
+    AWAITING_COMMITMENT = "sent, awaiting commitment"
+    COMMITTED = "committed"
+    COMMITMENT_FAILED = "commitment failed"
+
+
+class CommitmentState(enum.StrEnum):
+    AWAITING = "AWAITING"  # N-ACTION sent, no N-EVENT-REPORT yet
+    COMMITTED = "COMMITTED"  # event type 1 listing every instance asked for
+    FAILED = "FAILED"  # event type 2, or an instance missing from the report
+    TIMED_OUT = "TIMED_OUT"  # no report before the deadline
+
+
 class Origin(enum.StrEnum):
     RECEIVED = "received"  # from a peer; drives completion and routing
     OUTPUT = "output"  # written by RadBridge; visible over DICOMweb, never routed
@@ -116,7 +147,11 @@ _LATER_COLUMNS = {
         "attributes": "TEXT NOT NULL DEFAULT '{}'",
     },
     # times the node stopped while the job was RUNNING (poison detection)
-    "jobs": {"interruptions": "INTEGER NOT NULL DEFAULT 0", "outage_waits": "INTEGER NOT NULL DEFAULT 0"},
+    "jobs": {
+        "interruptions": "INTEGER NOT NULL DEFAULT 0",
+        "outage_waits": "INTEGER NOT NULL DEFAULT 0",
+        "delivery": "TEXT NOT NULL DEFAULT ''",  # Delivery of an export job
+    },
 }
 #: What a job of each kind was doing, for the reason of a poison failure.
 _DOING = {
@@ -141,6 +176,7 @@ class Job:
     outage_waits: int = 0
     created_time: float = 0.0
     updated_time: float = 0.0
+    delivery: Delivery = Delivery.NONE
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Job:
@@ -158,6 +194,38 @@ class Job:
             outage_waits=row["outage_waits"],
             created_time=row["created_time"],
             updated_time=row["updated_time"],
+            delivery=Delivery(row["delivery"]),
+        )
+
+
+@dataclass(frozen=True)
+class Commitment:
+    """One Storage Commitment request (N-ACTION) of an export job, and what the PACS reported."""
+
+    transaction_uid: str
+    job_id: int
+    study_instance_uid: str
+    target: str
+    instances: list[tuple[str, str]]  # (SOP Class UID, SOP Instance UID) asked for
+    state: CommitmentState
+    detail: str
+    requested_time: float
+    deadline_time: float
+    resolved_time: float = 0.0
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> Commitment:
+        return cls(
+            transaction_uid=row["transaction_uid"],
+            job_id=row["job_id"],
+            study_instance_uid=row["study_instance_uid"],
+            target=row["target"],
+            instances=[(c, i) for c, i in json.loads(row["instances"])],
+            state=CommitmentState(row["state"]),
+            detail=row["detail"],
+            requested_time=row["requested_time"],
+            deadline_time=row["deadline_time"],
+            resolved_time=row["resolved_time"],
         )
 
 
@@ -499,7 +567,8 @@ class Index:
             "INSERT INTO jobs (kind, dedupe_key, study_instance_uid, payload, state, attempts, "
             "next_try_time, last_error, created_time, updated_time) VALUES (?,?,?,?,?,0,?,'',?,?) "
             "ON CONFLICT(kind, dedupe_key) DO UPDATE SET payload=excluded.payload, "
-            "state=excluded.state, attempts=0, interruptions=0, outage_waits=0, next_try_time=excluded.next_try_time, last_error='', "
+            "state=excluded.state, attempts=0, interruptions=0, outage_waits=0, delivery='', "
+            "next_try_time=excluded.next_try_time, last_error='', "
             "updated_time=excluded.updated_time WHERE jobs.state NOT IN ('PENDING', 'RUNNING')",
             (kind, key, study_uid, json.dumps(payload, sort_keys=True), JobState.PENDING, now, now, now),
         )
@@ -578,6 +647,96 @@ class Index:
                 "last_error=?, next_try_time=?, updated_time=? WHERE id=?",
                 (JobState.PENDING, error[:500], next_try_time, time.time(), job_id),
             )
+
+    def set_delivery(self, job_id: int, delivery: Delivery) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET delivery=? WHERE id=?", (delivery, job_id))
+
+    def await_commitment(self, job_id: int, detail: str, until: float) -> None:
+        """Park a sent export job (PENDING until ``until``, or until the report wakes it). The
+        attempt is given back: the run that judges the report is the same attempt."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE jobs SET state=?, attempts=MAX(attempts-1, 0), delivery=?, last_error=?, "
+                "next_try_time=?, updated_time=? WHERE id=?",
+                (JobState.PENDING, Delivery.AWAITING_COMMITMENT, detail[:500], until, time.time(), job_id),
+            )
+
+    # -- Storage Commitment (dicom_node.commitment) ------------------------------------
+    def add_commitment(self, commitment: Commitment) -> None:
+        """Record an N-ACTION before it is sent, so that a report racing in finds it."""
+        c = commitment
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO commitments (transaction_uid, job_id, study_instance_uid, target, instances, "
+                "state, detail, requested_time, deadline_time) VALUES (?,?,?,?,?,?,?,?,?)",
+                (
+                    c.transaction_uid,
+                    c.job_id,
+                    c.study_instance_uid,
+                    c.target,
+                    json.dumps([list(pair) for pair in c.instances]),
+                    c.state,
+                    c.detail,
+                    c.requested_time,
+                    c.deadline_time,
+                ),
+            )
+
+    def commitment(self, transaction_uid: str) -> Commitment | None:
+        row = (
+            self._conn()
+            .execute("SELECT * FROM commitments WHERE transaction_uid=?", (transaction_uid,))
+            .fetchone()
+        )
+        return Commitment.from_row(row) if row else None
+
+    def open_commitment(self, job_id: int) -> Commitment | None:
+        """The job's latest commitment request not yet judged by the job (None: send anew)."""
+        row = (
+            self._conn()
+            .execute(
+                "SELECT * FROM commitments WHERE job_id=? AND judged=0 ORDER BY requested_time DESC LIMIT 1",
+                (job_id,),
+            )
+            .fetchone()
+        )
+        return Commitment.from_row(row) if row else None
+
+    def resolve_commitment(
+        self, transaction_uid: str, state: CommitmentState, detail: str, now: float | None = None
+    ) -> bool:
+        """Record the PACS's report (the first one counts) and wake the waiting export job.
+        False when the transaction is not awaiting a report (unknown, already resolved, timed out)."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT job_id, study_instance_uid FROM commitments WHERE transaction_uid=? AND state=?",
+                (transaction_uid, CommitmentState.AWAITING),
+            ).fetchone()
+            if row is None:
+                return False
+            db.execute(
+                "UPDATE commitments SET state=?, detail=?, resolved_time=? WHERE transaction_uid=?",
+                (state, detail[:500], now, transaction_uid),
+            )
+            db.execute(
+                "UPDATE jobs SET next_try_time=MIN(next_try_time, ?) WHERE id=? AND state=?",
+                (now, row["job_id"], JobState.PENDING),
+            )
+            word = "committed" if state is CommitmentState.COMMITTED else "not committed"
+            self._event(db, row["study_instance_uid"], now, f"export {word}", detail)
+        return True
+
+    def judge_commitment(self, transaction_uid: str, state: CommitmentState | None = None) -> None:
+        """The job has acted on this request (``state``: TIMED_OUT when no report came)."""
+        with self._tx() as db:
+            if state is not None:
+                db.execute(
+                    "UPDATE commitments SET state=? WHERE transaction_uid=? AND state=?",
+                    (state, transaction_uid, CommitmentState.AWAITING),
+                )
+            db.execute("UPDATE commitments SET judged=1 WHERE transaction_uid=?", (transaction_uid,))
 
     def retry_dead_letters(self, study_uid: str | None = None) -> int:
         """Operator's retry: DEAD_LETTER jobs (of one study, or all) become PENDING with fresh attempts."""

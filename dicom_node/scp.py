@@ -16,6 +16,9 @@ TLS (scp.tls_cert_file) the same bounds hold: the TLS handshake happens in the
 connection's thread within the same time limit (never in the accepting thread),
 then the first PDU is read through TLS, checked, and replayed to pynetdicom.
 Called AE titles other than scp.ae_title are rejected (scp.require_called_aet).
+
+The SCP also takes the Storage Commitment reports (N-EVENT-REPORT) a PACS sends for the node's
+exports on a new association (dicom_node.commitment), granting the SCP role the PACS proposes.
 """
 
 from __future__ import annotations
@@ -34,13 +37,15 @@ from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, dimse_messages, evt
-from pynetdicom.presentation import AllStoragePresentationContexts
-from pynetdicom.sop_class import Verification
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, acse, dimse_messages, evt, presentation
+from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation
+from pynetdicom.presentation import AllStoragePresentationContexts, PresentationContext
+from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node import reactor
 from dicom_node.attributes import check_uid, identifiers, searchable_attributes
+from dicom_node.commitment import handle_event_report, refuse_action
 from dicom_node.config import ScpSection
 from dicom_node.errors import (
     InvalidInstance,
@@ -79,6 +84,23 @@ def _staged_file(*args: Any, **kwargs: Any) -> Any:
     return tempfile.NamedTemporaryFile(*args, **kwargs)
 
 
+def _negotiate_keeping_roles(
+    rq_contexts: list[PresentationContext],
+    ac_contexts: list[PresentationContext],
+    roles: dict[Any, tuple[bool | None, bool | None]] | None = None,
+) -> tuple[list[PresentationContext], list[SCP_SCU_RoleSelectionNegotiation]]:
+    """pynetdicom 3.0's ``negotiate_unrestricted`` returns the SCP/SCU Role Selection replies of
+    the storage contexts only and drops those of the others it negotiates normally. A PACS that
+    proposes the SCP role to send its N-EVENT-REPORT (Orthanc does) would get no reply item, which
+    means the default roles (it as SCU): here the replies of the non-storage contexts are kept."""
+    result, storage_roles = presentation.negotiate_unrestricted(rq_contexts, ac_contexts, roles)
+    _, other_roles = presentation.negotiate_as_acceptor(
+        [cx for cx in rq_contexts if str(cx.abstract_syntax) == StorageCommitmentPushModel], ac_contexts, roles
+    )
+    replies = {str(r.sop_class_uid): r for r in [*storage_roles, *other_roles]}
+    return result, [replies[uid] for uid in sorted(replies)]
+
+
 def configure_pynetdicom(staging_dir: Path | None = None) -> None:
     """Process-wide pynetdicom switches: no identifiers in logs, accept unknown storage classes,
     event-driven association loops (dicom_node.reactor), and stream each received C-STORE data set to a file in ``staging_dir`` as its PDUs arrive
@@ -87,6 +109,7 @@ def configure_pynetdicom(staging_dir: Path | None = None) -> None:
     _config.LOG_REQUEST_IDENTIFIERS = False
     _config.LOG_RESPONSE_IDENTIFIERS = False
     _config.UNRESTRICTED_STORAGE_SERVICE = True
+    acse.negotiate_unrestricted = _negotiate_keeping_roles  # type: ignore[attr-defined]
     if staging_dir is not None:
         _staging_dir = staging_dir
         dimse_messages.NamedTemporaryFile = _staged_file  # type: ignore[attr-defined]
@@ -459,9 +482,15 @@ def start_scp(settings: ScpSection, spool: Spool, index: Index) -> ThreadedAssoc
     for context in AllStoragePresentationContexts:
         ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
     ae.add_supported_context(Verification)
+    # Storage Commitment reports (N-EVENT-REPORT) for our exports: the PACS opens the association
+    # and proposes the SCP role for itself (SCP/SCU Role Selection), which is accepted; it may not
+    # ask us to commit anything (we are not a commitment SCP: no N-ACTION handler).
+    ae.add_supported_context(StorageCommitmentPushModel, scu_role=False, scp_role=True)
     handlers = [
         (evt.EVT_C_STORE, handle_store, [spool, index, GroupCommitter(index)]),
         (evt.EVT_C_ECHO, handle_echo),
+        (evt.EVT_N_EVENT_REPORT, handle_event_report, [index]),
+        (evt.EVT_N_ACTION, refuse_action),
         (evt.EVT_REJECTED, handle_rejected),
     ]
     server = ae.make_server(

@@ -9,6 +9,10 @@ RECEIVING -> COMPLETE -> QUEUED -> ANALYSING -> EXPORTING -> DELIVERED, or UNROU
 matched), PARTIALLY_FAILED (some series or objects failed, others delivered), FAILED (nothing
 delivered), DEAD_LETTER (results exist but the destination refused them; ``radbridge retry``).
 
+An export to a Storage Commitment target stays EXPORTING ("sent, awaiting commitment") until the
+PACS's report says every instance is committed; each export's delivery is listed under
+``deliveries``.
+
 Texts name series by number and modality and objects by kind, never by patient data.
 """
 
@@ -20,7 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from dicom_node.index import Index, Job, JobKind, JobState, StudyState
+from dicom_node.index import Delivery, Index, Job, JobKind, JobState, StudyState
 from dicom_node.spool import uid_key
 
 
@@ -84,7 +88,9 @@ def derive(
         f"{job_label(j, labels)}: {j.last_error or str(j.state).lower()}" for j in jobs if j.state in _BAD
     ]
     retrying = [
-        f"{job_label(j, labels)} will be retried (attempt {j.attempts}): {j.last_error}"
+        f"{job_label(j, labels)}: {j.delivery} ({j.last_error})"
+        if j.delivery is Delivery.AWAITING_COMMITMENT
+        else f"{job_label(j, labels)} will be retried (attempt {j.attempts}): {j.last_error}"
         for j in jobs
         if j.state is JobState.PENDING and j.last_error
     ]
@@ -127,6 +133,19 @@ def describe(index: Index, study: dict[str, Any], history: bool = False) -> dict
         "updated": _iso(max([study["updated_time"], *(j.updated_time for j in jobs)])),
         "jobs": {str(state).lower(): sum(j.state is state for j in jobs) for state in JobState if jobs},
     }
+    exports = [j for j in jobs if j.kind is JobKind.EXPORT]
+    if exports:
+        # What each destination acknowledged: "sent", "sent, awaiting commitment", "committed",
+        # "commitment failed: <why>" (Storage Commitment targets), "" while not sent.
+        doc["deliveries"] = [
+            {
+                "what": job_label(j, labels),
+                "delivery": f"{j.delivery}: {j.last_error}"
+                if j.delivery is Delivery.COMMITMENT_FAILED and j.last_error
+                else str(j.delivery) or "not sent",
+            }
+            for j in exports
+        ]
     if history:
         doc["history"] = [
             {"time": _iso(e["time"]), "event": e["event"], "detail": e["detail"]} for e in index.events(uid)

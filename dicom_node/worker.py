@@ -1,7 +1,8 @@
 """The job loop: claim a due job, run its step, record the new state.
 
 Steps: route (study -> analyze jobs), analyze (series -> volume -> gRPC ->
-SR/SEG written to the spool's outputs -> export jobs), export (C-STORE).
+SR/SEG written to the spool's outputs -> export jobs), export (C-STORE or STOW-RS;
+with Storage Commitment the job waits, PENDING, for the PACS's report: dicom_node.commitment).
 Every step is idempotent, so a job cut off by a crash simply runs again.
 """
 
@@ -21,12 +22,19 @@ from pydicom.dataset import Dataset
 
 from dicom_node.attributes import searchable_attributes
 from dicom_node.client import AnalysisOutcome, ProgressHandler, Upload, make_spec
+from dicom_node.commitment import export_committed
 from dicom_node.completion import complete_quiet_studies
 from dicom_node.config import NodeSettings, RoutingRule
 from dicom_node.deidentify import UidCrosswalk, check_pixels, deidentify_header, load_key, reidentify_result
-from dicom_node.errors import DeidentificationRefused, ExportError, InferenceRejected, RadBridgeError
+from dicom_node.errors import (
+    AwaitingCommitment,
+    DeidentificationRefused,
+    ExportError,
+    InferenceRejected,
+    RadBridgeError,
+)
 from dicom_node.export import export
-from dicom_node.index import Index, Job, JobKind, JobState, StudyState
+from dicom_node.index import Delivery, Index, Job, JobKind, JobState, StudyState
 from dicom_node.metrics import ANALYSIS_SECONDS, EXPORTS, JOB_OUTCOMES, JOBS_RESUMED
 from dicom_node.results import SERIES_NUMBERS, ResultWriter
 from dicom_node.routing import RulePlanner, group_series, route
@@ -271,7 +279,14 @@ def run_export(job: Job, ctx: StepContext) -> None:
     target = ctx.settings.export.targets.get(job.payload["target"])
     if target is None:
         raise RadBridgeError(f"Export target {job.payload['target']!r} no longer exists in the config.")
-    export([Path(job.payload["path"])], target, ctx.settings.scp.ae_title)
+    paths = [Path(job.payload["path"])]
+    if target.storage_commitment:
+        export_committed(
+            ctx.index, job.id, job.study_instance_uid, job.payload["target"], target, paths, ctx.settings.scp.ae_title
+        )
+        return
+    export(paths, target, ctx.settings.scp.ae_title)
+    ctx.index.set_delivery(job.id, Delivery.SENT)
 
 
 STEPS: dict[JobKind, Callable[[Job, StepContext], None]] = {
@@ -312,6 +327,12 @@ def run_job(job: Job, ctx: StepContext) -> JobState:
         _history(ctx, job, "started", f"attempt {job.attempts}")
     try:
         STEPS[job.kind](job, ctx)
+    except AwaitingCommitment as exc:
+        # Sent; the PACS's report wakes the job (or the deadline does): no attempt is used.
+        ctx.index.await_commitment(job.id, str(exc), exc.until)
+        _count(job, "awaiting_commitment", started)
+        _history(ctx, job, "awaiting commitment", str(exc))
+        return JobState.PENDING
     except Exception as exc:
         retryable = isinstance(exc, RadBridgeError) and exc.retryable
         max_attempts, backoff, cap = _policy(ctx, job.kind)

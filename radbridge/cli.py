@@ -185,6 +185,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 "interruptions": job.interruptions,
                 "study_key": uid_key(job.study_instance_uid),
                 "error": job.last_error,
+                "delivery": str(job.delivery),  # exports: sent / awaiting commitment / committed / …
             }
         )
     print(json.dumps(doc, indent=2))

@@ -168,11 +168,20 @@ class OrthancServer:
 
     aet = "ORTHANC"
 
-    def __init__(self, workdir: Path, modalities: dict[str, list[Any]] | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        modalities: dict[str, Any] | None = None,
+        extra_config: dict[str, Any] | None = None,
+    ) -> None:
+        """``modalities``: Orthanc's DicomModalities (a list [AET, host, port] or an object with
+        "AET", "Host", "Port" and "Allow…" keys, e.g. "AllowStorageCommitment" for a node whose
+        exports it commits); ``extra_config``: more configuration keys (e.g. "LuaScripts")."""
         self.workdir = Path(workdir)
         self.dicom_port = free_port()
         self.http_port = free_port()
         self.modalities = modalities or {}
+        self.extra_config = extra_config or {}
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.workdir / "orthanc.log"
 
@@ -200,6 +209,7 @@ class OrthancServer:
             "Plugins": [DICOMWEB_PLUGIN],
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
             "DicomModalities": self.modalities,
+            **self.extra_config,
         }
 
     def start(self, timeout_s: float = 30.0) -> OrthancServer:
