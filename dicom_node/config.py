@@ -332,7 +332,9 @@ class PullSource(ExportTarget):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.retrieve not in PULL_RETRIEVE:
-            raise ValueError(f"A pull source's retrieve {self.retrieve!r} is not one of {', '.join(PULL_RETRIEVE)}.")
+            raise ValueError(
+                f"A pull source's retrieve {self.retrieve!r} is not one of {', '.join(PULL_RETRIEVE)}."
+            )
         if self.move_destination:
             _check_ae(self.move_destination, "pull source move_destination")
 

@@ -1,4 +1,5 @@
-"""The DICOM SCP: C-ECHO and C-STORE of every storage SOP class and transfer syntax.
+"""The DICOM SCP: C-ECHO, C-STORE of every storage SOP class and transfer syntax, and
+Study Root Query/Retrieve C-FIND and C-MOVE over the spool (dicom_node.query).
 
 The C-STORE handler does I/O only: the data set, as sent, goes to a
 ``*.partial`` file in the spool's staging directory (written by the handler, or,
@@ -36,7 +37,11 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, dimse_messages, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import (
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.attributes import check_uid, identifiers, searchable_attributes
@@ -51,6 +56,7 @@ from dicom_node.errors import (
 from dicom_node.group_commit import GroupCommitter
 from dicom_node.index import Index, ReceivedInstance
 from dicom_node.metrics import BYTES_RECEIVED, INSTANCES_RECEIVED, INSTANCES_REFUSED
+from dicom_node.query import handle_find, handle_move
 from dicom_node.spool import TMP_SUFFIX, Spool, open_private, uid_key
 from radbridge_common.tls import server_context
 
@@ -453,6 +459,17 @@ def start_scp(settings: ScpSection, spool: Spool, index: Index) -> ThreadedAssoc
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_REJECTED, handle_rejected),
     ]
+    if settings.query_retrieve:
+        ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+        ae.add_supported_context(StudyRootQueryRetrieveInformationModelMove)
+        destinations = {
+            aet: (address.rpartition(":")[0], int(address.rpartition(":")[2]))
+            for aet, address in settings.move_destinations.items()
+        }
+        handlers += [
+            (evt.EVT_C_FIND, handle_find, [index, settings.ae_title]),
+            (evt.EVT_C_MOVE, handle_move, [index, destinations]),
+        ]
     server = ae.make_server(
         (settings.host, settings.port),
         evt_handlers=handlers,
