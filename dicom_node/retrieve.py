@@ -190,7 +190,11 @@ def find_study(source: PullSource, ae_title: str, *, study_uid: str = "", access
     try:
         for status, identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
             if not status:
-                raise PullError(f"{_source_where(source)} did not answer the C-FIND (timeout or abort).")
+                raise PullError(
+                    f"{_source_where(source)} did not answer the C-FIND (timeout or abort). A PACS that"
+                    f" does not know our calling AE title {source.calling_ae_title or ae_title!r} may"
+                    " refuse it so: register it there (Orthanc: DicomModalities)."
+                )
             if status.Status in PENDING and identifier is not None:
                 count = identifier.get("NumberOfStudyRelatedInstances")
                 found.append(
@@ -256,16 +260,18 @@ def _follow(
 
 def _move(source: PullSource, ae_title: str, found: FoundStudy, progress: Progress) -> PullOutcome:
     destination = source.move_destination or ae_title
-    where = _source_where(source)
 
     def hint(status: Dataset) -> str:
-        if int(status.Status) == MOVE_DESTINATION_UNKNOWN:
-            return (
-                f" The PACS does not know (or cannot reach) move destination {destination!r}: register it"
-                " there with this node's host and DICOM port (Orthanc: DicomModalities), and check that"
-                " `radbridge serve` is running."
-            )
-        return f" Check that {where} can open an association to {destination!r} (`radbridge serve` running)."
+        # Orthanc answers 0xC000 for a destination it does not know; others 0xA801 (PS3.4 C.4.2.1.5).
+        unknown = (
+            " (0xA801: the destination is unknown there)"
+            if int(status.Status) == MOVE_DESTINATION_UNKNOWN
+            else ""
+        )
+        return (
+            f" The PACS must know move destination {destination!r}{unknown} with this node's host and"
+            " DICOM port (Orthanc: DicomModalities), and reach it there (`radbridge serve` running)."
+        )
 
     assoc = _associate(source, ae_title, [StudyRootQueryRetrieveInformationModelMove])
     try:
