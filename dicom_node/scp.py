@@ -130,7 +130,10 @@ def handle_store(
     started = time.monotonic()
     committer = committer or GroupCommitter(index)
     staged: Path | None = None
-    peer_ae = event.assoc.requestor.ae_title
+    # The peer: the requestor, or the acceptor when the C-STORE comes back on our own C-GET
+    # association (dicom_node.retrieve reuses this handler).
+    assoc = event.assoc
+    peer_ae = (assoc.acceptor if assoc.is_requestor else assoc.requestor).ae_title
     context = event.context
     log: dict[str, Any] = {
         "event": "cstore",

@@ -132,6 +132,7 @@ def test_pull_by_accession_number_with_cget(
     index = Index(spool.index_path)
     try:
         _assert_pulled(index, study_uid, small_ct_files)
+        assert {r.calling_aet for r in index.study_instances(study_uid)} == {orthanc.aet}  # the peer
     finally:
         index.close()
 
