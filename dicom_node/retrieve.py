@@ -10,7 +10,8 @@ PACS needed, but only the storage SOP classes proposed, uncompressed). A
 "dicomweb" source is asked with QIDO-RS and read with WADO-RS; the multipart
 response is spooled part by part by the STOW-RS receiver (same checks, same
 fsync-then-index). When every instance is in, the study is completed at once
-(no quiet window) and its route job queued for the node's worker.
+(no quiet window) and its route job queued for the node's worker. The same
+pull is `POST /pull` on the node's HTTP front (pull_request).
 
 Errors are PullError with what the PACS said (DIMSE status and Error Comment,
 or HTTP status and body) or why it could not be reached.
@@ -23,6 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
 import requests
 from pydicom.dataset import Dataset
 from pynetdicom import AE, StoragePresentationContexts, build_role, evt
@@ -34,10 +36,12 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
 )
 from python_multipart.exceptions import MultipartParseError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 
 from dicom_node.attributes import check_uid
 from dicom_node.auth import read_bearer_token
-from dicom_node.config import HttpSection, PullSource
+from dicom_node.config import HttpSection, NodeSettings, PullSource
 from dicom_node.errors import InvalidInstance, PullError, StowRequestError, StudyNotFound
 from dicom_node.export import _rejection, _requests_tls, _where, tls_args
 from dicom_node.index import Index
@@ -405,3 +409,62 @@ def _pull_dicomweb(
         outcome.expected = outcome.received + outcome.failed
     progress(outcome.received, outcome.expected)
     return outcome
+
+
+# -- POST /pull on the node's HTTP front -------------------------------------------------
+async def pull_request(request: Request, settings: NodeSettings, spool: Spool, index: Index) -> Response:
+    """``POST /pull`` with ``{"source": NAME, "study": UID}`` (or ``"accession"``): the same pull as
+    `radbridge pull`, answered when it is over (write scope). 200 with the counts when the whole
+    study is in the spool and queued; 400 bad request or unknown source; 404 no such study; 502
+    the PACS refused or could not be reached, or the study came incomplete (with the counts)."""
+    try:
+        body = await request.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        return _error(400, 'The body must be JSON: {"source": NAME, "study": UID} or "accession".')
+    sources = settings.pull.sources
+    name = str(body.get("source") or (next(iter(sources)) if len(sources) == 1 else ""))
+    if name not in sources:
+        return _error(
+            400, f"Unknown pull source {name!r}; configured: {', '.join(sorted(sources)) or 'none'}."
+        )
+    study, accession = str(body.get("study") or ""), str(body.get("accession") or "")
+    if bool(study) == bool(accession):
+        return _error(400, 'Name the study by "study" (StudyInstanceUID) or "accession" (one of them).')
+    try:
+        if study:
+            check_uid(study, "study")
+    except InvalidInstance as exc:
+        return _error(400, str(exc))
+    try:
+        outcome = await anyio.to_thread.run_sync(
+            lambda: pull_study(
+                sources[name], spool, index, settings.scp.ae_title, study_uid=study, accession=accession
+            )
+        )
+    except StudyNotFound as exc:
+        return _error(404, str(exc))
+    except PullError as exc:
+        return _error(502, str(exc))
+    result = {
+        "source": name,
+        "study_instance_uid": outcome.study_instance_uid,
+        "expected": outcome.expected,
+        "received": outcome.received,
+        "failed": outcome.failed,
+        "indexed": outcome.indexed,
+    }
+    if outcome.failed or not outcome.indexed:
+        return JSONResponse(
+            {
+                "error": {"code": 502, "message": "The study came incomplete; it is not queued."},
+                "result": result,
+            },
+            status_code=502,
+        )
+    return JSONResponse(result)
+
+
+def _error(code: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=code)

@@ -156,6 +156,53 @@ def test_pull_by_qido_and_wado_from_orthanc_dicomweb(tmp_path: Path, small_ct_fi
         index.close()
 
 
+def test_post_pull_on_the_node_http_front(tmp_path: Path, small_ct_files: list[Path]) -> None:
+    """POST /pull: the same pull over HTTP (write scope), answered when it is over."""
+    import requests
+
+    from dicom_node.config import settings_from
+    from dicom_node.http import HttpServer, create_app
+
+    spool = Spool(tmp_path / "spool")
+    index = Index(spool.index_path)
+    try:
+        with _orthanc(tmp_path / "orthanc") as orthanc:
+            study_uid = _upload(orthanc, small_ct_files)
+            settings = settings_from(
+                {
+                    "spool": {"directory": str(spool.root)},
+                    "pull": {"sources": {"web": {"type": "dicomweb", "url": orthanc.dicomweb_url}}},
+                }
+            )
+            server = HttpServer(create_app(settings, spool, index, host="127.0.0.1"), "127.0.0.1", 0)
+            url = f"http://127.0.0.1:{server.start()}/pull"
+            try:
+                ok = requests.post(url, json={"source": "web", "study": study_uid}, timeout=120)
+                missing = requests.post(url, json={"study": "1.2.3.4.5"}, timeout=60)
+                unknown = requests.post(url, json={"source": "nope", "study": study_uid}, timeout=60)
+                bad = requests.post(url, json={"study": "../x"}, timeout=60)
+            finally:
+                server.stop()
+        n = len(small_ct_files)
+        assert ok.status_code == 200, ok.text
+        assert ok.json() == {
+            "source": "web",
+            "study_instance_uid": study_uid,
+            "expected": n,
+            "received": n,
+            "failed": 0,
+            "indexed": n,
+        }
+        _assert_pulled(index, study_uid, small_ct_files)
+        assert missing.status_code == 404 and "has no study with StudyInstanceUID 1.2.3.4.5" in missing.text
+        assert (
+            unknown.status_code == 400 and "Unknown pull source 'nope'" in unknown.json()["error"]["message"]
+        )
+        assert bad.status_code == 400 and "Invalid UID" in bad.json()["error"]["message"]
+    finally:
+        index.close()
+
+
 # -- pull errors ----------------------------------------------------------------------------
 def test_unknown_study_is_a_clear_cli_error(
     tmp_path: Path, small_ct_files: list[Path], capsys: pytest.CaptureFixture[str]
