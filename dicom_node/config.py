@@ -1,8 +1,9 @@
 """NodeSettings: the DICOM node's typed, frozen configuration.
 
-Sections: [scp], [http], [viewer], [spool], [completion], [routing]
-(+ [[routing.rules]]), [inference], [export] (+ [export.targets.<name>]),
-[worker], [deidentification]. Every key can be
+Sections: [scp] (+ [scp.move_destinations]), [http], [viewer], [spool],
+[completion], [routing] (+ [[routing.rules]]), [inference], [export]
+(+ [export.targets.<name>]), [pull] (+ [pull.sources.<name>]), [worker],
+[deidentification]. Every key can be
 overridden by RADBRIDGE_<SECTION>__<KEY>; defaults are safe on one machine.
 """
 
@@ -42,6 +43,8 @@ DEFAULT_SESSION_TTL_S = 12 * 3600.0  # a browser login (cookie) lasts this long
 SECRET_KEYS = ("token", "tokens", "bearer_token", "password")
 SECTIONS = ("scp", "http", "viewer", "spool", "completion", "routing", "inference", "export", "worker", "logging")
 SECTIONS += ("deidentification",)  # the crosswalk key of de-identifying routes
+SECTIONS += ("pull",)  # PACS that `radbridge pull` fetches studies from (dicom_node.retrieve)
+PULL_RETRIEVE = ("move", "get")  # a "dicom" pull source: C-MOVE to our AE, or C-GET on one association
 TASKS = ("report", "vqa", "classify", "detect", "segment", "embed")
 
 
@@ -72,9 +75,18 @@ class ScpSection:
     #: CA of the client certificates; with tls_require_client_cert a peer without one is refused.
     tls_ca_file: Path | None = None
     tls_require_client_cert: bool = False
+    #: Study Root Query/Retrieve FIND and MOVE SCP over the spool (received studies and results).
+    query_retrieve: bool = True
+    #: C-MOVE destinations the node sends to: AE title -> "host:port"; any other is 0xA801.
+    move_destinations: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check_ae(self.ae_title, "scp.ae_title")
+        for aet, address in self.move_destinations.items():
+            _check_ae(aet, "scp.move_destinations")
+            host, _, port = str(address).rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"scp.move_destinations.{aet} {address!r} must be host:port.")
         check_pair(self.tls_cert_file, self.tls_key_file, "scp")
         if self.tls_cert_file is None and (self.tls_ca_file is not None or self.tls_require_client_cert):
             raise ValueError(
@@ -329,6 +341,32 @@ class ExportSection:
 
 
 @dataclass(frozen=True)
+class PullSource(ExportTarget):
+    """A PACS `radbridge pull` fetches from, in an export target's shape: ``type = "dicom"``
+    (C-FIND, then C-MOVE to ``move_destination`` or C-GET, per ``retrieve``) or ``"dicomweb"``
+    (QIDO-RS, then WADO-RS from ``url``)."""
+
+    retrieve: str = "move"  # one of PULL_RETRIEVE
+    #: The AE title the PACS moves to (it must know it, with our host and port); "" = scp.ae_title.
+    move_destination: str = ""
+    timeout_s: float = 600.0  # dicomweb: per request; dicom: the wait for each C-FIND/C-MOVE answer
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.retrieve not in PULL_RETRIEVE:
+            raise ValueError(
+                f"A pull source's retrieve {self.retrieve!r} is not one of {', '.join(PULL_RETRIEVE)}."
+            )
+        if self.move_destination:
+            _check_ae(self.move_destination, "pull source move_destination")
+
+
+@dataclass(frozen=True)
+class PullSection:
+    sources: dict[str, PullSource] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class WorkerSection:
     threads: int = 2
     poll_interval_s: float = 0.5
@@ -389,6 +427,7 @@ class NodeSettings:
     routing: RoutingSection = field(default_factory=RoutingSection)
     inference: InferenceSection = field(default_factory=InferenceSection)
     export: ExportSection = field(default_factory=ExportSection)
+    pull: PullSection = field(default_factory=PullSection)
     worker: WorkerSection = field(default_factory=WorkerSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
     deidentification: DeidentificationSection = field(default_factory=DeidentificationSection)
@@ -412,15 +451,17 @@ def _refuse_secrets(data: dict[str, Any]) -> None:
                 f"viewer.{key} is refused: secrets never go in the config. Name a file with"
                 " viewer.upstream_token_file, or an environment variable with viewer.upstream_token_env."
             )
-    targets = data.get("export", {}).get("targets", {}) if isinstance(data.get("export"), dict) else {}
-    for name, target in targets.items() if isinstance(targets, dict) else ():
-        for key in SECRET_KEYS:
-            if isinstance(target, dict) and key in target:
-                raise ConfigError(
-                    f"export.targets.{name}.{key} is refused: secrets never go in the config. Name a"
-                    f" file with export.targets.{name}.token_file, or an environment variable with"
-                    f" export.targets.{name}.token_env."
-                )
+    for section, group in (("export", "targets"), ("pull", "sources")):
+        targets = data.get(section, {}).get(group, {}) if isinstance(data.get(section), dict) else {}
+        for name, target in targets.items() if isinstance(targets, dict) else ():
+            for key in SECRET_KEYS:
+                if isinstance(target, dict) and key in target:
+                    where = f"{section}.{group}.{name}"
+                    raise ConfigError(
+                        f"{where}.{key} is refused: secrets never go in the config. Name a"
+                        f" file with {where}.token_file, or an environment variable with"
+                        f" {where}.token_env."
+                    )
 
 
 def settings_from(data: dict[str, Any]) -> NodeSettings:

@@ -133,6 +133,54 @@ def _element(vr: str, *values: Any) -> dict[str, Any]:
     return {"vr": vr, "Value": list(values)} if values else {"vr": vr}
 
 
+# -- matching, shared by QIDO-RS and the C-FIND/C-MOVE SCP (dicom_node.query) ----------------
+def study_matches(index: Index, terms: dict[str, str]) -> list[dict[str, Any]]:
+    """Study-level DICOM JSON of every study matching ``terms`` (8-hex tag -> QIDO value), with
+    ModalitiesInStudy and the numbers of related series and instances."""
+    terms = dict(terms)
+    modalities = terms.pop(f"{tag_for_keyword('ModalitiesInStudy'):08X}", "")
+    wanted = {m.strip().upper() for m in re.split(r"[,\\]", modalities) if m.strip()}
+    out = []
+    for study in index.search_studies():
+        doc = {TAGS[k]: study.attributes[TAGS[k]] for k in STUDY_KEYWORDS if TAGS[k] in study.attributes}
+        doc[TAGS["StudyInstanceUID"]] = _element("UI", study.study_instance_uid)
+        if not _matches(doc, terms):
+            continue
+        if wanted and not wanted & set(study.modalities):
+            continue
+        doc["00080061"] = _element("CS", *study.modalities)
+        doc["00201206"] = _element("IS", study.series)
+        doc["00201208"] = _element("IS", study.instances)
+        out.append(doc)
+    return out
+
+
+def series_matches(index: Index, study_uid: str, terms: dict[str, str]) -> list[dict[str, Any]]:
+    """Series-level DICOM JSON of the series of one study matching ``terms``."""
+    out = []
+    for series in index.search_series(study_uid):
+        doc = {k: v for k, v in series.attributes.items() if k not in _instance_tags()}
+        doc[TAGS["StudyInstanceUID"]] = _element("UI", study_uid)
+        doc[TAGS["SeriesInstanceUID"]] = _element("UI", series.series_instance_uid)
+        if not _matches(doc, terms):
+            continue
+        doc["00201209"] = _element("IS", series.instances)
+        out.append(doc)
+    return out
+
+
+def instance_matches(
+    index: Index, study_uid: str, series_uid: str | None, terms: dict[str, str]
+) -> list[tuple[StoredInstance, dict[str, Any]]]:
+    """The instances of one study (or series) matching ``terms``, each with its DICOM JSON."""
+    out = []
+    for inst in index.search_instances(study_uid, series_uid):
+        doc = dict(inst.attributes)
+        if _matches(doc, terms):
+            out.append((inst, doc))
+    return out
+
+
 class DicomWeb:
     """The read-only DICOMweb routes over one index; ``root`` is the public URL prefix."""
 
@@ -189,40 +237,20 @@ class DicomWeb:
     # -- QIDO ------------------------------------------------------------------------
     async def search_studies(self, request: Request) -> Response:
         terms, limit, offset = _query_terms(request)
-        modalities = terms.pop(f"{tag_for_keyword('ModalitiesInStudy'):08X}", "")
         base = self.base_url(request)
-        out = []
-        for study in self.index.search_studies():
-            doc = {TAGS[k]: study.attributes[TAGS[k]] for k in STUDY_KEYWORDS if TAGS[k] in study.attributes}
-            doc[TAGS["StudyInstanceUID"]] = _element("UI", study.study_instance_uid)
-            if not _matches(doc, terms):
-                continue
-            wanted = {m.strip().upper() for m in re.split(r"[,\\]", modalities) if m.strip()}
-            if wanted and not wanted & set(study.modalities):
-                continue
-            doc["00080061"] = _element("CS", *study.modalities)
-            doc["00201206"] = _element("IS", study.series)
-            doc["00201208"] = _element("IS", study.instances)
-            doc["00081190"] = _element("UR", f"{base}/studies/{study.study_instance_uid}")
-            out.append(doc)
+        out = study_matches(self.index, terms)
+        for doc in out:
+            doc["00081190"] = _element("UR", f"{base}/studies/{doc[TAGS['StudyInstanceUID']]['Value'][0]}")
         return JSONResponse(_page(out, limit, offset), media_type=DICOM_JSON)
 
     async def search_series(self, request: Request) -> Response:
         terms, limit, offset = _query_terms(request)
         study_uid = request.path_params["study"]
         base = self.base_url(request)
-        out = []
-        for series in self.index.search_series(study_uid):
-            doc = {k: v for k, v in series.attributes.items() if k not in _instance_tags()}
-            doc[TAGS["StudyInstanceUID"]] = _element("UI", study_uid)
-            doc[TAGS["SeriesInstanceUID"]] = _element("UI", series.series_instance_uid)
-            if not _matches(doc, terms):
-                continue
-            doc["00201209"] = _element("IS", series.instances)
-            doc["00081190"] = _element(
-                "UR", f"{base}/studies/{study_uid}/series/{series.series_instance_uid}"
-            )
-            out.append(doc)
+        out = series_matches(self.index, study_uid, terms)
+        for doc in out:
+            series_uid = doc[TAGS["SeriesInstanceUID"]]["Value"][0]
+            doc["00081190"] = _element("UR", f"{base}/studies/{study_uid}/series/{series_uid}")
         return JSONResponse(_page(out, limit, offset), media_type=DICOM_JSON)
 
     async def search_instances(self, request: Request) -> Response:
@@ -230,10 +258,7 @@ class DicomWeb:
         study_uid = request.path_params["study"]
         base = self.base_url(request)
         out = []
-        for inst in self.index.search_instances(study_uid, request.path_params.get("series")):
-            doc = dict(inst.attributes)
-            if not _matches(doc, terms):
-                continue
+        for inst, doc in instance_matches(self.index, study_uid, request.path_params.get("series"), terms):
             doc["00081190"] = _element(
                 "UR",
                 f"{base}/studies/{study_uid}/series/{inst.series_instance_uid}/instances/{inst.sop_instance_uid}",

@@ -12,6 +12,9 @@ RadBridgeError
  ├ InferenceUnavailable  job retried with backoff (service down, deadline)
  ├ InferenceRejected     job FAILED (the service refused the request)
  ├ DeidentificationRefused  job FAILED (a de-identifying route cannot send the series, e.g. burned-in text)
+ ├ PullError             `radbridge pull`: the PACS refused or failed (its DIMSE status + Error
+ │ │                     Comment, or HTTP status), or cannot be reached; exit 1 with the message
+ │ └ StudyNotFound       the PACS has no study with that UID or accession number
  ├ ExportError           job retried with backoff, then DEAD_LETTER
  │ ├ PermanentExportError  not retried: DEAD_LETTER at once (the peer refused for good:
  │ │                       STOW-RS 4xx, FailureReason 0x0122/0x0124/0xA9xx/0xCxxx)
@@ -117,6 +120,14 @@ class InferenceRejected(RadBridgeError):
 
 class DeidentificationRefused(RadBridgeError):
     """A de-identifying route cannot send this series as it is (pixels with burned-in text, no key)."""
+
+
+class PullError(RadBridgeError):
+    """A study could not be pulled from a PACS (dicom_node.retrieve); the message says why."""
+
+
+class StudyNotFound(PullError):
+    """The PACS answered the query with no matching study."""
 
 
 class ExportError(RadBridgeError):

@@ -43,7 +43,7 @@ def create_app(
     upstream: str | None = None,
     host: str | None = None,
 ) -> Starlette:
-    """The app: /healthz, /metrics (Prometheus); STOW-RS if ``stow``; DICOMweb of the spool, or a proxy to ``upstream``
+    """The app: /healthz, /metrics (Prometheus); STOW-RS and POST /pull if ``stow``; DICOMweb of the spool, or a proxy to ``upstream``
     (default ``settings.viewer.upstream``); OHIF at / if ``viewer``.
 
     Every route but /healthz sits behind ``settings.http``'s tokens when it has any;
@@ -64,6 +64,11 @@ def create_app(
         body = await anyio.to_thread.run_sync(exposition, index)
         return Response(body, media_type=CONTENT_TYPE)
 
+    async def pull(request: Request) -> Response:
+        from dicom_node.retrieve import pull_request
+
+        return await pull_request(request, settings, spool, index)
+
     async def stow_rs(request: Request) -> Response:
         return await receive(
             request, spool, index, settings.http, web.base_url(request), request.path_params.get("study")
@@ -77,6 +82,7 @@ def create_app(
         routes += [
             Route(f"{DICOMWEB_ROOT}/studies", stow_rs, methods=["POST"]),
             Route(f"{DICOMWEB_ROOT}/studies/{{study}}", stow_rs, methods=["POST"]),
+            Route("/pull", pull, methods=["POST"]),  # dicom_node.retrieve; write scope
         ]
     if upstream:
         from dicom_node.viewer import proxy_routes

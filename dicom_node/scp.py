@@ -1,4 +1,5 @@
-"""The DICOM SCP: C-ECHO and C-STORE of every storage SOP class and transfer syntax.
+"""The DICOM SCP: C-ECHO, C-STORE of every storage SOP class and transfer syntax, and
+Study Root Query/Retrieve C-FIND and C-MOVE over the spool (dicom_node.query).
 
 The C-STORE handler does I/O only: the data set, as sent, goes to a
 ``*.partial`` file in the spool's staging directory (written by the handler, or,
@@ -40,7 +41,12 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, acse, dimse_messages, evt, presentation
 from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation
 from pynetdicom.presentation import AllStoragePresentationContexts, PresentationContext
-from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
+from pynetdicom.sop_class import (
+    StorageCommitmentPushModel,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node import reactor
@@ -58,6 +64,7 @@ from dicom_node.group_commit import GroupCommitter
 from dicom_node.index import Index, ReceivedInstance
 from dicom_node.metrics import BYTES_RECEIVED, INSTANCES_RECEIVED, INSTANCES_REFUSED
 from dicom_node.part10 import file_preamble
+from dicom_node.query import handle_find, handle_move
 from dicom_node.spool import TMP_SUFFIX, Spool, open_private, uid_key
 from radbridge_common.tls import server_context
 
@@ -158,7 +165,10 @@ def handle_store(
     started = time.monotonic()
     committer = committer or GroupCommitter(index)
     staged: Path | None = None
-    peer_ae = event.assoc.requestor.ae_title
+    # The peer: the requestor, or the acceptor when the C-STORE comes back on our own C-GET
+    # association (dicom_node.retrieve reuses this handler).
+    assoc = event.assoc
+    peer_ae = (assoc.acceptor if assoc.is_requestor else assoc.requestor).ae_title
     context = event.context
     log: dict[str, Any] = {
         "event": "cstore",
@@ -493,6 +503,17 @@ def start_scp(settings: ScpSection, spool: Spool, index: Index) -> ThreadedAssoc
         (evt.EVT_N_ACTION, refuse_action),
         (evt.EVT_REJECTED, handle_rejected),
     ]
+    if settings.query_retrieve:
+        ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+        ae.add_supported_context(StudyRootQueryRetrieveInformationModelMove)
+        destinations = {
+            aet: (address.rpartition(":")[0], int(address.rpartition(":")[2]))
+            for aet, address in settings.move_destinations.items()
+        }
+        handlers += [
+            (evt.EVT_C_FIND, handle_find, [index, settings.ae_title]),
+            (evt.EVT_C_MOVE, handle_move, [index, destinations]),
+        ]
     server = ae.make_server(
         (settings.host, settings.port),
         evt_handlers=handlers,

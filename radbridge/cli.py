@@ -1,4 +1,4 @@
-"""The `radbridge` command line: serve, demo, models, status, config show."""
+"""The `radbridge` command line: serve, demo, models, status, retry, pull, viewer, config show."""
 
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ examples:
   radbridge serve --config node.toml  run the node and the inference service
   radbridge status --config node.toml each study's state, and why; --study KEY for its history
   radbridge retry --config node.toml  send the dead letters again
+  radbridge pull --from pacs --study UID   fetch a study from a PACS ([pull.sources.pacs]) for analysis
   radbridge models                    models the inference service offers
   radbridge viewer                    OHIF at http://127.0.0.1:3000/ over the spool's studies
 
@@ -212,6 +213,67 @@ def cmd_retry(args: argparse.Namespace) -> int:
     return 0
 
 
+def _show_progress(received: int, expected: int | None) -> None:
+    of = f"/{expected}" if expected is not None else ""
+    print(f"\rradbridge pull: {received}{of} instance(s) received", end="", file=sys.stderr, flush=True)
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    """Fetch one study from a configured PACS into the spool; the node analyses it."""
+    from dicom_node.errors import PullError
+    from dicom_node.index import Index
+    from dicom_node.retrieve import pull_study
+    from dicom_node.spool import Spool
+
+    node_settings, _, _ = _load(args.config)
+    sources = node_settings.pull.sources
+    if not sources:
+        raise ConfigError("No pull source is configured: add a [pull.sources.NAME] section.")
+    name = args.source or (next(iter(sources)) if len(sources) == 1 else "")
+    if name not in sources:
+        known = ", ".join(sorted(sources))
+        what = f"Unknown pull source {name!r}" if name else "Several pull sources are configured"
+        raise ConfigError(f"{what}; use --from with one of: {known}.")
+    spool = Spool(node_settings.spool.directory, node_settings.spool.min_free_bytes)
+    index = Index(spool.index_path)
+    try:
+        outcome = pull_study(
+            sources[name],
+            spool,
+            index,
+            node_settings.scp.ae_title,
+            study_uid=args.study,
+            accession=args.accession,
+            progress=None if args.no_progress else _show_progress,
+            complete=not args.no_analysis,
+        )
+    except PullError as exc:
+        if not args.no_progress:
+            print(file=sys.stderr)
+        print(f"radbridge pull: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        index.close()
+    if not args.no_progress:
+        print(file=sys.stderr)
+    expected = "?" if outcome.expected is None else outcome.expected
+    print(
+        f"radbridge pull: study {outcome.study_instance_uid} (key {outcome.study_key}) from {name}:"
+        f" {outcome.received} of {expected} instance(s) received, {outcome.failed} failed;"
+        f" the spool holds {outcome.indexed}"
+    )
+    if outcome.failed or not outcome.indexed:
+        where = "" if outcome.indexed else (
+            " None is in this node's spool: does the PACS's entry for our AE title point at this node,"
+            " and does `radbridge serve` use this config's spool?"
+        )
+        print(f"radbridge pull: the study is incomplete; it is not queued for analysis.{where}", file=sys.stderr)
+        return 1
+    if not args.no_analysis:
+        print("radbridge pull: study complete; analysis queued (`radbridge serve` runs it, `radbridge status` shows it)")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     node_settings, service_settings, _ = _load(args.config)
     print(json.dumps({"node": redacted(node_settings), "inference": redacted(service_settings)}, indent=2))
@@ -328,6 +390,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--study", default="", help="only the study whose UID or key starts with this")
     p.add_argument("--config")
     p.set_defaults(func=cmd_retry)
+
+    p = sub.add_parser("pull", help="fetch a study from a PACS (C-FIND + C-MOVE/C-GET, or QIDO/WADO-RS)")
+    p.add_argument("--config")
+    p.add_argument("--from", dest="source", default="", help="the [pull.sources.NAME] (default: the only one)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--study", default="", metavar="UID", help="StudyInstanceUID")
+    which.add_argument("--accession", default="", metavar="NUMBER", help="AccessionNumber")
+    p.add_argument("--no-progress", action="store_true", help="no progress line")
+    p.add_argument(
+        "--no-analysis", action="store_true", help="only fetch; the study completes after its quiet window"
+    )
+    p.set_defaults(func=cmd_pull)
 
     p = sub.add_parser("viewer", help="OHIF in the browser over the spool's DICOMweb (or a PACS's)")
     p.add_argument("--config")
