@@ -71,7 +71,10 @@ def searchable_attributes(ds: Dataset) -> dict[str, Any]:
             element = ds[tag]
             if element.value is None:  # as before: an empty numeric value is left out
                 continue
-            doc[key] = element.to_json_dict(None, 0)
+            value = element.to_json_dict(None, 0)
+            if element.VR in ("DA", "TM", "DT") and "Value" in value:  # a built header's date objects
+                value["Value"] = [str(v) for v in value["Value"]]  # str(): the DICOM form, 20200102
+            doc[key] = value
         except Exception:  # a malformed optional value must not refuse the instance
             continue
     return doc

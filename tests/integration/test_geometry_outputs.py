@@ -121,3 +121,25 @@ def test_slices_that_name_no_source_are_refused(small_ct_files: list[Path]) -> N
         )
     with pytest.raises(ValueError, match="No slice of the volume is a received image"):
         ResultWriter(vol.sources, outcome.result, outcome.masks, slices=[SliceRef(None)] * 3)
+
+
+def test_key_images_of_a_resampled_series_show_received_images_only(tmp_path: Path) -> None:
+    paths = write_series(ct_series(n_slices=8), tmp_path / "ct")
+    vol = read_series(paths[:3] + paths[4:])
+    outcome = analyze_reference(vol)
+    detect = outcome.result.tasks.add(task=pb.TASK_KIND_DETECT)
+    detect.boxes.add(
+        slice_index=4, row_min=10, column_min=10, row_max=20, column_max=20, score=0.9, label="box",
+        finding=pb.Code(value="27925004", scheme="SCT", meaning="Nodule"),
+    )  # fmt: skip
+    writer = ResultWriter(vol.sources, outcome.result, outcome.masks, slices=vol.slices, geometry_note=vol.note)
+    chosen = writer.key_image_slices()
+    assert chosen and all(vol.slices[k].received for k in chosen)  # grid slice 4 was interpolated
+    assert len(chosen) == len(set(chosen))
+    images = writer.build_key_images()
+    received = {str(ds.SOPInstanceUID) for ds in vol.sources}
+    for i, sc in enumerate(images):
+        path = tmp_path / f"key{i}.dcm"
+        sc.save_as(path, enforce_file_format=True)
+        assert_valid_dicom_object(path)
+        assert str(sc.SourceImageSequence[0].ReferencedSOPInstanceUID) in received
