@@ -114,7 +114,7 @@ def _event(stream: bytes, transfer_syntax: str, sop_class: str, sop_instance: st
     except ValueError:  # pynetdicom drops such a command before any handler: the SCU sends another
         request.AffectedSOPInstanceUID = OTHER_UID
     request.DataSet = BytesIO(stream)
-    assoc = SimpleNamespace(requestor=SimpleNamespace(ae_title="FUZZSCU"))
+    assoc = SimpleNamespace(is_requestor=False, requestor=SimpleNamespace(ae_title="FUZZSCU"))  # we accept it
     context = PresentationContextTuple(1, sop_class, transfer_syntax)
     return evt.Event(assoc, evt.EVT_C_STORE, {"request": request, "context": context})  # type: ignore[arg-type]
 
