@@ -23,6 +23,7 @@ import hashlib
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import highdicom as hd
 import numpy as np
@@ -30,12 +31,14 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
-from dicom_node import keyimages as ki
 from dicom_node._contours import major_components, outline
 from dicom_node.masks import FractionalMask, PackedMask
 from dicom_node.slices import SliceRef
 from dicom_node.text import SPECIFIC_CHARACTER_SET, clean, clean_language, raw
 from protos.radbridge.v1 import inference_pb2 as pb
+
+if TYPE_CHECKING:  # keyimages needs Pillow: imported where key images are drawn, never in Slicer
+    from dicom_node import keyimages as ki
 
 MANUFACTURER = "RadBridge"
 DEFAULT_UID_ROOT = "1.2.826.0.1.3680043.8.498."
@@ -675,6 +678,8 @@ class ResultWriter:
     # -- key images (Secondary Capture, burned in) ----------------------------------
     def key_image_slices(self) -> list[int]:
         """The slices the key images show (keyimages.choose_key_slices)."""
+        from dicom_node import keyimages as ki
+
         infos = sorted((m for t in self.result.tasks for m in t.masks), key=lambda m: m.segment_number)
         boxes = [(b.slice_index, b.score) for t in self.result.tasks for b in t.boxes]
         chosen = ki.choose_key_slices([self.key_slice(m.segment_number) for m in infos], boxes)
@@ -685,6 +690,8 @@ class ResultWriter:
         return min(self.received, key=lambda r: (abs(r - slice_index), r))
 
     def _overlay(self, k: int) -> ki.Overlay:
+        from dicom_node import keyimages as ki
+
         outlines = []
         for m in sorted((m for t in self.result.tasks for m in t.masks), key=lambda m: m.segment_number):
             plane = np.asarray(self.masks[m.segment_number][k], dtype=bool)
@@ -703,12 +710,16 @@ class ResultWriter:
         return ki.Overlay(outlines, boxes)
 
     def _title_lines(self) -> list[str]:
+        from dicom_node import keyimages as ki
+
         model = f"{self.model.name} {self.model.version}".strip()
         tag = " - non-clinical reference" if self.model.non_clinical else ""
         return [ki.BANNER, f"Model: {model}{tag}"]
 
     def build_key_images(self) -> list[hd.sc.SCImage]:
         """One RGB Secondary Capture per key slice, result burned in (see dicom_node.keyimages)."""
+        from dicom_node import keyimages as ki
+
         images = []
         first = self.instance_number("keyimages")
         for i, k in enumerate(self.key_image_slices()):
