@@ -563,6 +563,7 @@ def _decode_planes(planes: Sequence[_Plane], dtype: np.dtype) -> Iterator[tuple[
             for p in group:
                 values, _ = _modality_values(p.ds, dtype)
                 yield p, values
+                del p.ds.PixelData  # its bytes and pydicom's cached array: one slice held at a time
             continue
         _check_decodable(ds)
         group = sorted(group, key=lambda p: p.frame or 0)
@@ -572,6 +573,7 @@ def _decode_planes(planes: Sequence[_Plane], dtype: np.dtype) -> Iterator[tuple[
                 if arr.shape != (int(ds.Rows), int(ds.Columns)):
                     raise VolumeError(f"Decoded frame has shape {arr.shape}, not Rows x Columns.")
                 yield p, _to_modality(arr, ds, p.slope, p.intercept, dtype)[0]
+            del ds.PixelData
         except VolumeError:
             raise
         except Exception as exc:  # unsupported or corrupt compression, short pixel data
