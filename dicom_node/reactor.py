@@ -20,6 +20,7 @@ copied (the socket wrapper, too, is swapped by name: it reads a PDU in 256 KiB p
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import queue
 import select
@@ -35,6 +36,8 @@ from pynetdicom import ae, association, transport
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.transport import AssociationSocket
+
+logger = logging.getLogger(__name__)
 
 #: Longest wait without a wake-up: how late a kill, ARTIM or idle timeout is noticed.
 MAX_WAIT_S = 0.01
@@ -172,12 +175,20 @@ class BulkRecvSocket(AssociationSocket):
         return data
 
 
-def install() -> None:
-    """Make every Association built from now on in this process event-driven (idempotent)."""
+def install() -> bool:
+    """Make every Association built from now on in this process event-driven (idempotent).
+
+    Another pynetdicom than 3.0 keeps its own polling loops (slower, not wrong): False, logged.
+    """
     if not pynetdicom.__version__.startswith("3.0."):
-        raise RuntimeError(f"dicom_node.reactor knows pynetdicom 3.0, not {pynetdicom.__version__}")
+        logger.warning(
+            "pynetdicom's polling loops kept",
+            extra={"event": "scp.reactor_not_installed", "pynetdicom": pynetdicom.__version__},
+        )
+        return False
     association.DULServiceProvider = EventDrivenDUL  # type: ignore[misc]
     association.DIMSEServiceProvider = EventDrivenDIMSE  # type: ignore[misc]
     association.time = _ReactorClock()  # type: ignore[assignment]
     ae.AssociationSocket = BulkRecvSocket  # type: ignore[misc]
     transport.AssociationSocket = BulkRecvSocket  # type: ignore[misc]
+    return True

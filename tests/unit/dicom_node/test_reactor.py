@@ -10,6 +10,7 @@ from typing import Any
 import pynetdicom
 import pytest
 from pynetdicom import AE, association, evt
+from pynetdicom.dul import DULServiceProvider
 from pynetdicom.sop_class import Verification
 
 from dicom_node import reactor
@@ -88,10 +89,14 @@ def test_new_associations_are_event_driven() -> None:
     assert isinstance(assoc.dul.to_user_queue, reactor._WakingQueue)
 
 
-def test_install_refuses_an_unknown_pynetdicom(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(pynetdicom, "__version__", "4.0.0")
-    with pytest.raises(RuntimeError, match="pynetdicom 3.0, not 4.0.0"):
-        reactor.install()
+def test_another_pynetdicom_keeps_its_own_loops(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(pynetdicom, "__version__", "3.1.0")
+    monkeypatch.setattr(association, "DULServiceProvider", DULServiceProvider)
+    assert reactor.install() is False
+    assert association.DULServiceProvider is DULServiceProvider  # nothing swapped
+    assert [r.pynetdicom for r in caplog.records if r.event == "scp.reactor_not_installed"] == ["3.1.0"]
 
 
 @pytest.fixture
