@@ -575,11 +575,7 @@ class Index:
             )
 
     def is_prior(self, study_uid: str) -> bool:
-        row = (
-            self._conn()
-            .execute("SELECT 1 FROM priors WHERE study_instance_uid=?", (study_uid,))
-            .fetchone()
-        )
+        row = self._conn().execute("SELECT 1 FROM priors WHERE study_instance_uid=?", (study_uid,)).fetchone()
         return row is not None
 
     # -- jobs --------------------------------------------------------------------

@@ -74,7 +74,8 @@ def job_label(job: Job, labels: dict[str, str] | None = None) -> str:
         kind = Path(job.payload.get("path", "?")).name.split("-", 1)[0]
         return f"export of the {kind} to '{job.payload.get('target', '?')}'"
     if job.kind is JobKind.PRIORS:
-        return f"prior fetch from '{job.payload.get('source', '?')}' for rule '{job.payload.get('rule', '?')}'"
+        source, rule = job.payload.get("source", "?"), job.payload.get("rule", "?")
+        return f"prior fetch from '{source}' for rule '{rule}'"
     return "routing"
 
 

@@ -16,7 +16,9 @@ def _rules(**keys: object) -> dict:
 
 
 def test_a_rule_with_priors_from_a_configured_source_loads() -> None:
-    settings = settings_from({**SOURCE, **_rules(pull_priors=2, priors_from="pacs", priors_same_modality=True)})
+    settings = settings_from(
+        {**SOURCE, **_rules(pull_priors=2, priors_from="pacs", priors_same_modality=True)}
+    )
     (rule,) = settings.routing.rules
     assert (rule.pull_priors, rule.priors_from, rule.priors_same_modality) == (2, "pacs", True)
 
@@ -58,7 +60,10 @@ def test_the_most_recent_other_studies_are_chosen() -> None:
 
 
 def test_same_modality_keeps_only_studies_sharing_one() -> None:
-    studies = [_study("1.1", "20250101", modalities=("MR",)), _study("1.2", "20200101", modalities=("CT", "SR"))]
+    studies = [
+        _study("1.1", "20250101", modalities=("MR",)),
+        _study("1.2", "20200101", modalities=("CT", "SR")),
+    ]
     assert [s.study_instance_uid for s in choose_priors(studies, "1.9", 1, frozenset({"CT"}))] == ["1.2"]
     assert [s.study_instance_uid for s in choose_priors(studies, "1.9", 1, None)] == ["1.1"]
 
