@@ -182,3 +182,22 @@ def _spool_one(spool: Spool, index: Index, path: Path) -> None:
         size=target.stat().st_size,
     )
     index.add_instances([ReceivedInstance(ref, "CT", "TEST", searchable_attributes(ds))])
+
+
+def test_a_dicomweb_source_finds_priors_by_qido_and_reads_them_by_wado(
+    tmp_path: Path, pacs: tuple[OrthancServer, dict[str, str]]
+) -> None:
+    orthanc, uids = pacs
+    settings = _settings(tmp_path, orthanc.dicom_port, count=2)
+    source = PullSource(type="dicomweb", url=orthanc.dicomweb_url, timeout_s=30)
+    settings = replace(settings, pull=PullSection(sources={"pacs": source}))
+    spool, index = _local(tmp_path)
+    try:
+        pull_study(source, spool, index, NODE_AE, study_uid=uids["current"])
+        detail = fetch_priors(settings, spool, index, uids["current"], settings.routing.rules[0])
+        assert detail.startswith("2 found, 2 pulled"), detail
+        assert len(index.study_instances(uids["prior"])) == len(index.study_instances(uids["old"])) == 6
+        assert index.study_instances(uids["other"]) == []
+        assert index.is_prior(uids["old"]) and index.is_prior(uids["prior"])
+    finally:
+        index.close()
