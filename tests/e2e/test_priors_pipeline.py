@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -41,7 +42,7 @@ def _study(tmp: Path, patient: SyntheticPatient, seed: int, date: str) -> tuple[
     return str(series[0].StudyInstanceUID), write_series(series, tmp / f"study-{seed}")
 
 
-def _wait(index: Index, what: str, ready) -> None:  # noqa: ANN001 - a predicate over the index
+def _wait(index: Index, what: str, ready: Callable[[Index], bool]) -> None:
     deadline = time.monotonic() + WAIT_S
     while time.monotonic() < deadline:
         if ready(index):
@@ -80,7 +81,11 @@ priors_from = "pacs"
         try:
             sent = storescu(current_files, "127.0.0.1", scp_port, "RADBRIDGE")
             assert sent.returncode == 0 and not sent.errors, sent.stderr
-            _wait(index, "the prior fetch", lambda i: "prior fetch" in [e["event"] for e in i.events(current_uid)])
+            _wait(
+                index,
+                "the prior fetch",
+                lambda i: "prior fetch" in [e["event"] for e in i.events(current_uid)],
+            )
             _wait(
                 index,
                 "the prior's routing",
