@@ -45,6 +45,7 @@ SECTIONS = ("scp", "http", "viewer", "spool", "completion", "routing", "inferenc
 SECTIONS += ("deidentification",)  # the crosswalk key of de-identifying routes
 SECTIONS += ("pull",)  # PACS that `radbridge pull` fetches studies from (dicom_node.retrieve)
 PULL_RETRIEVE = ("move", "get")  # a "dicom" pull source: C-MOVE to our AE, or C-GET on one association
+MAX_PRIORS = 20  # pull_priors of one rule: more is a misconfiguration, not a comparison read
 TASKS = ("report", "vqa", "classify", "detect", "segment", "embed")
 
 
@@ -208,11 +209,26 @@ class RoutingRule:
     #: Also write a Secondary Capture series of the key slices with the result burned in, for PACS
     #: and viewers that show neither SEG nor SR (dicom_node.keyimages); exported like the SEG/SR.
     key_images: bool = False
+    #: Prior fetching: when the rule matches a newly completed study, pull that patient's N most
+    #: recent other studies from the [pull.sources] named by priors_from (0 = off), optionally only
+    #: those sharing a modality with it (dicom_node.priors).
+    pull_priors: int = 0
+    priors_from: str = ""
+    priors_same_modality: bool = False
 
     def __post_init__(self) -> None:
         bad = [t for t in self.tasks if t not in TASKS]
         if bad or not self.tasks:
             raise ValueError(f"Rule {self.name!r}: unknown task(s) {bad}; known: {', '.join(TASKS)}.")
+        if isinstance(self.pull_priors, bool) or not 0 <= self.pull_priors <= MAX_PRIORS:
+            raise ValueError(
+                f"Rule {self.name!r}: pull_priors must be 0 (off) to {MAX_PRIORS}, not {self.pull_priors!r}."
+            )
+        if self.pull_priors and not self.priors_from:
+            raise ValueError(
+                f"Rule {self.name!r}: pull_priors = {self.pull_priors} needs priors_from, the name of a"
+                " [pull.sources] entry to fetch the priors from."
+            )
 
 
 def _default_rules() -> list[RoutingRule]:
@@ -431,6 +447,15 @@ class NodeSettings:
     worker: WorkerSection = field(default_factory=WorkerSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
     deidentification: DeidentificationSection = field(default_factory=DeidentificationSection)
+
+    def __post_init__(self) -> None:
+        for i, rule in enumerate(self.routing.rules):
+            if rule.priors_from and rule.priors_from not in self.pull.sources:
+                known = ", ".join(sorted(self.pull.sources)) or "none"
+                raise ValueError(
+                    f"routing.rules[{i}].priors_from: {rule.priors_from!r} (rule {rule.name!r}) is not a"
+                    f" [pull.sources] entry (configured: {known})."
+                )
 
 
 def _refuse_secrets(data: dict[str, Any]) -> None:

@@ -130,6 +130,12 @@ class StudyNotFound(PullError):
     """The PACS answered the query with no matching study."""
 
 
+class PriorFetchError(PullError):
+    """A routing rule's prior fetch failed (PACS refused or unreachable): retried by the job policy."""
+
+    retryable = True
+
+
 class ExportError(RadBridgeError):
     retryable = True
 

@@ -88,6 +88,11 @@ CREATE TABLE IF NOT EXISTS commitments (
     judged INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS commitments_job ON commitments(job_id);
+CREATE TABLE IF NOT EXISTS priors (
+    study_instance_uid TEXT PRIMARY KEY,
+    for_study_instance_uid TEXT NOT NULL,
+    time REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS node (
     key TEXT PRIMARY KEY,
     value INTEGER NOT NULL
@@ -113,6 +118,7 @@ class JobKind(enum.StrEnum):
     ROUTE = "route"
     ANALYZE = "analyze"
     EXPORT = "export"
+    PRIORS = "priors"  # fetch the patient's prior studies for a routed study (dicom_node.priors)
 
 
 class Delivery(enum.StrEnum):
@@ -158,6 +164,7 @@ _DOING = {
     "route": "routing this study",
     "analyze": "analysing this series",
     "export": "exporting this object",
+    "priors": "fetching this patient's prior studies",
 }
 
 
@@ -556,6 +563,20 @@ class Index:
             self._conn().execute("SELECT * FROM studies WHERE study_instance_uid=?", (study_uid,)).fetchone()
         )
         return dict(row) if row else None
+
+    # -- prior studies ---------------------------------------------------------------
+    def mark_prior(self, study_uid: str, for_study_uid: str) -> None:
+        """Record ``study_uid`` as pulled as a prior (before its instances arrive): its own routing
+        then fetches no priors (no cascade)."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO priors (study_instance_uid, for_study_instance_uid, time) VALUES (?,?,?)",
+                (study_uid, for_study_uid, time.time()),
+            )
+
+    def is_prior(self, study_uid: str) -> bool:
+        row = self._conn().execute("SELECT 1 FROM priors WHERE study_instance_uid=?", (study_uid,)).fetchone()
+        return row is not None
 
     # -- jobs --------------------------------------------------------------------
     @staticmethod

@@ -73,6 +73,9 @@ def job_label(job: Job, labels: dict[str, str] | None = None) -> str:
     if job.kind is JobKind.EXPORT:
         kind = Path(job.payload.get("path", "?")).name.split("-", 1)[0]
         return f"export of the {kind} to '{job.payload.get('target', '?')}'"
+    if job.kind is JobKind.PRIORS:
+        source, rule = job.payload.get("source", "?"), job.payload.get("rule", "?")
+        return f"prior fetch from '{source}' for rule '{rule}'"
     return "routing"
 
 

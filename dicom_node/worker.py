@@ -36,6 +36,7 @@ from dicom_node.errors import (
 from dicom_node.export import export
 from dicom_node.index import Delivery, Index, Job, JobKind, JobState, StudyState
 from dicom_node.metrics import ANALYSIS_SECONDS, EXPORTS, JOB_OUTCOMES, JOBS_RESUMED
+from dicom_node.priors import run_priors
 from dicom_node.results import SERIES_NUMBERS, ResultWriter
 from dicom_node.routing import RulePlanner, group_series, route
 from dicom_node.spool import InstanceRef, Spool, uid_key, write_durably
@@ -85,6 +86,7 @@ def run_route(job: Job, ctx: StepContext) -> None:
             job.study_instance_uid,
             {"series_instance_uid": s.series_instance_uid, "rule": rule.name},
         )
+    _queue_priors(job, ctx, [rule for _, rule in pairs])
     if pairs:
         rules = ", ".join(sorted({rule.name for _, rule in pairs}))
         ctx.index.add_event(
@@ -100,6 +102,29 @@ def run_route(job: Job, ctx: StepContext) -> None:
         logger.info(
             "study unrouted", extra={"event": "study.unrouted", "study_key": uid_key(job.study_instance_uid)}
         )
+
+
+def _queue_priors(job: Job, ctx: StepContext, rules: list[RoutingRule]) -> None:
+    """A PRIORS job per matched rule with pull_priors; none for a study pulled as a prior."""
+    wanted = {rule.name: rule for rule in rules if rule.pull_priors}
+    if not wanted:
+        return
+    if ctx.index.is_prior(job.study_instance_uid):
+        ctx.index.add_event(
+            job.study_instance_uid, "prior fetch skipped", "this study was pulled as a prior (no cascade)"
+        )
+        return
+    for rule in wanted.values():
+        ctx.index.add_job(
+            JobKind.PRIORS,
+            f"{job.study_instance_uid}|{rule.name}",
+            job.study_instance_uid,
+            {"rule": rule.name, "source": rule.priors_from},
+        )
+
+
+def _run_priors(job: Job, ctx: StepContext) -> None:
+    run_priors(job, ctx.settings, ctx.spool, ctx.index, _rule(ctx.settings, job.payload["rule"]))
 
 
 def _rule(settings: NodeSettings, name: str) -> RoutingRule:
@@ -293,11 +318,12 @@ STEPS: dict[JobKind, Callable[[Job, StepContext], None]] = {
     JobKind.ROUTE: run_route,
     JobKind.ANALYZE: run_analyze,
     JobKind.EXPORT: run_export,
+    JobKind.PRIORS: _run_priors,
 }
 
 
 def _policy(ctx: StepContext, kind: JobKind) -> tuple[int, float, float]:
-    if kind is JobKind.EXPORT:
+    if kind in (JobKind.EXPORT, JobKind.PRIORS):  # a PACS on the other end: the export policy
         e = ctx.settings.export
         return e.max_attempts, e.backoff_s, e.max_backoff_s
     w = ctx.settings.worker
@@ -405,6 +431,8 @@ class Worker:
 
     ANALYSIS_KINDS = (JobKind.ROUTE, JobKind.ANALYZE)
     EXPORT_KINDS = (JobKind.EXPORT,)
+    #: Prior fetches wait on a PACS (C-FIND, C-MOVE): their own lane, never in front of an analysis.
+    PRIORS_KINDS = (JobKind.PRIORS,)
 
     def __init__(self, ctx: StepContext) -> None:
         self.ctx = ctx
@@ -425,6 +453,8 @@ class Worker:
             for i in range(max(1, self.ctx.settings.worker.threads))
         ]
         loops += [("export", self._job_loop, (self.EXPORT_KINDS,))]
+        if any(rule.pull_priors for rule in self.ctx.settings.routing.rules):
+            loops += [("priors", self._job_loop, (self.PRIORS_KINDS,))]
         for name, target, args in loops:
             t = threading.Thread(target=target, args=args, name=f"radbridge-{name}", daemon=True)
             t.start()
