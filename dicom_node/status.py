@@ -107,11 +107,12 @@ def derive(
         return StudyStatus.QUEUED, reasons + retrying
     if any(j.state in _ACTIVE for j in by_kind[JobKind.EXPORT]):
         return StudyStatus.EXPORTING, reasons + retrying
-    if not reasons:
+    # A failed prior fetch is listed among the reasons but is not a failure of this study's results.
+    bad = [j for j in jobs if j.state in _BAD and j.kind is not JobKind.PRIORS]
+    if not bad:
         if not analyses and any(j.state is JobState.SUCCEEDED for j in by_kind[JobKind.ROUTE]):
             return StudyStatus.UNROUTED, [study["reason"] or "no routing rule matched"]
-        return StudyStatus.DELIVERED, []
-    bad = [j for j in jobs if j.state in _BAD]
+        return StudyStatus.DELIVERED, reasons
     if all(j.kind is JobKind.EXPORT and j.state is JobState.DEAD_LETTER for j in bad):
         return StudyStatus.DEAD_LETTER, reasons
     delivered = any(j.state is JobState.SUCCEEDED for j in analyses)

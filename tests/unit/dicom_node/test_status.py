@@ -43,6 +43,9 @@ ROUTE, ANALYZE, EXPORT = JobKind.ROUTE, JobKind.ANALYZE, JobKind.EXPORT
         ([job(ROUTE, F, "boom")], StudyStatus.FAILED),
         ([job(ROUTE, S), job(ANALYZE, S), job(EXPORT, D, "refused")], StudyStatus.DEAD_LETTER),
         ([job(ROUTE, S), job(ANALYZE, S), job(EXPORT, D), job(EXPORT, F, "gone")], StudyStatus.PARTIALLY_FAILED),
+        # a failed prior fetch is shown but does not fail this study's delivered results
+        ([job(ROUTE, S), job(ANALYZE, S), job(EXPORT, S), job(JobKind.PRIORS, D, "PriorFetchError: x")], StudyStatus.DELIVERED),
+        ([job(ROUTE, S), job(ANALYZE, S), job(EXPORT, D, "refused"), job(JobKind.PRIORS, D, "x")], StudyStatus.DEAD_LETTER),
     ],
 )  # fmt: skip
 def test_status_follows_the_jobs(jobs: list[Job], status: StudyStatus) -> None:
