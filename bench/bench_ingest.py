@@ -48,6 +48,7 @@ from tests.peers import ORTHANC_BIN, OrthancServer, dcmtk_env, free_port  # noqa
 
 ASSOCIATIONS = (1, 4)
 RADBRIDGE, ORTHANC, STORESCP = "radbridge SCP (durable)", "Orthanc", "dcmtk storescp"
+RADBRIDGE_PYNETDICOM = "radbridge, pynetdicom path"
 
 #: Handler durations (s) of the current RadBridge run; filled only by the bench's wrapper below.
 ack_latencies: list[float] = []
@@ -99,10 +100,12 @@ def _peak_rss_mb() -> float:
     return float("nan")
 
 
-def bench_radbridge(files: list[Path], work: Path, associations: int) -> tuple[float, float]:
+def bench_radbridge(
+    files: list[Path], work: Path, associations: int, *, lean: bool = True
+) -> tuple[float, float]:
     spool = Spool(work / "spool")
     index = Index(spool.index_path)
-    server = scp.start_scp(ScpSection(port=0), spool, index)
+    server = scp.start_scp(ScpSection(port=0, lean_store=lean), spool, index)
     try:
         _peak_rss_reset()
         elapsed = _send(files, server.server_address[1], "RADBRIDGE", associations)
@@ -113,6 +116,11 @@ def bench_radbridge(files: list[Path], work: Path, associations: int) -> tuple[f
     if index.count_instances() != len(files):
         raise SystemExit(f"radbridge indexed {index.count_instances()} of {len(files)}")
     return elapsed, rss
+
+
+def bench_radbridge_pynetdicom(files: list[Path], work: Path, associations: int) -> tuple[float, float]:
+    """The same node with scp.lean_store off: every association through pynetdicom."""
+    return bench_radbridge(files, work, associations, lean=False)
 
 
 def bench_orthanc(files: list[Path], work: Path, associations: int) -> tuple[float, float]:
@@ -156,15 +164,19 @@ def main() -> None:
     missing = [t for t in ("storescu", "storescp") if shutil.which(t) is None]
     if missing:
         raise SystemExit(f"needs dcmtk: {', '.join(missing)} not found")
-    receivers = {RADBRIDGE: bench_radbridge, STORESCP: bench_storescp}
+    receivers = {
+        RADBRIDGE: bench_radbridge,
+        RADBRIDGE_PYNETDICOM: bench_radbridge_pynetdicom,
+        STORESCP: bench_storescp,
+    }
     if Path(ORTHANC_BIN).exists():
         receivers[ORTHANC] = bench_orthanc
     else:
         print(f"({ORTHANC_BIN} not found: Orthanc skipped)")
-    scp.handle_store = _timed_handler(scp.handle_store)  # start_scp binds the module's handler
+    scp.store_staged = _timed_handler(scp.store_staged)  # both acceptors call the module's function
     rates: dict[tuple[str, int], list[float]] = {}
-    latencies: dict[int, list[float]] = {n: [] for n in ASSOCIATIONS}
-    rss: dict[int, float] = dict.fromkeys(ASSOCIATIONS, 0.0)
+    latencies: dict[tuple[str, int], list[float]] = {}
+    rss: dict[tuple[str, int], float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         files = write_series(ct_series(n_slices=args.instances), Path(tmp) / "ct")
         size_mb = sum(f.stat().st_size for f in files) / 1e6
@@ -176,9 +188,9 @@ def main() -> None:
                     ack_latencies.clear()
                     elapsed, peak = fn(files, work, associations)
                     rates.setdefault((name, associations), []).append(args.instances / elapsed)
-                    if name == RADBRIDGE:
-                        latencies[associations].extend(ack_latencies)
-                        rss[associations] = max(rss[associations], peak)
+                    if name in (RADBRIDGE, RADBRIDGE_PYNETDICOM):
+                        latencies.setdefault((name, associations), []).extend(ack_latencies)
+                        rss[name, associations] = max(rss.get((name, associations), 0.0), peak)
     print(
         f"{args.instances} x 512x512 CT instances ({size_mb:.0f} MB), storescu (TCP_NODELAY=1),"
         f" median [min-max] of {args.repeat}; {os.cpu_count()} cores"
@@ -192,13 +204,13 @@ def main() -> None:
         for name in receivers:
             values = rates[name, associations]
             line = f"{associations:>5} {name:24} {medians[name]:8.1f} {min(values):7.1f} {max(values):7.1f}"
-            if name == RADBRIDGE:
+            if name in (RADBRIDGE, RADBRIDGE_PYNETDICOM):
                 to_orthanc = medians[name] / medians[ORTHANC] if ORTHANC in medians else float("nan")
-                lat = latencies[associations]
+                lat = latencies[name, associations]
                 line += (
                     f" {to_orthanc:9.2f} {medians[name] / medians[STORESCP]:9.2f}"
                     f" {1000 * _percentile(lat, 0.50):10.2f} {1000 * _percentile(lat, 0.99):10.2f}"
-                    f" {rss[associations]:11.0f}"
+                    f" {rss[name, associations]:11.0f}"
                 )
             print(line)
 

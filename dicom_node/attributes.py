@@ -86,6 +86,11 @@ def identifiers(ds: Dataset) -> dict[str, str]:
         values = {k: str(ds.get(k, "") or "") for k in (*REQUIRED_UIDS, "Modality")}
     except Exception as exc:  # any decode failure of untrusted bytes
         raise UndecodableInstance("Cannot understand: dataset could not be decoded") from exc
+    return check_identifiers(values)
+
+
+def check_identifiers(values: dict[str, str]) -> dict[str, str]:
+    """``values`` if every required UID is present and valid, else a typed refusal."""
     missing = [k for k in REQUIRED_UIDS if not values[k]]
     if missing:
         raise InvalidInstance(f"Missing required attribute(s): {', '.join(missing)}")

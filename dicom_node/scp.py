@@ -24,6 +24,7 @@ exports on a new association (dicom_node.commitment), granting the SCP role the 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import select
 import socket
@@ -33,6 +34,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +51,8 @@ from pynetdicom.sop_class import (
 )
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dicom_node import reactor
-from dicom_node.attributes import check_uid, identifiers, searchable_attributes
+from dicom_node import lean_scp, reactor
+from dicom_node.attributes import check_identifiers, check_uid, identifiers, searchable_attributes
 from dicom_node.commitment import handle_event_report, refuse_action
 from dicom_node.config import ScpSection
 from dicom_node.errors import (
@@ -61,6 +63,7 @@ from dicom_node.errors import (
     to_dimse_status,
 )
 from dicom_node.group_commit import GroupCommitter
+from dicom_node.header import read_header
 from dicom_node.index import Index, ReceivedInstance
 from dicom_node.metrics import BYTES_RECEIVED, INSTANCES_RECEIVED, INSTANCES_REFUSED
 from dicom_node.part10 import file_preamble
@@ -147,13 +150,13 @@ def _staged(event: evt.Event, spool: Spool) -> Path:
     return staged
 
 
-def _header(event: evt.Event, path: Path) -> tuple[Dataset, dict[str, str]]:
+def _header(path: Path, sop_instance_uid: str) -> tuple[Dataset, dict[str, str]]:
     try:
         ds = dcmread(path, stop_before_pixels=True, defer_size=_HEADER_DEFER_BYTES)
     except Exception as exc:  # any decode failure of untrusted bytes
         raise UndecodableInstance("Cannot understand: dataset could not be decoded") from exc
     values = identifiers(ds)
-    if values["SOPInstanceUID"] != event.request.AffectedSOPInstanceUID:
+    if values["SOPInstanceUID"] != sop_instance_uid:
         raise InvalidInstance("SOPInstanceUID does not match the C-STORE request")
     return ds, values
 
@@ -161,28 +164,82 @@ def _header(event: evt.Event, path: Path) -> tuple[Dataset, dict[str, str]]:
 def handle_store(
     event: evt.Event, spool: Spool, index: Index, committer: GroupCommitter | None = None
 ) -> Dataset | int:
-    """Spool one instance durably, index it, then answer (see module docstring)."""
-    started = time.monotonic()
-    committer = committer or GroupCommitter(index)
-    staged: Path | None = None
+    """pynetdicom's C-STORE handler: the data set as a staged file, then ``store_staged``."""
     # The peer: the requestor, or the acceptor when the C-STORE comes back on our own C-GET
     # association (dicom_node.retrieve reuses this handler).
     assoc = event.assoc
     peer_ae = (assoc.acceptor if assoc.is_requestor else assoc.requestor).ae_title
-    context = event.context
-    log: dict[str, Any] = {
-        "event": "cstore",
-        "peer_ae": peer_ae,
-        "sop_class": context.abstract_syntax,
-        "transfer_syntax": context.transfer_syntax,
-    }
+    sop_class_uid = str(event.request.AffectedSOPClassUID or "")
+    sop_instance_uid = str(event.request.AffectedSOPInstanceUID or "")
+    transfer_syntax = str(event.context.transfer_syntax)
     try:
         # pynetdicom writes these into the File Meta group and refuses to encode invalid ones.
-        check_uid(str(event.request.AffectedSOPClassUID or ""), "Affected SOP Class UID")
-        check_uid(str(event.request.AffectedSOPInstanceUID or ""), "Affected SOP Instance UID")
+        check_uid(sop_class_uid, "Affected SOP Class UID")
+        check_uid(sop_instance_uid, "Affected SOP Instance UID")
         staged = _staged(event, spool)
-        ds, values = _header(event, staged)
-        attributes = searchable_attributes(ds)
+    except RadBridgeError as exc:
+        return _refused(exc, _log_fields(peer_ae, sop_class_uid, transfer_syntax))
+    return store_staged(
+        staged,
+        sop_class_uid=sop_class_uid,
+        sop_instance_uid=sop_instance_uid,
+        transfer_syntax=transfer_syntax,
+        peer_ae=peer_ae,
+        spool=spool,
+        index=index,
+        committer=committer or GroupCommitter(index),
+        owned=not _config.STORE_RECV_CHUNKED_DATASET,  # pynetdicom removes the files it streamed
+    )
+
+
+def _log_fields(peer_ae: str, sop_class_uid: str, transfer_syntax: str) -> dict[str, Any]:
+    return {"event": "cstore", "peer_ae": peer_ae, "sop_class": sop_class_uid, "transfer_syntax": transfer_syntax}
+
+
+def _refused(exc: BaseException, log: dict[str, Any]) -> Dataset:
+    status = to_dimse_status(exc)
+    INSTANCES_REFUSED.labels(via="dimse", status=f"0x{status.Status:04X}").inc()
+    if isinstance(exc, RadBridgeError):
+        logger.warning(
+            "C-STORE refused", extra={**log, "status": f"0x{status.Status:04X}", "reason": status.ErrorComment}
+        )
+    else:  # e.g. SQLite failure: never answer success
+        logger.error("C-STORE failed", exc_info=exc, extra={**log, "status": f"0x{status.Status:04X}"})
+    return status
+
+
+def store_staged(
+    staged: Path,
+    *,
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    transfer_syntax: str,
+    peer_ae: str,
+    spool: Spool,
+    index: Index,
+    committer: GroupCommitter,
+    owned: bool = True,
+    head: bytes | None = None,
+) -> Dataset | int:
+    """Spool one received instance durably, index it, then give the status to answer with.
+
+    ``staged`` is the whole Part 10 file as received (UIDs already checked); ``owned``: remove it
+    if it is not placed. Both acceptors call this: pynetdicom's handler and dicom_node.lean_scp.
+    ``head`` is the data set's first bytes, kept in memory by the lean acceptor: the header is read
+    from them (dicom_node.header) where it can be, else from the file.
+    """
+    started = time.monotonic()
+    log = _log_fields(peer_ae, sop_class_uid, transfer_syntax)
+    try:
+        lean = read_header(head, transfer_syntax) if head is not None else None
+        if lean is None:
+            ds, values = _header(staged, sop_instance_uid)
+            attributes = searchable_attributes(ds)
+        else:
+            values, attributes = lean
+            check_identifiers(values)
+            if values["SOPInstanceUID"] != sop_instance_uid:
+                raise InvalidInstance("SOPInstanceUID does not match the C-STORE request")
         # fsync(file) + rename here, in this association's thread; fsync(dir) + index row in a group.
         ref = spool.place_staged(
             staged,
@@ -190,26 +247,15 @@ def handle_store(
             sop_class_uid=values["SOPClassUID"],
             study_instance_uid=values["StudyInstanceUID"],
             series_instance_uid=values["SeriesInstanceUID"],
-            transfer_syntax_uid=str(context.transfer_syntax),
+            transfer_syntax_uid=transfer_syntax,
         )
-        staged = None
+        owned = False
         committer.commit(ReceivedInstance(ref, values["Modality"], peer_ae, attributes))
-    except RadBridgeError as exc:
-        status = to_dimse_status(exc)
-        INSTANCES_REFUSED.labels(via="dimse", status=f"0x{status.Status:04X}").inc()
-        logger.warning(
-            "C-STORE refused",
-            extra={**log, "status": f"0x{status.Status:04X}", "reason": status.ErrorComment},
-        )
-        return status
-    except Exception as exc:  # e.g. SQLite failure: never answer success
-        status = to_dimse_status(exc)
-        INSTANCES_REFUSED.labels(via="dimse", status=f"0x{status.Status:04X}").inc()
-        logger.error("C-STORE failed", exc_info=True, extra={**log, "status": f"0x{status.Status:04X}"})
-        return status
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a DIMSE status, never success
+        return _refused(exc, log)
     finally:
-        if staged is not None and not _config.STORE_RECV_CHUNKED_DATASET:
-            staged.unlink(missing_ok=True)  # pynetdicom removes the files it streamed
+        if owned:
+            staged.unlink(missing_ok=True)
     INSTANCES_RECEIVED.labels(via="dimse").inc()
     BYTES_RECEIVED.labels(via="dimse").inc(ref.size)
     logger.debug(
@@ -268,9 +314,12 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         first_pdu_timeout_s: float,
         max_first_pdu_bytes: int,
         tls_context: ssl.SSLContext | None = None,
+        lean: LeanAcceptor | None = None,
         **kwargs: Any,
     ) -> None:
         self.max_per_peer = max_per_peer
+        self.lean = lean
+        self._lean_sockets: set[socket.socket] = set()  # served by the lean acceptor (still "waiting" per peer)
         self.tls_context = tls_context
         if tls_context is not None:
             tls_context.sslsocket_class = _ReplaySSLSocket  # what the guard reads, pynetdicom reads again
@@ -312,7 +361,8 @@ class GuardedAssociationServer(ThreadedAssociationServer):
             if refusal is None:
                 # As pynetdicom does for the sockets it connects: a stalled read or write ends.
                 request.settimeout(self.ae.network_timeout)
-                super().process_request_thread(request, client_address)  # association thread
+                if not self._serve_lean(request, peer):
+                    super().process_request_thread(request, client_address)  # association thread
             else:
                 reason, details = refusal
                 _log_refused(peer, reason, duration_ms=round(1000 * (time.monotonic() - started)), **details)
@@ -320,8 +370,41 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         finally:
             self._done_waiting(peer)
 
+    def _serve_lean(self, request: socket.socket, peer: str) -> bool:
+        """Serve a storage-only association with the lean acceptor (dicom_node.lean_scp); False
+        (nothing read) if it does not qualify, for pynetdicom to take."""
+        if self.lean is None:
+            return False
+        pdu = _buffered_associate_rq(request)
+        if pdu is None:
+            return False
+        try:
+            rq = lean_scp.parse_associate_rq(pdu)
+        except lean_scp.ProtocolError:
+            return False  # pynetdicom answers malformed PDUs as it always has
+        accepted = lean_scp.negotiate(rq)
+        if accepted is None or not self.lean.would_accept(rq):
+            return False
+        with self._lock:  # the per-peer count keeps it as "waiting" until its thread ends
+            refuse = len(self.active_associations) + len(self._lean_sockets) >= self.ae.maximum_associations
+            if not refuse:
+                self._lean_sockets.add(request)
+        if refuse:
+            self.lean.reject_busy(request, rq, peer)
+            return True
+        try:
+            self.lean.serve(request, rq, accepted)
+        finally:
+            with self._lock:
+                self._lean_sockets.discard(request)
+        return True
+
     def server_close(self) -> None:
         self._closing.set()  # waiting connections give up within _POLL_S
+        with self._lock:
+            for sock in self._lean_sockets:  # their reads fail: the association ends, no partial kept
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
         super().server_close()
 
     def _done_waiting(self, peer: str) -> None:
@@ -437,8 +520,89 @@ class _ReplaySSLSocket(ssl.SSLSocket):
             return data
         return super().recv(buflen, flags)
 
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        if self._replay:
+            size = min(nbytes or len(buffer), len(self._replay))
+            buffer[:size] = self._replay[:size]
+            self._replay = self._replay[size:]
+            return size
+        return super().recv_into(buffer, nbytes, flags)
+
     def pending(self) -> int:
         return len(self._replay) + super().pending()
+
+
+def _buffered_associate_rq(request: socket.socket) -> bytes | None:
+    """The whole A-ASSOCIATE-RQ the guard checked, still unread (peeked, or replayed under TLS)."""
+    if isinstance(request, _ReplaySSLSocket):
+        return request._replay or None
+    header = _peek(request, _PDU_HEADER.size)
+    if not header or len(header) < _PDU_HEADER.size:
+        return None
+    wanted = _PDU_HEADER.size + _PDU_HEADER.unpack(header)[2]
+    pdu = _peek(request, wanted)
+    return pdu if pdu is not None and len(pdu) == wanted else None
+
+
+@dataclass
+class LeanAcceptor:
+    """What the lean acceptor needs of the node: which associations it may take and where
+    instances go (see dicom_node.lean_scp)."""
+
+    settings: ScpSection
+    spool: Spool
+    index: Index
+    committer: GroupCommitter
+
+    def would_accept(self, rq: lean_scp.AssociateRq) -> bool:
+        """The AE title checks pynetdicom makes; a failure is pynetdicom's to reject and log."""
+        if self.settings.require_called_aet and rq.called != self.settings.ae_title:
+            return False
+        allowed = self.settings.allowed_calling_aets
+        return not allowed or rq.calling in allowed
+
+    def serve(self, sock: socket.socket, rq: lean_scp.AssociateRq, accepted: dict[int, tuple[str, str]]) -> None:
+        lean_scp.LeanStoreAssociation(
+            sock, rq, accepted, max_pdu=self.settings.max_pdu, staging_dir=self.spool.staging_dir, store=self.store
+        ).run()
+
+    def store(
+        self, staged: Path, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, peer_ae: str, head: bytes
+    ) -> Dataset | int:
+        return store_staged(
+            staged,
+            sop_class_uid=sop_class_uid,
+            sop_instance_uid=sop_instance_uid,
+            transfer_syntax=transfer_syntax,
+            peer_ae=peer_ae,
+            spool=self.spool,
+            index=self.index,
+            committer=self.committer,
+            head=head,
+        )
+
+    def reject_busy(self, sock: socket.socket, rq: lean_scp.AssociateRq, peer: str) -> None:
+        """A-ASSOCIATE-RJ "local limit exceeded", as pynetdicom answers past maximum_associations."""
+        try:
+            _, body = lean_scp._Reader(sock).pdu()  # take the request off the socket first
+            del body
+            sock.sendall(lean_scp.associate_rj(0x02, 0x03, 0x02))
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                sock.close()
+        logger.warning(
+            "Association rejected",
+            extra={
+                "event": "scp.association_rejected",
+                "peer_address": peer,
+                "peer_ae": rq.calling,
+                "result": 0x02,
+                "source": 0x03,
+                "diagnostic": 0x02,
+            },
+        )
 
 
 def scp_tls_context(settings: ScpSection) -> ssl.SSLContext | None:
@@ -496,8 +660,9 @@ def start_scp(settings: ScpSection, spool: Spool, index: Index) -> ThreadedAssoc
     # and proposes the SCP role for itself (SCP/SCU Role Selection), which is accepted; it may not
     # ask us to commit anything (we are not a commitment SCP: no N-ACTION handler).
     ae.add_supported_context(StorageCommitmentPushModel, scu_role=False, scp_role=True)
+    committer = GroupCommitter(index)  # one group for both acceptors: their fsyncs are shared
     handlers = [
-        (evt.EVT_C_STORE, handle_store, [spool, index, GroupCommitter(index)]),
+        (evt.EVT_C_STORE, handle_store, [spool, index, committer]),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_N_EVENT_REPORT, handle_event_report, [index]),
         (evt.EVT_N_ACTION, refuse_action),
@@ -522,6 +687,7 @@ def start_scp(settings: ScpSection, spool: Spool, index: Index) -> ThreadedAssoc
         first_pdu_timeout_s=settings.first_pdu_timeout_s,
         max_first_pdu_bytes=settings.max_first_pdu_bytes,
         tls_context=tls_context,
+        lean=LeanAcceptor(settings, spool, index, committer) if settings.lean_store else None,
     )
     # As AE.start_server(block=False) does; the server removes itself from ae._servers on shutdown.
     ae._servers.append(server)
@@ -533,6 +699,7 @@ def start_scp(settings: ScpSection, spool: Spool, index: Index) -> ThreadedAssoc
             "ae_title": settings.ae_title,
             "port": server.server_address[1],
             "tls": tls_context is not None,
+            "lean_store": settings.lean_store,
             "client_cert": "required" if settings.tls_require_client_cert else "optional",
         },
     )
