@@ -50,7 +50,8 @@ logger = logging.getLogger(__name__)
 
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 VERIFICATION = "1.2.840.10008.1.1"
-#: What pynetdicom's AE supports for Verification by default, in its order of preference.
+#: What pynetdicom's AE supports for Verification by default; the first of these the peer
+#: proposes is accepted, whatever the peer's order (as pynetdicom negotiates).
 VERIFICATION_TRANSFER_SYNTAXES = (
     "1.2.840.10008.1.2",
     "1.2.840.10008.1.2.1",
@@ -185,7 +186,7 @@ def negotiate(rq: AssociateRq) -> dict[int, tuple[str, str]] | None:
         if not cx.abstract_syntax or not cx.transfer_syntaxes or cx.context_id in accepted:
             return None
         if cx.abstract_syntax == VERIFICATION:
-            supported = [ts for ts in cx.transfer_syntaxes if ts in VERIFICATION_TRANSFER_SYNTAXES]
+            supported = [ts for ts in VERIFICATION_TRANSFER_SYNTAXES if ts in cx.transfer_syntaxes]
             if not supported:
                 return None  # pynetdicom answers "transfer syntax not supported"
             accepted[cx.context_id] = (cx.abstract_syntax, supported[0])

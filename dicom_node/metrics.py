@@ -28,6 +28,12 @@ INSTANCES_REFUSED = Counter(
     ["via", "status"],
     registry=REGISTRY,
 )
+ASSOCIATIONS = Counter(
+    "radbridge_associations_total",
+    "Associations the SCP accepted, by acceptor: lean (storage-only, dicom_node.lean_scp) or pynetdicom.",
+    ["acceptor"],
+    registry=REGISTRY,
+)
 BYTES_RECEIVED = Counter(
     "radbridge_received_bytes_total",
     "Bytes of acknowledged instances, by protocol.",

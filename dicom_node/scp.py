@@ -65,7 +65,7 @@ from dicom_node.errors import (
 from dicom_node.group_commit import GroupCommitter
 from dicom_node.header import read_header
 from dicom_node.index import Index, ReceivedInstance
-from dicom_node.metrics import BYTES_RECEIVED, INSTANCES_RECEIVED, INSTANCES_REFUSED
+from dicom_node.metrics import ASSOCIATIONS, BYTES_RECEIVED, INSTANCES_RECEIVED, INSTANCES_REFUSED
 from dicom_node.part10 import file_preamble
 from dicom_node.query import handle_find, handle_move
 from dicom_node.spool import TMP_SUFFIX, Spool, open_private, uid_key
@@ -275,6 +275,10 @@ def handle_echo(event: evt.Event) -> int:
     return 0x0000
 
 
+def handle_accepted(event: evt.Event) -> None:
+    ASSOCIATIONS.labels(acceptor="pynetdicom").inc()
+
+
 def handle_rejected(event: evt.Event) -> None:
     rj = event.assoc.acceptor.primitive
     logger.warning(
@@ -392,6 +396,7 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         if refuse:
             self.lean.reject_busy(request, rq, peer)
             return True
+        ASSOCIATIONS.labels(acceptor="lean").inc()
         try:
             self.lean.serve(request, rq, accepted)
         finally:
@@ -667,6 +672,7 @@ def start_scp(settings: ScpSection, spool: Spool, index: Index) -> ThreadedAssoc
         (evt.EVT_N_EVENT_REPORT, handle_event_report, [index]),
         (evt.EVT_N_ACTION, refuse_action),
         (evt.EVT_REJECTED, handle_rejected),
+        (evt.EVT_ACCEPTED, handle_accepted),
     ]
     if settings.query_retrieve:
         ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
