@@ -75,7 +75,9 @@ def _parse_axes(axes: str) -> np.ndarray:
     return vectors
 
 
-def orientation_plan(geometry: Geometry, axes: str = DEFAULT_AXES) -> tuple[tuple[int, ...], tuple[bool, ...]]:
+def orientation_plan(
+    geometry: Geometry, axes: str = DEFAULT_AXES
+) -> tuple[tuple[int, ...], tuple[bool, ...]]:
     """(perm, flips): model axis k reads source axis perm[k], reversed where flips[k].
 
     The permutation is the one whose source directions best match the model's

@@ -37,7 +37,7 @@ def test_marker_and_mask_map_back_to_source(orientation: tuple[float, ...]) -> N
     vox[20:24, 30:34, 10:14] = 1000.0  # a bright marker
     prep = prepare_ct(_volume(vox, orientation), size=(16, 32, 32))
     assert prep.array.shape == (16, 32, 32) and prep.array.dtype == np.float32
-    assert 0.0 <= prep.array.min() and prep.array.max() <= 1.0
+    assert prep.array.min() >= 0.0 and prep.array.max() <= 1.0
     peak = np.unravel_index(np.argmax(prep.array), prep.array.shape)
     back = prep.to_source(peak)
     assert 19 <= back[0] <= 24 and 29 <= back[1] <= 34 and 9 <= back[2] <= 14
