@@ -130,6 +130,9 @@ class Med3DVLMBackend(HFBackend):
         self.max_batch = self._max_batch()
 
     def _load_vlm(self, path: Path, dtype: torch.dtype) -> None:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        if not isinstance(config, modeling.Med3DVLMConfig):
+            raise CheckpointError(f"{path} is a {config.model_type!r} checkpoint, not Med3DVLM's 'vlm_qwen'.")
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
         tok.padding_side = "left"
         if tok.pad_token is None:
@@ -137,9 +140,6 @@ class Med3DVLMBackend(HFBackend):
         image_token = tok.convert_tokens_to_ids(modeling.IMAGE_TOKEN)
         if image_token is None or image_token == tok.unk_token_id:
             raise CheckpointError(f"The tokenizer of {path} has no {modeling.IMAGE_TOKEN} token.")
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
-        if not isinstance(config, modeling.Med3DVLMConfig):
-            raise CheckpointError(f"{path} is a {config.model_type!r} checkpoint, not Med3DVLM's 'vlm_qwen'.")
         config.image_token_id = int(image_token)
         model, info = AutoModelForCausalLM.from_pretrained(
             path, config=config, dtype=dtype, local_files_only=True, output_loading_info=True

@@ -324,6 +324,10 @@ def build_med3dvlm(directory: Path, seed: int = 0) -> Path:
     )  # fmt: skip
     torch.manual_seed(seed)
     model = Med3DVLMForCausalLM(config).eval()
+    with torch.no_grad():  # layer scale 1 (not 1e-6) so the random blocks shape the visual tokens
+        for name, p in model.named_parameters():
+            if name.endswith(".scale"):
+                p.fill_(1.0)
     model.generation_config.eos_token_id = tok.convert_tokens_to_ids("<eos>")
     model.generation_config.pad_token_id = tok.convert_tokens_to_ids("<pad>")
     model.save_pretrained(directory)
