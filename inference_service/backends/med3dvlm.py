@@ -176,7 +176,7 @@ class Med3DVLMBackend(HFBackend):
         if self.device.type != "cuda":
             return 1
         free, _ = torch.cuda.mem_get_info(self.device)
-        per_volume = float(self.config.options.get("volume_memory_gib", 4.0)) * GIB
+        per_volume = float(self.config.options.get("volume_memory_gib", 1.0)) * GIB
         return int(max(1, min(8, free // per_volume)))
 
     # -- preprocessing ----------------------------------------------------------------
