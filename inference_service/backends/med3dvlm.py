@@ -195,7 +195,9 @@ class Med3DVLMBackend(HFBackend):
                 item.volume,
                 size=self.input_size,
                 axes=str(opts.get("axes", DEFAULT_AXES)),
-                foreground_hu=opts.get("foreground_hu", DEFAULT_FOREGROUND_HU),
+                foreground_hu=opts.get("foreground_hu", DEFAULT_FOREGROUND_HU)
+                if opts.get("crop", True)
+                else None,
                 margin=int(opts.get("crop_margin", 0)),
                 hu_window=(float(window[0]), float(window[1])) if window else None,
             )

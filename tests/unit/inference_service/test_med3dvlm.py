@@ -314,3 +314,16 @@ options = {{ size = [32, 64, 64], version = "tiny-1", clip_path = "{checkpoints[
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("med3dvlm"))
     assert "backend=med3dvlm" in line and "version=tiny-1" in line
     assert all(t in line for t in ("report", "vqa", "classify", "embed"))
+
+
+def test_preprocessing_options_reach_prepare_ct(checkpoints: tuple[Path, Path]) -> None:
+    item = _item(_ct(), TaskKind.REPORT)
+    cropped = Med3DVLMBackend(_config(checkpoints[0])).prepare(item)
+    assert cropped.crop == ((4, 36), (6, 54), (5, 45)) and cropped.size == MED3DVLM_TINY_SIZE
+    whole = Med3DVLMBackend(_config(checkpoints[0], crop=False, axes="SPL", hu_window=[-1000, 1000])).prepare(
+        item
+    )
+    assert whole.crop == ((0, 40), (0, 60), (0, 50)) and whole.flips == (False, False, False)
+    assert whole.intensity_range == (-1000.0, 1000.0)
+    with pytest.raises(InvalidInput, match="three of L/R/P/A/S/I"):
+        Med3DVLMBackend(_config(checkpoints[0], axes="XYZ")).prepare(item)
