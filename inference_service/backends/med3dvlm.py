@@ -141,6 +141,10 @@ class Med3DVLMBackend(HFBackend):
         if image_token is None or image_token == tok.unk_token_id:
             raise CheckpointError(f"The tokenizer of {path} has no {modeling.IMAGE_TOKEN} token.")
         config.image_token_id = int(image_token)
+        splice = str(self.config.options.get("splice", "placeholders"))
+        if splice not in ("placeholders", "published"):
+            raise CheckpointError(f"options.splice must be 'placeholders' or 'published', not {splice!r}.")
+        config.published_splice = splice == "published"
         model, info = AutoModelForCausalLM.from_pretrained(
             path, config=config, dtype=dtype, local_files_only=True, output_loading_info=True
         )

@@ -266,6 +266,10 @@ class Med3DVLMConfig(Qwen2Config):
     sizes (tests); absent, the published DCFormer-small is built.
     ``image_token_id`` is the placeholder's id (the published config does not
     store it; the backend sets it from the tokenizer's ``<im_patch>``).
+    ``published_splice`` reproduces the published code's conditioning instead
+    of replacing the placeholders: the visual tokens overwrite the N positions
+    after the first placeholder (so that placeholder keeps its text embedding
+    and the prompt's first token after the run is dropped), as in training.
     """
 
     model_type = "vlm_qwen"
@@ -286,6 +290,7 @@ class Med3DVLMConfig(Qwen2Config):
     dcformer_num_blocks: list[int] | tuple[int, ...] | None = None
     dcformer_kernel_sizes: list[int] | tuple[int, ...] | None = None
     image_token_id: int | None = None
+    published_splice: bool = False
 
 
 class Med3DVLMModel(Qwen2Model):
@@ -335,8 +340,12 @@ class Med3DVLMForCausalLM(Qwen2ForCausalLM):
             raise ValueError("config.image_token_id is not set (the id of the <im_patch> token).")
         embeds = self.model.embed_tokens(input_ids)
         mask = input_ids == token_id
-        counts = mask.sum(dim=1).tolist()
         expected = image_features.shape[1]
+        if self.config.published_splice:
+            first = torch.where(mask.any(dim=1), mask.int().argmax(dim=1), input_ids.shape[1])[:, None]
+            pos = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]
+            mask = (pos > first) & (pos <= first + expected)
+        counts = mask.sum(dim=1).tolist()
         if image_features.shape[0] != input_ids.shape[0] or any(c != expected for c in counts):
             raise ValueError(
                 f"Each prompt needs exactly {expected} image placeholder tokens; got {counts} "

@@ -327,3 +327,36 @@ def test_preprocessing_options_reach_prepare_ct(checkpoints: tuple[Path, Path]) 
     assert whole.intensity_range == (-1000.0, 1000.0)
     with pytest.raises(InvalidInput, match="three of L/R/P/A/S/I"):
         Med3DVLMBackend(_config(checkpoints[0], axes="XYZ")).prepare(item)
+
+
+def test_published_splice_overwrites_the_positions_after_the_first_placeholder(
+    backend: Med3DVLMBackend,
+) -> None:
+    """options.splice = "published": the conditioning of the published generate (positions 1..N of
+    "<im_patch>" * N + prompt), so the first placeholder keeps its embedding, the prompt's first token goes."""
+    config = Med3DVLMConfig(**{**backend.model.config.to_dict(), "published_splice": True})
+    model = Med3DVLMForCausalLM(config).eval()
+    hidden, n, p = config.hidden_size, config.proj_out_num, config.image_token_id
+    with torch.no_grad():
+        model.model.embed_tokens.weight.copy_(
+            torch.arange(config.vocab_size, dtype=torch.float32)[:, None].expand(-1, hidden)
+        )
+    features = 1000.0 + torch.arange(n * hidden, dtype=torch.float32).reshape(1, n, hidden)
+    ids = torch.tensor([[0, 0, *[p] * n, 70, 71, 72]])  # left padding, then the published prompt
+    with torch.no_grad():
+        embeds = model.splice(ids, features)
+    assert torch.equal(embeds[0, 3 : 3 + n], features[0])  # after the first placeholder
+    assert embeds[0, 2, 0] == p and embeds[0, -2:, 0].tolist() == [71.0, 72.0]  # 70 was overwritten
+    with pytest.raises(ValueError, match="placeholder"):
+        model.splice(ids[:, : 2 + n], features)  # too short for N positions after the first one
+
+
+def test_splice_option_at_load(checkpoints: tuple[Path, Path]) -> None:
+    b = Med3DVLMBackend(_config(checkpoints[0], splice="published"))
+    b.load()
+    assert b.model.config.published_splice
+    force_output(b, "No acute findings.", "<eos>")
+    (r,) = b.run([_item(_ct(), TaskKind.REPORT)], TaskKind.REPORT)
+    assert r.report is not None and r.report.findings == "No acute findings."
+    with pytest.raises(CheckpointError, match="options.splice must be 'placeholders' or 'published'"):
+        Med3DVLMBackend(_config(checkpoints[0], splice="middle")).load()
