@@ -360,3 +360,44 @@ def test_splice_option_at_load(checkpoints: tuple[Path, Path]) -> None:
     assert r.report is not None and r.report.findings == "No acute findings."
     with pytest.raises(CheckpointError, match="options.splice must be 'placeholders' or 'published'"):
         Med3DVLMBackend(_config(checkpoints[0], splice="middle")).load()
+
+
+#: The keys a published Med3DVLM-Qwen-2.5-7B config.json carries: Qwen2.5-7B-Instruct's plus those
+#: the published training script writes (initialize_vision_modules), with the published values.
+PUBLISHED_CONFIG = {
+    "architectures": ["VLMQwenForCausalLM"], "model_type": "vlm_qwen", "attention_dropout": 0.0,
+    "bos_token_id": 151643, "eos_token_id": 151645, "hidden_act": "silu", "hidden_size": 3584,
+    "initializer_range": 0.02, "intermediate_size": 18944, "max_position_embeddings": 32768,
+    "max_window_layers": 28, "num_attention_heads": 28, "num_hidden_layers": 28, "num_key_value_heads": 4,
+    "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000.0, "sliding_window": 131072,
+    "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True, "use_sliding_window": False,
+    "vocab_size": 151666, "input_size": [256, 256, 128], "patch_size": [16, 16, 16], "dim": 768, "depth": 12,
+    "vision_tower": "dcformer", "vision_select_layer": -2, "vision_select_feature": "cls_patch",
+    "mm_projector_type": "mixer", "mm_mlp_depth": 2, "proj_out_num": 256, "low_output_size": [192, 128],
+    "high_output_size": [64, 128], "low_input_size": [256, 384], "high_input_size": [32, 768],
+    "mm_hidden_size": 768, "tune_mm_mlp_adapter": False,
+}  # fmt: skip
+
+
+def test_published_config_builds_the_published_weight_shapes(tmp_path: Path) -> None:
+    import json
+
+    from transformers import AutoConfig
+
+    (tmp_path / "config.json").write_text(json.dumps(PUBLISHED_CONFIG))
+    config = AutoConfig.from_pretrained(tmp_path, local_files_only=True)
+    assert isinstance(config, Med3DVLMConfig) and config.rope_parameters["rope_theta"] == 1000000.0
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in Med3DVLMForCausalLM(config).state_dict().items()}
+    enc, mix = "model.vision_tower.vision_tower.encoder", "model.mm_projector"
+    assert shapes[f"{enc}.s0.0.0.c1.0.weight"] == (64, 1, 7, 1, 1)  # stem: 7-wide, stride 4
+    assert shapes[f"{enc}.s0.0.1.c3.0.weight"] == (64, 64, 1, 1, 3)
+    assert shapes[f"{enc}.s1.0.dwconv.c1.0.weight"] == (96, 1, 13, 1, 1)  # depthwise, kernels 13/11/9/7
+    assert shapes[f"{enc}.s4.1.dwconv.c2.0.weight"] == (768, 1, 1, 7, 1)
+    assert shapes[f"{enc}.s4.0.proj.weight"] == (768, 384, 1, 1, 1)
+    assert shapes[f"{enc}.s3.5.mlp.mlp.0.weight"] == (1536, 384)
+    assert shapes[f"{mix}.low_mixer.0.mlp1.mm_projector.0.weight"] == (192, 256)  # token mixing 256 -> 192
+    assert shapes[f"{mix}.low_mixer.0.mlp2.mm_projector.0.weight"] == (1792, 384)  # width 384 -> 3584/2
+    assert shapes[f"{mix}.high_mixer.0.mlp1.mm_projector.0.weight"] == (64, 32)
+    assert shapes[f"{mix}.high_mixer.1.mlp2.mm_projector.1.1.weight"] == (3584, 3584)
+    assert shapes["lm_head.weight"] == (151666, 3584)
