@@ -401,3 +401,56 @@ def test_published_config_builds_the_published_weight_shapes(tmp_path: Path) -> 
     assert shapes[f"{mix}.high_mixer.0.mlp1.mm_projector.0.weight"] == (64, 32)
     assert shapes[f"{mix}.high_mixer.1.mlp2.mm_projector.1.1.weight"] == (3584, 3584)
     assert shapes["lm_head.weight"] == (151666, 3584)
+
+
+async def test_grpc_round_trip_batches_concurrent_cts(tmp_path: Path, checkpoints: tuple[Path, Path]) -> None:
+    """Three CT series sent at once over gRPC: the lane runs them as 2 + 1 (the backend's max_batch)."""
+    import asyncio
+
+    from dicom_node.client import InferenceClient, make_spec
+    from dicom_node.volume import SeriesVolume
+    from inference_service.backends.registry import ModelRegistry
+    from inference_service.config import settings_from
+    from inference_service.server import run_server
+    from radbridge_common.settings import read_layers
+
+    cfg = tmp_path / "service.toml"
+    cfg.write_text(
+        f"""
+[inference_service]
+port = 0
+default_model = "med3dvlm"
+max_batch = 4
+batch_wait_ms = 1000
+
+[models.med3dvlm]
+backend = "med3dvlm"
+path = "{checkpoints[0]}"
+options = {{ size = [32, 64, 64], max_batch = 2, version = "tiny-1" }}
+"""
+    )
+    settings = settings_from(read_layers(cfg, {}))
+    registry = ModelRegistry.load(settings)
+    force_output(registry.get("med3dvlm"), "Normal CT of the chest.", "<eos>")
+    running = await run_server(settings, registry)
+    try:
+        client = InferenceClient(f"127.0.0.1:{running.port}")
+
+        def analyze(seed: int):  # noqa: ANN202
+            ct = _ct(seed)
+            hu = ct.voxels.astype(np.int16)  # the node sends CT as int16 HU
+            volume = SeriesVolume(
+                hu, (2.5, 0.7, 0.7), (1, 0, 0, 0, 1, 0), (0, 0, 0), "CT", True, "CHEST", None, []
+            )
+            return client.analyze(volume, make_spec(["report"], model="med3dvlm"), lambda p: None)
+
+        outcomes = await asyncio.gather(*[asyncio.to_thread(analyze, s) for s in range(3)])
+        client.close()
+        batches = running.scheduler.lane_batches("med3dvlm", TaskKind.REPORT)
+    finally:
+        await running.stop(0)
+    assert sorted(batches) == [1, 2]
+    for outcome in outcomes:
+        (task,) = outcome.result.tasks
+        assert task.report.findings == "Normal CT of the chest."
+        assert outcome.result.model.backend == "med3dvlm" and outcome.result.model.version == "tiny-1"
