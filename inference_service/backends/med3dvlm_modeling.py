@@ -366,11 +366,13 @@ class Med3DVLMForCausalLM(Qwen2ForCausalLM):
         images: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> Any:
-        # Only the prefill carries placeholders; decode steps see generated tokens alone.
+        # Only the prefill carries placeholders; decode steps (one token each, shorter than the
+        # visual tokens) are not even inspected, which spares a device sync per generated token.
         if (
             images is not None
             and inputs_embeds is None
             and input_ids is not None
+            and input_ids.shape[1] >= self.config.proj_out_num
             and self.config.image_token_id is not None
             and bool((input_ids == self.config.image_token_id).any())
         ):
