@@ -369,13 +369,34 @@ class _LamedCausalLM:
         embeds = self.model.embed_tokens(input_ids)
         return splice_visual_tokens(embeds, input_ids, self.encode_images(images), int(token_id))
 
-    def forward(  # type: ignore[no-untyped-def]
-        self, input_ids=None, images=None, inputs_embeds=None, **kwargs
-    ):
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Any = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        images: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """The LM's forward; with ``images``, their visual tokens replace the placeholders' embeddings."""
         if images is not None and inputs_embeds is None and input_ids is not None:
             inputs_embeds = self.embed_with_images(input_ids, images)
             input_ids = None
-        return super().forward(input_ids=input_ids, inputs_embeds=inputs_embeds, **kwargs)  # type: ignore[misc]
+        return super().forward(  # type: ignore[misc]
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
 
     def prepare_inputs_for_generation(self, *args, images=None, is_first_iteration=False, **kwargs):  # type: ignore[no-untyped-def]
         """Images only in the prefill: decode steps read the cache."""

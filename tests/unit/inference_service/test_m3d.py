@@ -1,0 +1,458 @@
+"""M3D-LaMed: the re-implemented classes, the published layout, and the backend on a tiny checkpoint.
+
+The tiny checkpoint is built with our classes (tiny sizes, the published key
+names), saved with ``save_pretrained`` and loaded through the production
+loader offline, as the other backends' tests do.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from inference_service.backends import m3d_modeling as mm
+from inference_service.backends.base import ModelConfig, WorkItem
+from inference_service.backends.m3d import M3DBackend
+from inference_service.backends.registry import backend_class
+from inference_service.errors import CheckpointError, InvalidInput, UnsupportedTask
+from inference_service.types import AnalysisSpec, Geometry, TaskKind, Volume
+from tests.unit.inference_service.tiny_checkpoints import char_vocab, force_output, to_pytorch_bin_shards
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning"
+)
+
+TINY_VISION = {
+    "image_size": [8, 32, 32],
+    "patch_size": [2, 8, 8],  # 4x4x4 patch grid -> 2x2x2 = 8 visual tokens
+    "mm_hidden_size": 16,
+    "vision_num_layers": 1,
+    "vision_num_heads": 2,
+    "vision_mlp_dim": 32,
+}
+#: The vision/projector names the published checkpoints hold (MONAI 1.3 ViT inside), per ViT block N.
+PUBLISHED_VISION_KEYS = {
+    "model.vision_tower.vision_tower.cls_token",
+    "model.vision_tower.vision_tower.patch_embedding.position_embeddings",
+    "model.vision_tower.vision_tower.patch_embedding.patch_embeddings.1.weight",
+    "model.vision_tower.vision_tower.patch_embedding.patch_embeddings.1.bias",
+    "model.vision_tower.vision_tower.norm.weight",
+    "model.vision_tower.vision_tower.norm.bias",
+    "model.mm_projector.projector.0.weight",
+    "model.mm_projector.projector.0.bias",
+    "model.mm_projector.projector.2.weight",
+    "model.mm_projector.projector.2.bias",
+} | {
+    f"model.vision_tower.vision_tower.blocks.0.{name}"
+    for name in (
+        "norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.out_proj.weight", "attn.out_proj.bias",
+        "norm2.weight", "norm2.bias", "mlp.linear1.weight", "mlp.linear1.bias", "mlp.linear2.weight",
+        "mlp.linear2.bias",
+    )
+}  # fmt: skip
+#: The Phi-3 LM's own names (one decoder layer).
+PUBLISHED_PHI3_KEYS = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"} | {
+    f"model.layers.0.{name}.weight"
+    for name in (
+        "self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj", "input_layernorm",
+        "post_attention_layernorm",
+    )
+}  # fmt: skip
+
+
+def m3d_tokenizer():  # noqa: ANN201
+    """A character vocabulary with the tokens M3D's training script adds to the LM's tokenizer."""
+    from transformers import LlamaTokenizer
+
+    tok = LlamaTokenizer(vocab=char_vocab(["<unk>", "<s>", "</s>"]), merges=[])
+    tok.add_special_tokens({"additional_special_tokens": ["<im_patch>", "<bx_start>", "<bx_end>"]})
+    tok.add_tokens("[SEG]")
+    return tok
+
+
+def tiny_config(tok, family: str = "phi3", **overrides) -> mm.LamedPhi3Config | mm.LamedLlamaConfig:  # noqa: ANN001, ANN003
+    vocab = tok.get_vocab()
+    common = {
+        "vocab_size": len(tok),
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "bos_token_id": vocab["<s>"],
+        "eos_token_id": vocab["</s>"],
+        "pad_token_id": vocab["<unk>"],
+        "segmentation_module": "segvol",
+        "seg_token_id": vocab["[SEG]"],
+        **TINY_VISION,
+        **overrides,
+    }
+    return (mm.LamedPhi3Config if family == "phi3" else mm.LamedLlamaConfig)(**common)
+
+
+def build_m3d(directory: Path, family: str = "phi3", seed: int = 0) -> Path:
+    """A tiny M3D-LaMed checkpoint in the published layout (no img_token_id in config, as published)."""
+    tok = m3d_tokenizer()
+    torch.manual_seed(seed)
+    cls = mm.LamedPhi3ForCausalLM if family == "phi3" else mm.LamedLlamaForCausalLM
+    model = cls(tiny_config(tok, family)).eval()
+    model.generation_config.eos_token_id = tok.convert_tokens_to_ids("</s>")
+    model.generation_config.pad_token_id = tok.convert_tokens_to_ids("<unk>")
+    model.save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_m3d(tmp_path_factory.mktemp("m3d") / "phi3")
+
+
+def _backend(path: Path, **options) -> M3DBackend:  # noqa: ANN003
+    b = M3DBackend(ModelConfig(name="m3d-tiny", backend="m3d", path=path, options=options))
+    b.load()
+    return b
+
+
+@pytest.fixture(scope="module")
+def backend(checkpoint: Path) -> M3DBackend:
+    return _backend(checkpoint)
+
+
+def _ct(shape: tuple[int, int, int] = (20, 40, 36), seed: int = 0) -> Volume:
+    """A body-like HU block in air, axial slices (IOP 1,0,0,0,1,0)."""
+    rng = np.random.default_rng(seed)
+    hu = np.full(shape, -1000.0, np.float32)
+    hu[2:-2, 5:-5, 4:-4] = rng.normal(40, 30, (shape[0] - 4, shape[1] - 10, shape[2] - 8))
+    g = Geometry(shape, (2.5, 0.8, 0.8), (1, 0, 0, 0, 1, 0), (0, 0, 0), "CT")
+    return Volume(hu, g)
+
+
+def _item(task: TaskKind, **spec) -> WorkItem:  # noqa: ANN003
+    return WorkItem(_ct(), AnalysisSpec("m3d-tiny", (task,), **spec))
+
+
+# -- the published layout -----------------------------------------------------------------------
+class TestPublishedLayout:
+    def test_saved_checkpoint_has_the_published_names_and_config_keys(self, checkpoint: Path) -> None:
+        names = set(load_file(checkpoint / "model.safetensors"))
+        assert PUBLISHED_VISION_KEYS | PUBLISHED_PHI3_KEYS == names
+        config = json.loads((checkpoint / "config.json").read_text())
+        assert config["model_type"] == "lamed_phi3"
+        assert config["architectures"] == ["LamedPhi3ForCausalLM"]
+        for key, value in {
+            "image_channel": 1, "vision_tower": "vit3d", "vision_select_layer": -1,
+            "vision_select_feature": "patch", "mm_projector_type": "spp", "proj_layer_type": "mlp",
+            "proj_layer_num": 2, "proj_pooling_type": "spatial", "proj_pooling_size": 2,
+            "segmentation_module": "segvol",
+        }.items():  # fmt: skip
+            assert config[key] == value, key
+        assert config["image_size"] == [8, 32, 32] and config["patch_size"] == [2, 8, 8]
+
+    def test_published_defaults_are_the_real_architecture(self) -> None:
+        c = mm.LamedPhi3Config()
+        assert (list(c.image_size), list(c.patch_size), c.mm_hidden_size) == (
+            [32, 256, 256],
+            [4, 16, 16],
+            768,
+        )
+        assert (c.vision_num_layers, c.vision_num_heads, c.vision_mlp_dim) == (12, 12, 3072)
+        assert c.patch_grid == (8, 16, 16) and c.num_visual_tokens() == 256
+
+    def test_a_published_style_config_without_our_extra_keys_loads(self, tmp_path: Path) -> None:
+        """The published config.json carries no img_token_id / vision_num_* keys: defaults apply."""
+        from transformers import AutoConfig
+
+        raw = {"model_type": "lamed_phi3", "architectures": ["LamedPhi3ForCausalLM"], "hidden_size": 3072,
+               "image_size": [32, 256, 256], "patch_size": [4, 16, 16], "mm_hidden_size": 768,
+               "seg_token_id": 32014, "tune_mm_mlp_adapter": False,
+               "auto_map": {"AutoConfig": "configuration_phi3.Phi3Config"}}  # fmt: skip
+        (tmp_path / "config.json").write_text(json.dumps(raw))
+        c = AutoConfig.from_pretrained(tmp_path, trust_remote_code=False)
+        assert isinstance(c, mm.LamedPhi3Config) and c.vision_num_layers == 12 and c.img_token_id is None
+
+    def test_bad_geometry_is_rejected_in_the_config(self) -> None:
+        with pytest.raises(ValueError, match="whole number of patches"):
+            mm.LamedPhi3Config(image_size=[30, 256, 256])
+        with pytest.raises(ValueError, match="not divisible by proj_pooling_size"):
+            mm.LamedPhi3Config(image_size=[12, 256, 256])
+
+    def test_a_renamed_key_is_named_in_the_error(self, checkpoint: Path, tmp_path: Path) -> None:
+        broken = tmp_path / "renamed"
+        broken.mkdir()
+        for f in checkpoint.iterdir():
+            if f.is_file():
+                (broken / f.name).write_bytes(f.read_bytes())
+        state = load_file(checkpoint / "model.safetensors")
+        old = "model.mm_projector.projector.2.weight"
+        state["model.mm_projector.proj.2.weight"] = state.pop(old)
+        save_file(state, broken / "model.safetensors", metadata={"format": "pt"})
+        with pytest.raises(
+            CheckpointError, match=r"missing model\.mm_projector\.projector\.2\.weight"
+        ) as err:
+            _backend(broken)
+        assert "unexpected model.mm_projector.proj.2.weight" in str(err.value)
+
+    def test_a_missing_key_is_named_in_the_error(self, checkpoint: Path, tmp_path: Path) -> None:
+        broken = tmp_path / "missing"
+        broken.mkdir()
+        for f in checkpoint.iterdir():
+            if f.is_file():
+                (broken / f.name).write_bytes(f.read_bytes())
+        state = load_file(checkpoint / "model.safetensors")
+        del state["model.vision_tower.vision_tower.cls_token"]
+        save_file(state, broken / "model.safetensors", metadata={"format": "pt"})
+        with pytest.raises(CheckpointError, match=r"missing model\.vision_tower\.vision_tower\.cls_token"):
+            _backend(broken)
+
+    def test_seg_head_weights_are_accepted_and_unused(self, checkpoint: Path, tmp_path: Path) -> None:
+        """Published checkpoints carry the SegVol head; it must not break loading."""
+        ckpt = tmp_path / "with-seg"
+        ckpt.mkdir()
+        for f in checkpoint.iterdir():
+            if f.is_file():
+                (ckpt / f.name).write_bytes(f.read_bytes())
+        state = load_file(checkpoint / "model.safetensors")
+        state["model.seg_projector.0.weight"] = torch.zeros(32, 32)
+        state["model.seg_module.mask_decoder.iou_token.weight"] = torch.zeros(1, 16)
+        save_file(state, ckpt / "model.safetensors", metadata={"format": "pt"})
+        assert _backend(ckpt).tasks == {TaskKind.REPORT, TaskKind.VQA}
+
+    def test_sharded_pytorch_bin_layout_loads(self, tmp_path: Path) -> None:
+        ckpt = build_m3d(tmp_path / "bin")
+        to_pytorch_bin_shards(ckpt)
+        b = _backend(ckpt)
+        assert b.model.config.img_token_id == b.processor.tokenizer.convert_tokens_to_ids("<im_patch>")
+
+    def test_llama_variant_loads_through_the_auto_classes(self, tmp_path: Path) -> None:
+        b = _backend(build_m3d(tmp_path / "llama", family="llama"))
+        assert isinstance(b.model, mm.LamedLlamaForCausalLM)
+        force_output(b, "Liver lesion.", "</s>")
+        (r,) = b.run([_item(TaskKind.REPORT)], TaskKind.REPORT)
+        assert r.report.findings == "Liver lesion."
+
+    def test_not_an_m3d_checkpoint_is_refused(self, tmp_path: Path) -> None:
+        from transformers import Phi3Config, Phi3ForCausalLM
+
+        tok = m3d_tokenizer()
+        Phi3ForCausalLM(
+            Phi3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                       num_attention_heads=2, pad_token_id=0)
+        ).save_pretrained(tmp_path / "plain")  # fmt: skip
+        tok.save_pretrained(tmp_path / "plain")
+        with pytest.raises(CheckpointError, match="not M3D-LaMed"):
+            _backend(tmp_path / "plain")
+
+    def test_missing_tokenizer_is_named(self, checkpoint: Path, tmp_path: Path) -> None:
+        ckpt = tmp_path / "notok"
+        ckpt.mkdir()
+        for name in ("config.json", "model.safetensors", "generation_config.json"):
+            (ckpt / name).write_bytes((checkpoint / name).read_bytes())
+        with pytest.raises(CheckpointError, match="missing its tokenizer"):
+            _backend(ckpt)
+
+
+# -- shapes and the splice ----------------------------------------------------------------------
+class TestShapes:
+    def _real_size_vision(self) -> tuple[mm.ViT3DTower, mm.SpatialPoolingProjector, mm.LamedPhi3Config]:
+        config = mm.LamedPhi3Config()  # published: 32x256x256, 4x16x16 patches, ViT-B, Phi-3 width 3072
+        return mm.ViT3DTower(config), mm.SpatialPoolingProjector(config), config
+
+    def test_real_size_encoder_and_projector_shapes_on_meta(self) -> None:
+        with torch.device("meta"):
+            tower, projector, config = self._real_size_vision()
+            features = tower(torch.empty(2, 1, 32, 256, 256))
+            tokens = projector(features)
+        assert features.shape == (2, 2048, 768)
+        assert tokens.shape == (2, 256, config.hidden_size) and config.hidden_size == 3072
+
+    @pytest.mark.slow
+    def test_real_size_encoder_and_projector_on_cpu(self) -> None:
+        torch.manual_seed(0)
+        tower, projector, config = self._real_size_vision()
+        with torch.inference_mode():
+            tokens = projector(tower(torch.rand(1, 1, 32, 256, 256)))
+        assert tokens.shape == (1, 256, 3072) and torch.isfinite(tokens).all()
+
+    def test_patch_order_is_depth_major_with_patch_voxels_depth_major(self) -> None:
+        """Token t = (gd, gh, gw) in row-major order; its vector = its voxels (pd, ph, pw) row-major."""
+        x = torch.arange(1 * 1 * 4 * 4 * 6, dtype=torch.float32).reshape(1, 1, 4, 4, 6)
+        out = mm.Patchify((2, 2, 3))(x)
+        assert out.shape == (1, 2 * 2 * 2, 12)
+        # token 3 = grid (0, 1, 1): depth 0..1, rows 2..3, columns 3..5
+        expected = x[0, 0, 0:2, 2:4, 3:6].reshape(-1)
+        assert torch.equal(out[0, 3], expected)
+
+    def test_spatial_pooling_averages_2x2x2_neighbours_in_grid_order(self) -> None:
+        config = tiny_config(m3d_tokenizer(), proj_layer_type="linear", proj_layer_num=1)
+        projector = mm.SpatialPoolingProjector(config)
+        with torch.no_grad():
+            projector.projector[0].weight.zero_()
+            projector.projector[0].weight[0, 0] = 1.0  # output channel 0 = input channel 0
+            projector.projector[0].bias.zero_()
+        grid = torch.arange(64, dtype=torch.float32).reshape(4, 4, 4)  # the tiny 4x4x4 patch grid
+        features = torch.zeros(1, 64, 16)
+        features[0, :, 0] = grid.reshape(-1)
+        out = projector(features)
+        assert out.shape == (1, 8, 32)
+        expected = grid.reshape(2, 2, 2, 2, 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(8, 8).mean(dim=1)
+        assert torch.allclose(out[0, :, 0], expected)
+
+    def test_splice_puts_each_visual_vector_where_a_placeholder_was(self) -> None:
+        """Hand-set weights: token embeddings all 0, visual token k = the constant k + 1."""
+        tok = m3d_tokenizer()
+        img = tok.convert_tokens_to_ids("<im_patch>")
+        config = tiny_config(tok, img_token_id=img)
+        model = mm.LamedPhi3ForCausalLM(config).eval()
+        n = config.num_visual_tokens()
+        with torch.no_grad():
+            model.model.embed_tokens.weight.zero_()
+        model.encode_images = lambda images: (  # noqa: ARG005
+            torch.arange(1, n + 1, dtype=torch.float32)[None, :, None].expand(
+                images.shape[0], n, config.hidden_size
+            )
+        )
+        pad = tok.convert_tokens_to_ids("<unk>")
+        text = tok.encode("Is there a lesion?", add_special_tokens=False)
+        rows = [
+            [pad, pad, pad] + [img] * n + text,
+            [img] * n + text + [pad, pad, pad],
+        ]  # left and right padded
+        ids = torch.tensor(rows)
+        embeds = model.embed_with_images(ids, torch.zeros(2, 1, 8, 32, 32))
+        for row in range(2):
+            where = (ids[row] == img).nonzero().flatten()
+            assert torch.equal(embeds[row, where, 0], torch.arange(1, n + 1, dtype=torch.float32))
+            others = (ids[row] != img).nonzero().flatten()
+            assert torch.count_nonzero(embeds[row, others]) == 0
+
+    def test_splice_matches_the_published_positional_splice_for_the_published_prompt(self) -> None:
+        """The published code overwrites positions 1..N after <s>; ours must agree on that prompt."""
+        tok = m3d_tokenizer()
+        img = tok.convert_tokens_to_ids("<im_patch>")
+        torch.manual_seed(1)
+        model = mm.LamedPhi3ForCausalLM(tiny_config(tok, img_token_id=img)).eval()
+        n = model.config.num_visual_tokens()
+        ids = torch.tensor(
+            [[tok.convert_tokens_to_ids("<s>")] + [img] * n + tok.encode("Liver?", add_special_tokens=False)]
+        )
+        images = torch.rand(1, 1, 8, 32, 32)
+        with torch.no_grad():
+            ours = model.embed_with_images(ids, images)
+            embeds = model.model.embed_tokens(ids)
+            published = torch.cat([embeds[:, :1], model.encode_images(images), embeds[:, n + 1 :]], dim=1)
+        assert torch.equal(ours, published)
+
+    def test_wrong_placeholder_count_is_a_clear_error(self) -> None:
+        tok = m3d_tokenizer()
+        img = tok.convert_tokens_to_ids("<im_patch>")
+        model = mm.LamedPhi3ForCausalLM(tiny_config(tok, img_token_id=img)).eval()
+        with pytest.raises(ValueError, match=r"exactly 8 <im_patch> tokens.*\[3\]"):
+            model.embed_with_images(torch.tensor([[img] * 3 + [5]]), torch.zeros(1, 1, 8, 32, 32))
+
+
+# -- the backend --------------------------------------------------------------------------------
+class TestBackend:
+    def test_registered_and_identified(self, backend: M3DBackend) -> None:
+        assert backend_class("m3d") is M3DBackend
+        ident = backend.identity
+        assert ident.backend == "m3d" and ident.name == "m3d-tiny" and len(ident.weights_sha256) == 64
+        assert ident.weights_sha256[:12] in ident.version
+        assert backend.modalities == {"CT"} and backend.tasks == {TaskKind.REPORT, TaskKind.VQA}
+
+    def test_forced_report_becomes_a_report_result(self, backend: M3DBackend) -> None:
+        force_output(
+            backend, "Findings: Hypodense lesion in the right liver lobe.\nImpression: Cyst.", "</s>"
+        )
+        (r,) = backend.run([_item(TaskKind.REPORT)], TaskKind.REPORT)
+        assert not r.unparsed and r.task is TaskKind.REPORT
+        assert (r.report.findings, r.report.impression) == (
+            "Hypodense lesion in the right liver lobe.",
+            "Cyst.",
+        )
+        assert r.prompt_id.startswith("m3d-tiny:report:")
+
+    def test_plain_caption_is_the_findings(self, backend: M3DBackend) -> None:
+        """M3D-Cap captions carry no section labels."""
+        force_output(backend, "Multiple liver metastases.", "</s>")
+        (r,) = backend.run([_item(TaskKind.REPORT)], TaskKind.REPORT)
+        assert (r.report.findings, r.report.impression) == ("Multiple liver metastases.", "")
+
+    def test_prompt_is_placeholders_then_text_and_the_volume_is_the_model_cube(
+        self, backend: M3DBackend
+    ) -> None:
+        seen = {}
+        original = backend.model.generate
+
+        def spy(**kwargs):  # noqa: ANN003, ANN202
+            seen.update(kwargs)
+            return original(**kwargs)
+
+        backend.model.generate = spy
+        try:
+            force_output(backend, "Yes.", "</s>")
+            (r,) = backend.run([_item(TaskKind.VQA, question="Is the liver enlarged?")], TaskKind.VQA)
+        finally:
+            del backend.model.generate
+        assert r.answer == "Yes." and r.prompt_id == "m3d-tiny:vqa"
+        tok = backend.processor.tokenizer
+        ids = seen["input_ids"][0].tolist()
+        n = backend.model.config.num_visual_tokens()
+        assert ids[:n] == [tok.convert_tokens_to_ids("<im_patch>")] * n
+        assert tok.decode(ids[n:]) == "Is the liver enlarged?"
+        images = seen["images"]
+        assert images.shape == (1, 1, 8, 32, 32) and float(images.min()) >= 0 and float(images.max()) <= 1
+
+    def test_a_batch_of_volumes_is_one_left_padded_generate(self, backend: M3DBackend) -> None:
+        calls = []
+        original = backend.model.generate
+
+        def spy(**kwargs):  # noqa: ANN003, ANN202
+            calls.append(kwargs)
+            return original(**kwargs)
+
+        backend.model.generate = spy
+        try:
+            force_output(backend, "No.", "</s>")
+            items = [_item(TaskKind.VQA, question="Cyst?"), _item(TaskKind.VQA, question="Any liver lesion?")]
+            results = backend.run(items, TaskKind.VQA)
+        finally:
+            del backend.model.generate
+        assert [r.answer for r in results] == ["No.", "No."]
+        (call,) = calls
+        assert (
+            call["images"].shape[0] == 2 and call["attention_mask"][0, 0] == 0
+        )  # the shorter row is left-padded
+
+    def test_batched_greedy_output_equals_one_at_a_time(self, backend: M3DBackend) -> None:
+        """The placeholder-id splice keeps left padding harmless (a positional splice would not)."""
+        backend.logits_processors = []
+        backend.config.options["max_new_tokens"] = 6
+        try:
+            items = [_item(TaskKind.VQA, question="Cyst?"), _item(TaskKind.VQA, question="Any liver lesion?")]
+            items[1] = WorkItem(_ct(seed=3), items[1].spec)
+            together = [r.raw_output for r in backend.run(items, TaskKind.VQA)]
+            alone = [backend.run([it], TaskKind.VQA)[0].raw_output for it in items]
+        finally:
+            del backend.config.options["max_new_tokens"]
+        assert together == alone
+
+    def test_vqa_needs_a_question(self, backend: M3DBackend) -> None:
+        with pytest.raises(InvalidInput, match="question"):
+            backend.run([_item(TaskKind.VQA)], TaskKind.VQA)
+
+    def test_unsupported_task(self, backend: M3DBackend) -> None:
+        with pytest.raises(UnsupportedTask):
+            backend.run([_item(TaskKind.SEGMENT)], TaskKind.SEGMENT)
+
+    def test_non_ct_is_refused(self, backend: M3DBackend) -> None:
+        img = np.zeros((1, 32, 32), np.float32)
+        mr = Volume(img, Geometry((1, 32, 32), (1, 1, 1), (1, 0, 0, 0, 1, 0), (0, 0, 0), "MR"))
+        with pytest.raises(InvalidInput, match="CT"):
+            backend.run([WorkItem(mr, AnalysisSpec("m3d-tiny", (TaskKind.REPORT,)))], TaskKind.REPORT)
