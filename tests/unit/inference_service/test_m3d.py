@@ -21,20 +21,14 @@ from inference_service.backends.m3d import M3DBackend
 from inference_service.backends.registry import backend_class
 from inference_service.errors import CheckpointError, InvalidInput, UnsupportedTask
 from inference_service.types import AnalysisSpec, Geometry, TaskKind, Volume
-from tests.unit.inference_service.tiny_checkpoints import char_vocab, force_output, to_pytorch_bin_shards
+from inference_service.volume3d import stack
+from tests.unit.inference_service.tiny_checkpoints import force_output, to_pytorch_bin_shards
+from tests.unit.inference_service.tiny_m3d import build_m3d, m3d_tokenizer, tiny_config
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning"
 )
 
-TINY_VISION = {
-    "image_size": [8, 32, 32],
-    "patch_size": [2, 8, 8],  # 4x4x4 patch grid -> 2x2x2 = 8 visual tokens
-    "mm_hidden_size": 16,
-    "vision_num_layers": 1,
-    "vision_num_heads": 2,
-    "vision_mlp_dim": 32,
-}
 #: The vision/projector names the published checkpoints hold (MONAI 1.3 ViT inside), per ViT block N.
 PUBLISHED_VISION_KEYS = {
     "model.vision_tower.vision_tower.cls_token",
@@ -63,50 +57,6 @@ PUBLISHED_PHI3_KEYS = {"model.embed_tokens.weight", "model.norm.weight", "lm_hea
         "post_attention_layernorm",
     )
 }  # fmt: skip
-
-
-def m3d_tokenizer():  # noqa: ANN201
-    """A character vocabulary with the tokens M3D's training script adds to the LM's tokenizer."""
-    from transformers import LlamaTokenizer
-
-    tok = LlamaTokenizer(vocab=char_vocab(["<unk>", "<s>", "</s>"]), merges=[])
-    tok.add_special_tokens({"additional_special_tokens": ["<im_patch>", "<bx_start>", "<bx_end>"]})
-    tok.add_tokens("[SEG]")
-    return tok
-
-
-def tiny_config(tok, family: str = "phi3", **overrides) -> mm.LamedPhi3Config | mm.LamedLlamaConfig:  # noqa: ANN001, ANN003
-    vocab = tok.get_vocab()
-    common = {
-        "vocab_size": len(tok),
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 512,
-        "bos_token_id": vocab["<s>"],
-        "eos_token_id": vocab["</s>"],
-        "pad_token_id": vocab["<unk>"],
-        "segmentation_module": "segvol",
-        "seg_token_id": vocab["[SEG]"],
-        **TINY_VISION,
-        **overrides,
-    }
-    return (mm.LamedPhi3Config if family == "phi3" else mm.LamedLlamaConfig)(**common)
-
-
-def build_m3d(directory: Path, family: str = "phi3", seed: int = 0) -> Path:
-    """A tiny M3D-LaMed checkpoint in the published layout (no img_token_id in config, as published)."""
-    tok = m3d_tokenizer()
-    torch.manual_seed(seed)
-    cls = mm.LamedPhi3ForCausalLM if family == "phi3" else mm.LamedLlamaForCausalLM
-    model = cls(tiny_config(tok, family)).eval()
-    model.generation_config.eos_token_id = tok.convert_tokens_to_ids("</s>")
-    model.generation_config.pad_token_id = tok.convert_tokens_to_ids("<unk>")
-    model.save_pretrained(directory)
-    tok.save_pretrained(directory)
-    return directory
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +92,7 @@ def _item(task: TaskKind, **spec) -> WorkItem:  # noqa: ANN003
 class TestPublishedLayout:
     def test_saved_checkpoint_has_the_published_names_and_config_keys(self, checkpoint: Path) -> None:
         names = set(load_file(checkpoint / "model.safetensors"))
-        assert PUBLISHED_VISION_KEYS | PUBLISHED_PHI3_KEYS == names
+        assert names == PUBLISHED_VISION_KEYS | PUBLISHED_PHI3_KEYS
         config = json.loads((checkpoint / "config.json").read_text())
         assert config["model_type"] == "lamed_phi3"
         assert config["architectures"] == ["LamedPhi3ForCausalLM"]
@@ -430,18 +380,28 @@ class TestBackend:
             call["images"].shape[0] == 2 and call["attention_mask"][0, 0] == 0
         )  # the shorter row is left-padded
 
-    def test_batched_greedy_output_equals_one_at_a_time(self, backend: M3DBackend) -> None:
+    def test_batched_logits_equal_one_at_a_time(self, backend: M3DBackend) -> None:
         """The placeholder-id splice keeps left padding harmless (a positional splice would not)."""
-        backend.logits_processors = []
-        backend.config.options["max_new_tokens"] = 6
-        try:
-            items = [_item(TaskKind.VQA, question="Cyst?"), _item(TaskKind.VQA, question="Any liver lesion?")]
-            items[1] = WorkItem(_ct(seed=3), items[1].spec)
-            together = [r.raw_output for r in backend.run(items, TaskKind.VQA)]
-            alone = [backend.run([it], TaskKind.VQA)[0].raw_output for it in items]
-        finally:
-            del backend.config.options["max_new_tokens"]
-        assert together == alone
+        items = [_item(TaskKind.VQA, question="Cyst?"), WorkItem(_ct(seed=3), _item(TaskKind.VQA).spec)]
+        questions = ["Cyst?", "Any hypodense liver lesion?"]
+        volumes = stack([backend._prepare(it) for it in items])
+
+        def first_logits(vols: np.ndarray, prompts: list[str]) -> torch.Tensor:
+            inputs = backend.build_inputs(vols, prompts)
+            with torch.inference_mode():
+                out = backend.model.generate(
+                    **inputs,
+                    max_new_tokens=3,
+                    do_sample=False,
+                    output_logits=True,
+                    return_dict_in_generate=True,
+                )
+            return torch.stack(out.logits, dim=1)  # batch, step, vocab
+
+        together = first_logits(volumes, questions)
+        alone = torch.cat([first_logits(volumes[i : i + 1], questions[i : i + 1]) for i in range(2)])
+        assert torch.allclose(together, alone, atol=1e-5)
+        assert not torch.allclose(alone[0], alone[1], atol=1e-5)  # the rows really differ
 
     def test_vqa_needs_a_question(self, backend: M3DBackend) -> None:
         with pytest.raises(InvalidInput, match="question"):
