@@ -416,3 +416,28 @@ class TestBackend:
         mr = Volume(img, Geometry((1, 32, 32), (1, 1, 1), (1, 0, 0, 0, 1, 0), (0, 0, 0), "MR"))
         with pytest.raises(InvalidInput, match="CT"):
             backend.run([WorkItem(mr, AnalysisSpec("m3d-tiny", (TaskKind.REPORT,)))], TaskKind.REPORT)
+
+
+def test_radbridge_models_lists_a_configured_m3d_checkpoint(
+    tmp_path: Path, checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The registry example of the README: config -> registry -> gRPC ListModels -> CLI."""
+    from radbridge.cli import main
+
+    cfg = tmp_path / "models.toml"
+    cfg.write_text(
+        f"""
+[inference_service]
+port = 0
+default_model = "m3d"
+
+[models.m3d]
+backend = "m3d"
+path = "{checkpoint}"
+dtype = "float32"
+options = {{ max_new_tokens = 256, axes = "IPL", foreground_hu = -500.0, version = "phi3-tiny" }}
+"""
+    )
+    assert main(["models", "--config", str(cfg)]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("m3d"))
+    assert "backend=m3d" in line and "version=phi3-tiny" in line and "report" in line and "vqa" in line
