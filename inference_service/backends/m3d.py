@@ -9,8 +9,11 @@ goes through ``volume3d.prepare_ct`` (reorient, foreground crop, min-max to
 prompt is 256 ``<im_patch>`` placeholders then the question, as the model was
 trained. A batch of volumes is one left-padded ``generate`` call.
 
-Not done: the ``[SEG]`` mask head (SegVol); its weights are recognised and
-left unused, and a ``[SEG]`` token in the text is dropped.
+Segmentation (when the checkpoint has the ``[SEG]`` head, ``segmentation_module``
+"segvol"): the published prompt asks for one label's mask; the LM answers with
+``[SEG]``; the head's mask (sigmoid > 0.5 on the model cube) is mapped back to
+source voxels through the recorded preprocessing and becomes a ``Mask`` (so a
+DICOM-SEG on the source series). The ``[SEG]`` token is dropped from text.
 """
 
 from __future__ import annotations
@@ -35,12 +38,17 @@ from inference_service.backends._hf import (
     sha256_of,
 )
 from inference_service.backends.base import ProgressCallback, WorkItem
+from inference_service.backends.medgemma import label_code
+from inference_service.backends.reference import ANATOMICAL_STRUCTURE, LAB_FOREGROUND
 from inference_service.errors import CheckpointError, InvalidInput, UnsupportedTask
-from inference_service.types import TaskKind, TaskResult
+from inference_service.types import Mask, TaskKind, TaskResult
 from inference_service.volume3d import DEFAULT_AXES, DEFAULT_FOREGROUND_HU, PreparedCT, prepare_ct, stack
 
 #: Default prompts; the report one is among M3D-Cap's training templates.
-PROMPTS = {"report": "Please generate a medical report based on this image."}
+PROMPTS = {
+    "report": "Please generate a medical report based on this image.",
+    "segment": "What is {label} in this image? Please output the segmentation mask.",  # the published example
+}
 #: Tokenizer files of the published checkpoints (Phi-3 / Llama-2 sentencepiece, or a fast tokenizer).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
@@ -103,6 +111,8 @@ class M3DBackend(HFBackend):
 
     @property
     def tasks(self) -> frozenset[TaskKind]:
+        if self.model is not None and getattr(self.model.model, "seg_module", None) is not None:
+            return frozenset({TaskKind.REPORT, TaskKind.VQA, TaskKind.SEGMENT})
         return frozenset({TaskKind.REPORT, TaskKind.VQA})
 
     def load(self) -> None:
@@ -159,9 +169,19 @@ class M3DBackend(HFBackend):
     def _prompt_for(self, item: WorkItem, task: TaskKind) -> tuple[str, str]:
         if task is TaskKind.REPORT:
             return self.prompt("report", PROMPTS["report"])
+        if task is TaskKind.SEGMENT:
+            return self.prompt("segment", PROMPTS["segment"], label=self._label(item))
         if not item.spec.question:
             raise InvalidInput("VQA needs a question.")
         return f"{self.config.name}:vqa", item.spec.question
+
+    def _label(self, item: WorkItem) -> str:
+        labels = list(item.spec.labels) or list(self.config.labels)
+        if len(labels) != 1:
+            raise InvalidInput(
+                "Segmentation takes exactly one label (the structure to segment), in the request or the config."
+            )
+        return labels[0]
 
     def build_inputs(self, volumes: np.ndarray, prompts: Sequence[str]) -> dict[str, Any]:
         """Tokenised prompts (placeholders first, as trained), left-padded, plus the image batch."""
@@ -177,14 +197,49 @@ class M3DBackend(HFBackend):
         if task not in self.tasks:
             raise UnsupportedTask(f"Model {self.config.name!r} cannot do task {task.value!r}.")
         prompts = [self._prompt_for(item, task) for item in batch]
-        volumes = stack([self._prepare(item) for item in batch])
-        texts = self.generate(self.build_inputs(volumes, [p for _, p in prompts]))
+        prepared = [self._prepare(item) for item in batch]
+        inputs = self.build_inputs(stack(prepared), [p for _, p in prompts])
+        texts = self.generate(inputs)
+        masks = self._masks(inputs, prepared, batch) if task is TaskKind.SEGMENT else [None] * len(batch)
         results = []
-        for text, (prompt_id, _), item in zip(texts, prompts, batch, strict=True):
+        for text, (prompt_id, _), item, mask in zip(texts, prompts, batch, masks, strict=True):
             text = text.replace(m3d_modeling.SEG_TOKEN, "").strip()
             result = TaskResult(task=task, prompt_id=prompt_id, raw_output=text)
-            parse_text_task(result, text, item.spec.language)
+            if task is TaskKind.SEGMENT:
+                result.answer = text
+                if mask is None:
+                    result.unparsed = True  # no [SEG] token, or an empty mask: the text says why
+                else:
+                    result.masks.append(mask)
+            else:
+                parse_text_task(result, text, item.spec.language)
             results.append(result)
         if progress:
             progress(1.0, f"{task.value} x{len(batch)}")
         return results
+
+    @torch.inference_mode()
+    def _masks(
+        self, inputs: dict[str, Any], prepared: list[PreparedCT], batch: Sequence[WorkItem]
+    ) -> list[Mask | None]:
+        """The [SEG] head's masks for the last generate call, mapped back to source voxels."""
+        generated = self.last_generated_ids.to(self.device)
+        prompt_ids = inputs["input_ids"].to(self.device)
+        sequences = torch.cat([prompt_ids, generated], dim=1)
+        attention = torch.cat([inputs["attention_mask"].to(self.device), torch.ones_like(generated)], dim=1)
+        images = inputs["images"].to(self.device)
+        logits = self.model.segment(images, sequences, attention, start=prompt_ids.shape[1])
+        out: list[Mask | None] = []
+        for row, item in zip(logits, batch, strict=True):
+            if row is None:
+                out.append(None)
+                continue
+            model_mask = (torch.sigmoid(row[0].float()) > 0.5).cpu().numpy()
+            voxels = prepared[len(out)].mask_to_source(model_mask)
+            if not voxels.any():
+                out.append(None)
+                continue
+            label = self._label(item)
+            code = label_code(self.config.labels, label)
+            out.append(Mask(1, label, ANATOMICAL_STRUCTURE, code, LAB_FOREGROUND, voxels))
+        return out

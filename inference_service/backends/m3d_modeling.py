@@ -81,6 +81,8 @@ class LamedVisionMixin:
     proj_layer_num: int
     mm_projector_type: str
     vision_tower: str
+    segmentation_module: str | None
+    seg_token_id: int | None
     vision_select_layer: int
     vision_select_feature: str
     vision_num_layers: int
@@ -398,6 +400,44 @@ class _LamedCausalLM:
             **kwargs,
         )
 
+    @torch.no_grad()
+    def segment(
+        self, images: torch.Tensor, sequences: torch.Tensor, attention_mask: torch.Tensor, start: int
+    ) -> list[torch.Tensor | None]:
+        """Mask logits (1, D, H, W) per row whose text from position ``start`` on holds [SEG], else None.
+
+        The prompt for the mask is the LM's last hidden state at the position that
+        predicts [SEG] (the mean over several), as the published model was trained;
+        it is recomputed in one forward over prompt + answer.
+        """
+        inner = self.model  # type: ignore[attr-defined]
+        seg_id = self.config.seg_token_id  # type: ignore[attr-defined]
+        if getattr(inner, "seg_module", None) is None or seg_id is None:
+            raise ValueError("This checkpoint has no [SEG] head (segmentation_module / seg_token_id unset).")
+        is_seg = sequences == int(seg_id)
+        is_seg[:, :start] = False
+        predicts_seg = is_seg[:, 1:]
+        if not predicts_seg.any():
+            return [None] * sequences.shape[0]
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        hidden = self(
+            input_ids=sequences,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            images=images,
+            output_hidden_states=True,
+            use_cache=False,
+        ).hidden_states[-1][:, :-1]
+        out: list[torch.Tensor | None] = []
+        for row in range(sequences.shape[0]):
+            if not predicts_seg[row].any():
+                out.append(None)
+                continue
+            state = hidden[row][predicts_seg[row]].mean(dim=0, keepdim=True)
+            prompt = inner.seg_projector(state)
+            out.append(inner.seg_module(images[row : row + 1].to(prompt.dtype), prompt)[0])
+        return out
+
     def prepare_inputs_for_generation(self, *args, images=None, is_first_iteration=False, **kwargs):  # type: ignore[no-untyped-def]
         """Images only in the prefill: decode steps read the cache."""
         inputs = super().prepare_inputs_for_generation(  # type: ignore[misc]
@@ -408,13 +448,27 @@ class _LamedCausalLM:
         return inputs
 
 
+def _add_multimodal_modules(model: nn.Module, config: LamedVisionMixin) -> None:
+    """The published ``model.vision_tower`` / ``model.mm_projector``, and the [SEG] head when configured."""
+    model.vision_tower = ViT3DTower(config)
+    model.mm_projector = SpatialPoolingProjector(config)
+    if config.segmentation_module:
+        if "segvol" not in str(config.segmentation_module).lower():
+            raise ValueError(
+                f"Only the 'segvol' segmentation module is implemented, not {config.segmentation_module!r}."
+            )
+        from inference_service.backends.m3d_segvol import SegVolHead, seg_projector
+
+        model.seg_module = SegVolHead(config)
+        model.seg_projector = seg_projector(int(config.hidden_size), int(config.mm_hidden_size))
+
+
 class LamedPhi3Model(Phi3Model):
     config_class = LamedPhi3Config
 
     def __init__(self, config: LamedPhi3Config) -> None:
         super().__init__(config)
-        self.vision_tower = ViT3DTower(config)
-        self.mm_projector = SpatialPoolingProjector(config)
+        _add_multimodal_modules(self, config)
 
 
 class LamedPhi3ForCausalLM(_LamedCausalLM, Phi3ForCausalLM):
@@ -433,8 +487,7 @@ class LamedLlamaModel(LlamaModel):
 
     def __init__(self, config: LamedLlamaConfig) -> None:
         super().__init__(config)
-        self.vision_tower = ViT3DTower(config)
-        self.mm_projector = SpatialPoolingProjector(config)
+        _add_multimodal_modules(self, config)
 
 
 class LamedLlamaForCausalLM(_LamedCausalLM, LlamaForCausalLM):

@@ -49,7 +49,55 @@ PUBLISHED_VISION_KEYS = {
         "mlp.linear2.bias",
     )
 }  # fmt: skip
+
+
 #: The Phi-3 LM's own names (one decoder layer).
+def _published_seg_keys(blocks: int = 1) -> set[str]:
+    """``model.seg_module.*`` / ``model.seg_projector.*`` as the published SegVol head names them."""
+    wb = ("weight", "bias")
+    enc = "model.seg_module.image_encoder"
+    keys = {f"{enc}.patch_embedding.position_embeddings"}
+    keys |= {f"{enc}.patch_embedding.patch_embeddings.1.{p}" for p in wb} | {f"{enc}.norm.{p}" for p in wb}
+    for n in range(blocks):
+        for m in ("norm1", "attn.out_proj", "norm2", "mlp.linear1", "mlp.linear2"):
+            keys |= {f"{enc}.blocks.{n}.{m}.{p}" for p in wb}
+        keys.add(f"{enc}.blocks.{n}.attn.qkv.weight")
+    pe = "model.seg_module.prompt_encoder"
+    keys |= {
+        f"{pe}.pe_layer.positional_encoding_gaussian_matrix",
+        f"{pe}.not_a_point_embed.weight",
+        f"{pe}.no_mask_embed.weight",
+    } | {f"{pe}.point_embeddings.{i}.weight" for i in range(4)}
+    keys |= {f"{pe}.mask_downscaling.{i}.{p}" for i in (0, 1, 3, 4, 6) for p in wb}
+    md = "model.seg_module.mask_decoder"
+    attn = [
+        f"transformer.layers.{n}.{a}"
+        for n in range(2)
+        for a in ("self_attn", "cross_attn_token_to_image", "cross_attn_image_to_token")
+    ]
+    attn.append("transformer.final_attn_token_to_image")
+    keys |= {
+        f"{md}.{a}.{proj}.{p}"
+        for a in attn
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj")
+        for p in wb
+    }
+    norms = [
+        f"transformer.layers.{n}.{x}"
+        for n in range(2)
+        for x in ("norm1", "norm2", "norm3", "norm4", "mlp.lin1", "mlp.lin2")
+    ] + ["transformer.norm_final_attn", "txt_align_upscaled_embedding"]
+    norms += [f"output_upscaling.{i}" for i in (0, 1, 3)]
+    norms += [f"output_hypernetworks_mlps.{i}.layers.{j}" for i in range(4) for j in range(3)]
+    norms += [f"iou_prediction_head.layers.{j}" for j in range(3)]
+    keys |= {f"{md}.{x}.{p}" for x in norms for p in wb} | {
+        f"{md}.iou_token.weight",
+        f"{md}.mask_tokens.weight",
+    }
+    keys |= {f"model.seg_projector.{i}.{p}" for i in (0, 2) for p in wb}
+    return keys  # fmt: skip
+
+
 PUBLISHED_PHI3_KEYS = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"} | {
     f"model.layers.0.{name}.weight"
     for name in (
@@ -92,7 +140,7 @@ def _item(task: TaskKind, **spec) -> WorkItem:  # noqa: ANN003
 class TestPublishedLayout:
     def test_saved_checkpoint_has_the_published_names_and_config_keys(self, checkpoint: Path) -> None:
         names = set(load_file(checkpoint / "model.safetensors"))
-        assert names == PUBLISHED_VISION_KEYS | PUBLISHED_PHI3_KEYS
+        assert names == PUBLISHED_VISION_KEYS | PUBLISHED_PHI3_KEYS | _published_seg_keys()
         config = json.loads((checkpoint / "config.json").read_text())
         assert config["model_type"] == "lamed_phi3"
         assert config["architectures"] == ["LamedPhi3ForCausalLM"]
@@ -161,18 +209,19 @@ class TestPublishedLayout:
         with pytest.raises(CheckpointError, match=r"missing model\.vision_tower\.vision_tower\.cls_token"):
             _backend(broken)
 
-    def test_seg_head_weights_are_accepted_and_unused(self, checkpoint: Path, tmp_path: Path) -> None:
-        """Published checkpoints carry the SegVol head; it must not break loading."""
-        ckpt = tmp_path / "with-seg"
-        ckpt.mkdir()
-        for f in checkpoint.iterdir():
-            if f.is_file():
-                (ckpt / f.name).write_bytes(f.read_bytes())
-        state = load_file(checkpoint / "model.safetensors")
+    def test_seg_head_weights_without_segmentation_module_are_accepted_and_unused(
+        self, tmp_path: Path
+    ) -> None:
+        """A config without ``segmentation_module`` builds no head; stray head weights do not break loading."""
+        ckpt = build_m3d(tmp_path / "no-seg", seg=False)
+        state = load_file(ckpt / "model.safetensors")
         state["model.seg_projector.0.weight"] = torch.zeros(32, 32)
         state["model.seg_module.mask_decoder.iou_token.weight"] = torch.zeros(1, 16)
         save_file(state, ckpt / "model.safetensors", metadata={"format": "pt"})
-        assert _backend(ckpt).tasks == {TaskKind.REPORT, TaskKind.VQA}
+        b = _backend(ckpt)
+        assert b.tasks == {TaskKind.REPORT, TaskKind.VQA}
+        with pytest.raises(UnsupportedTask):
+            b.run([_item(TaskKind.SEGMENT, labels=("liver",))], TaskKind.SEGMENT)
 
     def test_sharded_pytorch_bin_layout_loads(self, tmp_path: Path) -> None:
         ckpt = build_m3d(tmp_path / "bin")
@@ -314,7 +363,12 @@ class TestBackend:
         ident = backend.identity
         assert ident.backend == "m3d" and ident.name == "m3d-tiny" and len(ident.weights_sha256) == 64
         assert ident.weights_sha256[:12] in ident.version
-        assert backend.modalities == {"CT"} and backend.tasks == {TaskKind.REPORT, TaskKind.VQA}
+        assert backend.modalities == {"CT"}
+        assert backend.tasks == {
+            TaskKind.REPORT,
+            TaskKind.VQA,
+            TaskKind.SEGMENT,
+        }  # the checkpoint has the head
 
     def test_forced_report_becomes_a_report_result(self, backend: M3DBackend) -> None:
         force_output(
@@ -409,7 +463,7 @@ class TestBackend:
 
     def test_unsupported_task(self, backend: M3DBackend) -> None:
         with pytest.raises(UnsupportedTask):
-            backend.run([_item(TaskKind.SEGMENT)], TaskKind.SEGMENT)
+            backend.run([_item(TaskKind.DETECT)], TaskKind.DETECT)
 
     def test_non_ct_is_refused(self, backend: M3DBackend) -> None:
         img = np.zeros((1, 32, 32), np.float32)

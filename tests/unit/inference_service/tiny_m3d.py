@@ -54,14 +54,31 @@ def tiny_config(tok, family: str = "phi3", **overrides) -> mm.LamedPhi3Config | 
     return (mm.LamedPhi3Config if family == "phi3" else mm.LamedLlamaConfig)(**common)
 
 
-def build_m3d(directory: Path, family: str = "phi3", seed: int = 0) -> Path:
-    """A tiny M3D-LaMed checkpoint in the published layout (no img_token_id in config, as published)."""
+def build_m3d(directory: Path, family: str = "phi3", seed: int = 0, seg: bool = True) -> Path:
+    """A tiny M3D-LaMed checkpoint in the published layout (no img_token_id in config, as published);
+    ``seg=False`` leaves out the [SEG] head (``segmentation_module`` unset)."""
     tok = m3d_tokenizer()
     torch.manual_seed(seed)
     cls = mm.LamedPhi3ForCausalLM if family == "phi3" else mm.LamedLlamaForCausalLM
-    model = cls(tiny_config(tok, family)).eval()
+    overrides = {} if seg else {"segmentation_module": None}
+    model = cls(tiny_config(tok, family, **overrides)).eval()
     model.generation_config.eos_token_id = tok.convert_tokens_to_ids("</s>")
     model.generation_config.pad_token_id = tok.convert_tokens_to_ids("<unk>")
     model.save_pretrained(directory)
     tok.save_pretrained(directory)
     return directory
+
+
+def set_constant_mask_logits(model: mm.LamedPhi3ForCausalLM | mm.LamedLlamaForCausalLM) -> None:
+    """Hand-set the [SEG] head so that its logits are positive everywhere (a full-cube mask),
+    whatever the image and the [SEG] state: the last upscaling conv outputs a constant, the
+    single-mask hypernetwork outputs ones, and the text similarity term is zero."""
+    decoder = model.model.seg_module.mask_decoder
+    with torch.no_grad():
+        decoder.output_upscaling[3].weight.zero_()
+        decoder.output_upscaling[3].bias.fill_(1.0)
+        last = decoder.output_hypernetworks_mlps[0].layers[-1]
+        last.weight.zero_()
+        last.bias.fill_(1.0)
+        decoder.txt_align_upscaled_embedding.weight.zero_()
+        decoder.txt_align_upscaled_embedding.bias.zero_()
