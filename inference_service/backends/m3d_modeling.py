@@ -16,9 +16,9 @@ Module and parameter names follow the published checkpoints
     model.mm_projector.projector.{0,2}.{weight,bias}
     model.{embed_tokens,layers.N.*,norm}.*, lm_head.weight   (the LM's own)
 
-The published ``model.seg_module.*`` (SegVol) and ``model.seg_projector.*``
-weights of the ``[SEG]`` head are recognised but not built here: this
-re-implementation does report and VQA, not masks.
+With ``segmentation_module`` "segvol" (as published) the ``[SEG]`` head is
+built too (``m3d_segvol``: ``model.seg_module.*``, ``model.seg_projector.*``);
+without it, such weights are ignored on load.
 
 Differences from the published code, on purpose: the visual tokens go where
 the ``<im_patch>`` ids are (the published code overwrites positions 1..256,

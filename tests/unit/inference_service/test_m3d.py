@@ -23,7 +23,12 @@ from inference_service.errors import CheckpointError, InvalidInput, UnsupportedT
 from inference_service.types import AnalysisSpec, Geometry, TaskKind, Volume
 from inference_service.volume3d import stack
 from tests.unit.inference_service.tiny_checkpoints import force_output, to_pytorch_bin_shards
-from tests.unit.inference_service.tiny_m3d import build_m3d, m3d_tokenizer, tiny_config
+from tests.unit.inference_service.tiny_m3d import (
+    build_m3d,
+    m3d_tokenizer,
+    set_constant_mask_logits,
+    tiny_config,
+)
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning"
@@ -495,3 +500,59 @@ options = {{ max_new_tokens = 256, axes = "IPL", foreground_hu = -500.0, version
     assert main(["models", "--config", str(cfg)]) == 0
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("m3d"))
     assert "backend=m3d" in line and "version=phi3-tiny" in line and "report" in line and "vqa" in line
+
+
+class TestSegmentation:
+    @pytest.fixture
+    def seg_backend(self, tmp_path: Path) -> M3DBackend:
+        b = _backend(build_m3d(tmp_path / "seg"))
+        set_constant_mask_logits(b.model)
+        return b
+
+    def test_seg_token_gives_a_mask_mapped_back_to_the_source_voxels(self, seg_backend: M3DBackend) -> None:
+        force_output(seg_backend, "It is [SEG].", "</s>")
+        item = _item(TaskKind.SEGMENT, labels=("liver",))
+        (r,) = seg_backend.run([item], TaskKind.SEGMENT)
+        assert r.answer == "It is ." and not r.unparsed
+        (mask,) = r.masks
+        assert mask.label == "liver" and mask.segment_number == 1 and mask.voxels.dtype == np.bool_
+        assert mask.voxels.shape == item.volume.voxels.shape
+        # a full-cube mask in model space is the foreground crop box in source space
+        expected = np.zeros(item.volume.voxels.shape, bool)
+        expected[2:-2, 5:-5, 4:-4] = True
+        assert np.array_equal(mask.voxels, expected)
+        assert r.prompt_id.startswith("m3d-tiny:segment:")
+
+    def test_no_seg_token_means_no_mask(self, seg_backend: M3DBackend) -> None:
+        force_output(seg_backend, "There is no liver.", "</s>")
+        (r,) = seg_backend.run([_item(TaskKind.SEGMENT, labels=("liver",))], TaskKind.SEGMENT)
+        assert r.masks == [] and r.unparsed and r.answer == "There is no liver."
+
+    def test_segmentation_needs_exactly_one_label(self, seg_backend: M3DBackend) -> None:
+        with pytest.raises(InvalidInput, match="one label"):
+            seg_backend.run([_item(TaskKind.SEGMENT)], TaskKind.SEGMENT)
+
+    def test_the_prompt_of_the_head_is_the_state_that_predicts_seg(self, seg_backend: M3DBackend) -> None:
+        """LISA/M3D convention: the last hidden state one position before [SEG], projected."""
+        model = seg_backend.model
+        tok = seg_backend.processor.tokenizer
+        seg = tok.convert_tokens_to_ids("[SEG]")
+        n = model.config.num_visual_tokens()
+        img = tok.convert_tokens_to_ids("<im_patch>")
+        prompt = [img] * n + tok.encode("Liver?", add_special_tokens=False)
+        answer = (
+            tok.encode("It is ", add_special_tokens=False) + [seg] + tok.encode(".", add_special_tokens=False)
+        )
+        sequences = torch.tensor([prompt + answer])
+        images = torch.rand(1, 1, 8, 32, 32)
+        seen = []
+        handle = model.model.seg_projector.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+        try:
+            (logits,) = model.segment(images, sequences, torch.ones_like(sequences), start=len(prompt))
+        finally:
+            handle.remove()
+        with torch.no_grad():
+            hidden = model(input_ids=sequences, images=images, output_hidden_states=True).hidden_states[-1]
+        before_seg = len(prompt) + answer.index(seg) - 1
+        assert torch.allclose(seen[0], hidden[0, before_seg][None], atol=1e-6)
+        assert logits.shape == (1, 8, 32, 32)
