@@ -142,8 +142,18 @@ class M3DBackend(HFBackend):
         image_id = tokenizer.convert_tokens_to_ids(m3d_modeling.IMAGE_TOKEN)
         if image_id is None or image_id == tokenizer.unk_token_id:
             raise CheckpointError(f"The tokenizer of {path} has no {m3d_modeling.IMAGE_TOKEN} token.")
-        if model.config.img_token_id is None:
+        if model.config.img_token_id is None:  # the published config does not carry it
             model.config.img_token_id = int(image_id)
+        seg_id = tokenizer.convert_tokens_to_ids(m3d_modeling.SEG_TOKEN)
+        if seg_id is not None and seg_id != tokenizer.unk_token_id:
+            if model.config.seg_token_id is None:
+                model.config.seg_token_id = int(seg_id)
+            elif model.config.seg_token_id != seg_id:
+                raise CheckpointError(
+                    f"Checkpoint {path}: config seg_token_id {model.config.seg_token_id} is not the "
+                    f"tokenizer's {m3d_modeling.SEG_TOKEN} ({seg_id})."
+                )
+        model.config.use_cache = True  # training saves use_cache = false; decoding wants the cache
         tokenizer.padding_side = "left"
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token

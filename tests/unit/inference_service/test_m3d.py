@@ -556,3 +556,12 @@ class TestSegmentation:
         before_seg = len(prompt) + answer.index(seg) - 1
         assert torch.allclose(seen[0], hidden[0, before_seg][None], atol=1e-6)
         assert logits.shape == (1, 8, 32, 32)
+
+
+def test_seg_token_id_that_disagrees_with_the_tokenizer_is_refused(tmp_path: Path) -> None:
+    ckpt = build_m3d(tmp_path / "bad-seg-id")
+    config = json.loads((ckpt / "config.json").read_text())
+    config["seg_token_id"] = 3
+    (ckpt / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"seg_token_id 3 is not the tokenizer's \[SEG\]"):
+        _backend(ckpt)
