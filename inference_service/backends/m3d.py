@@ -158,6 +158,8 @@ class M3DBackend(HFBackend):
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
         self.processor = _Tokenizer(tokenizer)
+        #: CT volumes per run (a scheduler lane cap where the scheduler reads it); 0: the scheduler's max_batch.
+        self.max_batch = max(0, int(self.config.options.get("max_batch", 0)))
         self.model = model.to(self.device).eval()
         if not self._version:
             name = str(getattr(model.config, "_name_or_path", "") or "").rsplit("/", 1)[-1] or "local"

@@ -276,6 +276,39 @@ class TestShapes:
         assert features.shape == (2, 2048, 768)
         assert tokens.shape == (2, 256, config.hidden_size) and config.hidden_size == 3072
 
+    def test_real_size_seg_head_gives_logits_at_the_cube_size_on_meta(self) -> None:
+        from inference_service.backends.m3d_segvol import SegVolHead
+
+        with torch.device("meta"):
+            config = mm.LamedPhi3Config(segmentation_module="segvol")
+            head = SegVolHead(config)
+            logits = head(torch.empty(2, 1, 32, 256, 256), torch.empty(2, 768))
+        assert logits.shape == (2, 1, 32, 256, 256)
+        up = head.mask_decoder.output_upscaling[1].normalized_shape
+        assert tuple(up) == (192, 16, 32, 32)  # the published LayerNorm over the 2x-upscaled grid
+
+    def test_published_size_model_on_meta_has_the_published_parameter_layout(self) -> None:
+        """Phi-3-mini LM + ViT-B + SegVol head, no memory: 12 ViT blocks in each encoder, 32 LM layers."""
+        with torch.device("meta"):
+            model = mm.LamedPhi3ForCausalLM(
+                mm.LamedPhi3Config(segmentation_module="segvol", img_token_id=32011)
+            )
+            visual = model.encode_images(torch.empty(1, 1, 32, 256, 256))
+        assert visual.shape == (1, 256, 3072) and model.lm_head.weight.shape == (32064, 3072)
+        names = set(model.state_dict())
+        assert "model.vision_tower.vision_tower.blocks.11.attn.qkv.weight" in names
+        assert "model.vision_tower.vision_tower.blocks.12.attn.qkv.weight" not in names
+        assert "model.seg_module.image_encoder.blocks.11.mlp.linear2.bias" in names
+        assert "model.layers.31.self_attn.qkv_proj.weight" in names
+        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        assert shapes["model.vision_tower.vision_tower.patch_embedding.patch_embeddings.1.weight"] == (
+            768,
+            1024,
+        )
+        assert shapes["model.vision_tower.vision_tower.patch_embedding.position_embeddings"] == (1, 2048, 768)
+        assert shapes["model.mm_projector.projector.0.weight"] == (3072, 768)
+        assert shapes["model.seg_projector.2.weight"] == (768, 3072)
+
     @pytest.mark.slow
     def test_real_size_encoder_and_projector_on_cpu(self) -> None:
         torch.manual_seed(0)
