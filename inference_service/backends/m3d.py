@@ -7,7 +7,8 @@ The checkpoint directory is the published layout (``config.json`` with
 goes through ``volume3d.prepare_ct`` (reorient, foreground crop, min-max to
 [0, 1], resize to the model's ``image_size``, 32x256x256 as published); the
 prompt is 256 ``<im_patch>`` placeholders then the question, as the model was
-trained. A batch of volumes is one left-padded ``generate`` call.
+trained, and the visual tokens go where the published code put them
+(``_splice_mode``). A batch of volumes is one left-padded ``generate`` call.
 
 Segmentation (when the checkpoint has the ``[SEG]`` head, ``segmentation_module``
 "segvol"): the published prompt asks for one label's mask; the LM answers with
@@ -154,6 +155,7 @@ class M3DBackend(HFBackend):
                     f"tokenizer's {m3d_modeling.SEG_TOKEN} ({seg_id})."
                 )
         model.config.use_cache = True  # training saves use_cache = false; decoding wants the cache
+        model.splice_mode = self._splice_mode(tokenizer)
         tokenizer.padding_side = "left"
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
@@ -164,6 +166,22 @@ class M3DBackend(HFBackend):
         if not self._version:
             name = str(getattr(model.config, "_name_or_path", "") or "").rsplit("/", 1)[-1] or "local"
             self._version = f"{name}@{self._sha256[:12]}"
+
+    def _splice_mode(self, tokenizer: Any) -> str:
+        """``options.splice``, or by default the conditioning the model was trained with: the
+        published positional splice, which equals the placeholder splice when the tokenizer puts
+        <s> before the placeholders (then "placeholders", which left padding cannot upset)."""
+        mode = str(self.config.options.get("splice", "auto"))
+        if mode not in ("auto", "placeholders", "published"):
+            raise CheckpointError(f"options.splice must be auto, placeholders or published, not {mode!r}.")
+        if mode != "auto":
+            return mode
+        first = tokenizer(m3d_modeling.IMAGE_TOKEN + "x")["input_ids"][0]
+        return (
+            "published"
+            if first == tokenizer.convert_tokens_to_ids(m3d_modeling.IMAGE_TOKEN)
+            else "placeholders"
+        )
 
     # -- preprocessing --------------------------------------------------------------------------
     def _prepare(self, item: WorkItem) -> PreparedCT:

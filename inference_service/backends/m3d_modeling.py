@@ -353,6 +353,23 @@ def splice_visual_tokens(
     return out
 
 
+def splice_published(
+    embeds: torch.Tensor, features: torch.Tensor, attention_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """The published splice: row i's visual vectors replace positions 1..N after its first real token
+    (position 0 without padding; after the left padding otherwise), whatever the ids there are."""
+    n = features.shape[1]
+    starts = (
+        attention_mask.long().argmax(dim=1).tolist() if attention_mask is not None else [0] * embeds.shape[0]
+    )
+    if features.shape[0] != embeds.shape[0] or any(s + 1 + n > embeds.shape[1] for s in starts):
+        raise ValueError(f"Each prompt needs at least {n + 1} tokens for the published splice of its volume.")
+    out = embeds.clone()
+    for row, start in enumerate(starts):
+        out[row, start + 1 : start + 1 + n] = features[row].to(out.dtype)
+    return out
+
+
 class _LamedCausalLM:
     """The splice and generation glue shared by the Phi-3 and Llama variants."""
 
@@ -364,12 +381,22 @@ class _LamedCausalLM:
         images = images.to(inner.mm_projector.projector[0].weight.dtype)
         return inner.mm_projector(inner.vision_tower(images))
 
-    def embed_with_images(self, input_ids: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    #: "placeholders": visual vectors where the <im_patch> ids are; "published": the published
+    #: code's positional splice (the N positions after the row's first token), which is what the
+    #: model was trained with. They agree when the tokenizer puts <s> before the placeholders.
+    splice_mode: str = "placeholders"
+
+    def embed_with_images(
+        self, input_ids: torch.Tensor, images: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         token_id = self.config.img_token_id
         if token_id is None:
             raise ValueError(f"config.img_token_id is not set (the id of {IMAGE_TOKEN} in the tokenizer).")
         embeds = self.model.embed_tokens(input_ids)
-        return splice_visual_tokens(embeds, input_ids, self.encode_images(images), int(token_id))
+        features = self.encode_images(images)
+        if self.splice_mode == "published":
+            return splice_published(embeds, features, attention_mask)
+        return splice_visual_tokens(embeds, input_ids, features, int(token_id))
 
     def forward(
         self,
@@ -386,7 +413,7 @@ class _LamedCausalLM:
     ) -> Any:
         """The LM's forward; with ``images``, their visual tokens replace the placeholders' embeddings."""
         if images is not None and inputs_embeds is None and input_ids is not None:
-            inputs_embeds = self.embed_with_images(input_ids, images)
+            inputs_embeds = self.embed_with_images(input_ids, images, attention_mask)
             input_ids = None
         return super().forward(  # type: ignore[misc]
             input_ids=input_ids,

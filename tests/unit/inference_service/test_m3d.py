@@ -386,6 +386,51 @@ class TestShapes:
             published = torch.cat([embeds[:, :1], model.encode_images(images), embeds[:, n + 1 :]], dim=1)
         assert torch.equal(ours, published)
 
+    def test_published_splice_fills_the_n_positions_after_each_rows_first_token(self) -> None:
+        """Without <s>, the published code keeps the first placeholder and overwrites the first text token."""
+        tok = m3d_tokenizer()
+        img = tok.convert_tokens_to_ids("<im_patch>")
+        config = tiny_config(tok, img_token_id=img)
+        model = mm.LamedPhi3ForCausalLM(config).eval()
+        model.splice_mode = "published"
+        n = config.num_visual_tokens()
+        with torch.no_grad():
+            model.model.embed_tokens.weight.zero_()
+        model.encode_images = lambda images: (  # noqa: ARG005
+            torch.arange(1, n + 1, dtype=torch.float32)[None, :, None].expand(
+                images.shape[0], n, config.hidden_size
+            )
+        )
+        pad = tok.convert_tokens_to_ids("<unk>")
+        text = tok.encode("Liver?", add_special_tokens=False)
+        ids = torch.tensor([[pad, pad] + [img] * n + text, [img] * n + text + [pad, pad]])
+        mask = (ids != pad).long()
+        embeds = model.embed_with_images(ids, torch.zeros(2, 1, 8, 32, 32), mask)
+        for row, start in ((0, 2), (1, 0)):
+            assert torch.equal(
+                embeds[row, start + 1 : start + 1 + n, 0], torch.arange(1, n + 1, dtype=torch.float32)
+            )
+            assert (
+                float(embeds[row, start].abs().sum()) == 0.0
+            )  # the first placeholder keeps its own embedding
+
+    @pytest.mark.parametrize(("bos", "option", "mode"), [
+        (False, None, "published"), (True, None, "placeholders"), (False, "placeholders", "placeholders"),
+        (True, "published", "published"),
+    ])  # fmt: skip
+    def test_default_splice_is_the_trained_conditioning(
+        self, tmp_path: Path, bos: bool, option: str | None, mode: str
+    ) -> None:
+        b = _backend(build_m3d(tmp_path / "c", bos=bos), **({"splice": option} if option else {}))
+        assert b.model.splice_mode == mode
+        force_output(b, "Fine.", "</s>")
+        (r,) = b.run([_item(TaskKind.VQA, question="Liver?")], TaskKind.VQA)
+        assert r.answer == "Fine."
+
+    def test_unknown_splice_option_is_refused(self, checkpoint: Path) -> None:
+        with pytest.raises(CheckpointError, match="options.splice"):
+            _backend(checkpoint, splice="middle")
+
     def test_wrong_placeholder_count_is_a_clear_error(self) -> None:
         tok = m3d_tokenizer()
         img = tok.convert_tokens_to_ids("<im_patch>")

@@ -23,11 +23,12 @@ TINY_VISION = {
 }
 
 
-def m3d_tokenizer():  # noqa: ANN201
-    """A character vocabulary with the tokens M3D's training script adds to the LM's tokenizer."""
+def m3d_tokenizer(bos: bool = False):  # noqa: ANN201
+    """A character vocabulary with the tokens M3D's training script adds to the LM's tokenizer;
+    ``bos=True`` puts <s> before every prompt as the Llama-2 tokenizer does."""
     from transformers import LlamaTokenizer
 
-    tok = LlamaTokenizer(vocab=char_vocab(["<unk>", "<s>", "</s>"]), merges=[])
+    tok = LlamaTokenizer(vocab=char_vocab(["<unk>", "<s>", "</s>"]), merges=[], add_bos_token=bos)
     tok.add_special_tokens({"additional_special_tokens": ["<im_patch>", "<bx_start>", "<bx_end>"]})
     tok.add_tokens("[SEG]")
     return tok
@@ -54,10 +55,12 @@ def tiny_config(tok, family: str = "phi3", **overrides) -> mm.LamedPhi3Config | 
     return (mm.LamedPhi3Config if family == "phi3" else mm.LamedLlamaConfig)(**common)
 
 
-def build_m3d(directory: Path, family: str = "phi3", seed: int = 0, seg: bool = True) -> Path:
+def build_m3d(
+    directory: Path, family: str = "phi3", seed: int = 0, seg: bool = True, bos: bool = False
+) -> Path:
     """A tiny M3D-LaMed checkpoint in the published layout (no img_token_id in config, as published);
     ``seg=False`` leaves out the [SEG] head (``segmentation_module`` unset)."""
-    tok = m3d_tokenizer()
+    tok = m3d_tokenizer(bos)
     torch.manual_seed(seed)
     cls = mm.LamedPhi3ForCausalLM if family == "phi3" else mm.LamedLlamaForCausalLM
     overrides = {} if seg else {"segmentation_module": None}
