@@ -20,10 +20,12 @@ With ``segmentation_module`` "segvol" (as published) the ``[SEG]`` head is
 built too (``m3d_segvol``: ``model.seg_module.*``, ``model.seg_projector.*``);
 without it, such weights are ignored on load.
 
-Differences from the published code, on purpose: the visual tokens go where
-the ``<im_patch>`` ids are (the published code overwrites positions 1..256,
-which is the same for its prompt ``<s>`` + 256 placeholders + text, but wrong
-for a left-padded batch); the ViT's depth, heads and MLP width are config keys
+Differences from the published code: by default (``splice_mode``
+"placeholders") the visual tokens go where the ``<im_patch>`` ids are; the
+published code overwrites positions 1..256, the same for a prompt ``<s>`` +
+256 placeholders + text, shifted by one without ``<s>``, and wrong for a
+left-padded batch. ``splice_mode = "published"`` reproduces it per row, after
+the left padding. The ViT's depth, heads and MLP width are config keys
 (``vision_num_layers``, ``vision_num_heads``, ``vision_mlp_dim``; absent from
 the published config, whose ViT-B values are the defaults) so tiny test
 checkpoints can exist.
