@@ -1,7 +1,8 @@
 """Per-(model, task) queues with micro-batching, deadlines and cancellation.
 
 Requests for the same model and task that arrive within ``batch_wait_ms`` of
-each other run as one batch (up to ``max_batch``). Backends run in one worker
+each other run as one batch (up to ``max_batch``, or the backend's own smaller
+``max_batch``: several CT volumes fit one forward pass only as far as memory allows). Backends run in one worker
 thread per model so the event loop stays responsive; a request whose caller
 has gone away is dropped before it runs.
 """
@@ -80,10 +81,10 @@ class Scheduler:
             self._lanes[key] = lane
         return lane
 
-    async def _collect(self, lane: _Lane) -> list[_Pending]:
+    async def _collect(self, lane: _Lane, limit: int) -> list[_Pending]:
         batch = [await lane.queue.get()]
         deadline = asyncio.get_running_loop().time() + self.batch_wait_s
-        while len(batch) < self.max_batch:
+        while len(batch) < limit:
             timeout = deadline - asyncio.get_running_loop().time()
             if timeout <= 0:
                 break
@@ -97,10 +98,11 @@ class Scheduler:
         loop = asyncio.get_running_loop()
         executor = self._executors.setdefault(name, ThreadPoolExecutor(1, thread_name_prefix=f"model-{name}"))
         while True:
-            batch = await self._collect(lane)
+            backend = self._backends[name]
+            limit = min(self.max_batch, backend.max_batch) if backend.max_batch > 0 else self.max_batch
+            batch = await self._collect(lane, limit)
             if not batch:
                 continue
-            backend = self._backends[name]
             sinks = [p.progress for p in batch if p.progress]
 
             def progress(fraction: float, message: str, sinks: list[ProgressSink] = sinks) -> None:

@@ -46,6 +46,8 @@ class Backend(abc.ABC):
 
     #: Registry name of the backend type, e.g. "reference".
     kind: str = ""
+    #: Most work items per ``run`` call (memory-bound models, e.g. 3D CT); 0: the scheduler's limit.
+    max_batch: int = 0
 
     def __init__(self, config: ModelConfig) -> None:
         self.config = config

@@ -95,3 +95,13 @@ async def test_queue_bound_and_capabilities() -> None:
     backend.gate.set()
     await asyncio.gather(running, queued)
     await sched.close()
+
+
+async def test_backend_max_batch_caps_the_lane() -> None:
+    backend = EchoBackend()
+    backend.max_batch = 2  # e.g. two CT volumes per forward pass is what fits in memory
+    sched = Scheduler(max_batch=4, batch_wait_ms=50)
+    results = await asyncio.gather(*[sched.submit(backend, _item(str(i)), TaskKind.REPORT) for i in range(5)])
+    await sched.close()
+    assert [r.answer for r in results] == [str(i) for i in range(5)]
+    assert backend.batches == [["0", "1"], ["2", "3"], ["4"]]

@@ -296,3 +296,64 @@ def to_pytorch_bin_shards(directory: Path, shards: int = 2) -> dict[str, torch.T
         json.dumps({"metadata": {}, "weight_map": weight_map})
     )
     return state
+
+
+#: Tiny Med3DVLM: a 32x64x64 CT -> DCFormer stages (s3: 2x2x1 = 4 tokens, s4: 1 token) -> 8 tokens.
+MED3DVLM_TINY_SIZE = (32, 64, 64)
+MED3DVLM_TINY_VISION = {
+    "dcformer_channels": [4, 4, 8, 8, 16],
+    "dcformer_num_blocks": [1, 1, 1, 2, 1],
+    "dcformer_kernel_sizes": [5, 5, 3, 3],
+    "input_size": [64, 64, 32],
+}
+
+
+def build_med3dvlm(directory: Path, seed: int = 0) -> Path:
+    """A Med3DVLM checkpoint in the published layout (vlm_qwen config keys, module names), tiny sizes."""
+    from inference_service.backends.med3dvlm_modeling import Med3DVLMConfig, Med3DVLMForCausalLM
+
+    tok = gemma_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<im_patch>"]})
+    config = Med3DVLMConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=1024, tie_word_embeddings=False,
+        vision_tower="dcformer", vision_select_layer=-2, vision_select_feature="cls_patch",
+        mm_projector_type="mixer", mm_mlp_depth=2, proj_out_num=8,
+        low_input_size=[4, 8], high_input_size=[1, 16], low_output_size=[6, 3], high_output_size=[2, 5],
+        mm_hidden_size=16, **MED3DVLM_TINY_VISION,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = Med3DVLMForCausalLM(config).eval()
+    with torch.no_grad():  # layer scale 1 (not 1e-6) so the random blocks shape the visual tokens
+        for name, p in model.named_parameters():
+            if name.endswith(".scale"):
+                p.fill_(1.0)
+    model.generation_config.eos_token_id = tok.convert_tokens_to_ids("<eos>")
+    model.generation_config.pad_token_id = tok.convert_tokens_to_ids("<pad>")
+    model.save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return directory
+
+
+def build_med3dvlm_clip(directory: Path, seed: int = 0) -> Path:
+    """The DCFormer-text contrastive pair (dec_clip layout) with a tiny DistilBERT text encoder."""
+    from transformers import DistilBertConfig
+
+    from inference_service.backends.med3dvlm_modeling import Med3DVLMClipConfig, Med3DVLMClipModel
+
+    tok = gemma_tokenizer()
+    text = DistilBertConfig(vocab_size=len(tok), dim=16, hidden_dim=32, n_layers=1, n_heads=2,
+                            max_position_embeddings=256)  # fmt: skip
+    config = Med3DVLMClipConfig(
+        language_model_name_or_path="medicalai/ClinicalBERT", vision_encoder="dcformer", hidden_size=12,
+        loss_type="sigmoid", t_prime=2.3, bias=-1.0, text_config=text.to_dict(), **MED3DVLM_TINY_VISION,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = Med3DVLMClipModel(config).eval()
+    with torch.no_grad():  # the model keeps checkpoint weights as they are; give the tiny one random ones
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.2)
+    model.save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return directory
