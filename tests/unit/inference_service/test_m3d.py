@@ -643,3 +643,9 @@ def test_seg_token_id_that_disagrees_with_the_tokenizer_is_refused(tmp_path: Pat
     (ckpt / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=r"seg_token_id 3 is not the tokenizer's \[SEG\]"):
         _backend(ckpt)
+
+
+def test_max_batch_option_caps_the_lane(checkpoint: Path) -> None:
+    """The scheduler reads ``backend.max_batch`` (0: its own limit) to size a lane's CT batches."""
+    assert _backend(checkpoint).max_batch == 0
+    assert _backend(checkpoint, max_batch=2).max_batch == 2
