@@ -234,6 +234,15 @@ class TestPublishedLayout:
         b = _backend(ckpt)
         assert b.model.config.img_token_id == b.processor.tokenizer.convert_tokens_to_ids("<im_patch>")
 
+    def test_single_pytorch_bin_layout_is_checked_too(self, tmp_path: Path) -> None:
+        ckpt = build_m3d(tmp_path / "single-bin")
+        state = load_file(ckpt / "model.safetensors")
+        (ckpt / "model.safetensors").unlink()
+        del state["model.mm_projector.projector.0.bias"]
+        torch.save(state, ckpt / "pytorch_model.bin")
+        with pytest.raises(CheckpointError, match=r"missing model\.mm_projector\.projector\.0\.bias"):
+            _backend(ckpt)
+
     def test_llama_variant_loads_through_the_auto_classes(self, tmp_path: Path) -> None:
         b = _backend(build_m3d(tmp_path / "llama", family="llama"))
         assert isinstance(b.model, mm.LamedLlamaForCausalLM)
