@@ -1,4 +1,4 @@
-"""M3D-LaMed backend: report and VQA on a whole CT volume read natively in 3D.
+"""M3D-LaMed backend: report, VQA and [SEG] masks on a whole CT volume read natively in 3D.
 
 The checkpoint directory is the published layout (``config.json`` with
 ``model_type`` "lamed_phi3" or "lamed_llama", the weights, the tokenizer with
@@ -77,7 +77,8 @@ def check_weight_names(path: Path, stored: set[str], expected: set[str]) -> None
 
     A missing parameter would otherwise be initialised at random without an
     error; a renamed one shows up as both missing and unexpected. The [SEG]
-    head's weights (``model.seg_module.*``, ``model.seg_projector.*``) are allowed.
+    head's weights (``model.seg_module.*``, ``model.seg_projector.*``) may be there
+    unused when the config builds no head (no ``segmentation_module``).
     """
     missing = sorted(expected - stored)
     unexpected = sorted(k for k in stored - expected if not k.startswith(m3d_modeling.SEG_PREFIXES))
