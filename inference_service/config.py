@@ -20,7 +20,7 @@ DEFAULT_MAX_VOLUME_BYTES = 4 * 1024**3
 DEFAULT_CHUNK_BYTES = 1024 * 1024  # well under gRPC's 4 MiB message limit
 SECTIONS = ("inference_service", "models")
 #: Backend types a [models.<name>] entry may name (registry.BACKEND_TYPES implements them).
-BACKEND_KINDS = ("reference", "medgemma", "paligemma", "siglip", "llava", "med3dvlm")
+BACKEND_KINDS = ("reference", "medgemma", "paligemma", "siglip", "llava", "med3dvlm", "m3d")
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ BACKEND_TYPES: dict[str, str] = {
     "siglip": "inference_service.backends.siglip:SiglipBackend",
     "llava": "inference_service.backends.llava:LlavaBackend",
     "med3dvlm": "inference_service.backends.med3dvlm:Med3DVLMBackend",
+    "m3d": "inference_service.backends.m3d:M3DBackend",
 }
 
 

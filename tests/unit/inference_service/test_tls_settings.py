@@ -33,13 +33,17 @@ class TestServiceSection:
 
     def test_unknown_key_is_a_config_error(self, tmp_path: Path) -> None:
         config = tmp_path / "service.toml"
-        config.write_text('[inference_service]\ntls_ca_file = "ca.crt"\n')  # the node's key, not the service's
+        config.write_text(
+            '[inference_service]\ntls_ca_file = "ca.crt"\n'
+        )  # the node's key, not the service's
         with pytest.raises(ConfigError, match="inference_service.tls_ca_file"):
             load_service_settings(config)
 
     def test_bad_client_ca_raises_at_credentials(self, pki: Pki, tmp_path: Path) -> None:
         junk = tmp_path / "junk.crt"
         junk.write_text("-----BEGIN NOTHING-----\n")
-        section = ServiceSection(tls_cert_file=pki.server_crt, tls_key_file=pki.server_key, tls_client_ca_file=junk)
+        section = ServiceSection(
+            tls_cert_file=pki.server_crt, tls_key_file=pki.server_key, tls_client_ca_file=junk
+        )
         with pytest.raises(TlsConfigError, match="junk.crt holds no PEM certificate"):
             server_credentials(section)
