@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from inference_service.backends import BACKEND_TYPES
 from inference_service.preprocess import PRESETS
 from radbridge_common.settings import build, read_layers
 from radbridge_common.tls import check_pair
@@ -20,7 +21,8 @@ DEFAULT_MAX_VOLUME_BYTES = 4 * 1024**3
 DEFAULT_CHUNK_BYTES = 1024 * 1024  # well under gRPC's 4 MiB message limit
 SECTIONS = ("inference_service", "models")
 #: Backend types a [models.<name>] entry may name (registry.BACKEND_TYPES implements them).
-BACKEND_KINDS = ("reference", "medgemma", "paligemma", "siglip", "llava", "med3dvlm", "m3d")
+#: The backend kinds a [models.X] section may name (one list: the registry's).
+BACKEND_KINDS = tuple(BACKEND_TYPES)
 
 
 @dataclass(frozen=True)

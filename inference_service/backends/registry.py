@@ -6,20 +6,10 @@ import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from inference_service.backends import BACKEND_TYPES
 from inference_service.backends.base import Backend, ModelConfig
 from inference_service.config import ServiceSettings
 from inference_service.errors import UnknownModel
-
-#: backend kind -> "module:Class"; heavy backends import torch only when used.
-BACKEND_TYPES: dict[str, str] = {
-    "reference": "inference_service.backends.reference:ReferenceBackend",
-    "medgemma": "inference_service.backends.medgemma:MedGemmaBackend",
-    "paligemma": "inference_service.backends.paligemma:PaliGemmaBackend",
-    "siglip": "inference_service.backends.siglip:SiglipBackend",
-    "llava": "inference_service.backends.llava:LlavaBackend",
-    "med3dvlm": "inference_service.backends.med3dvlm:Med3DVLMBackend",
-    "m3d": "inference_service.backends.m3d:M3DBackend",
-}
 
 
 def backend_class(kind: str) -> type[Backend]:
