@@ -175,6 +175,8 @@ def _json(vr: str, value: bytes) -> dict[str, Any] | None:
             return None
         numbers = [n for (n,) in _U16.iter_unpack(value)]
         return {"vr": vr, "Value": numbers} if numbers else _EMPTY_NUMBER
+    if vr == "UI":
+        value = value.rstrip(b"\0")  # a UI's padding (PS3.5 9.1)
     if not _PLAIN_TEXT.fullmatch(value.replace(b"\\", b"")):
         return None
     text = value.decode("ascii").rstrip(" \0")

@@ -131,3 +131,16 @@ def test_the_walk_stops_before_the_pixel_data(tmp_path: Path) -> None:
     pixels = b"\xe0\x7f\x10\x00OW\x00\x00" + (32).to_bytes(4, "little")  # (7FE0,0010) header, no value
     got = read_header(data + pixels, syntax)
     assert got is not None and got[1]["00280010"] == {"vr": "US", "Value": [4]}
+
+
+def test_a_plain_ct_header_needs_no_pydicom(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The common case (ASCII, padded UIDs, the synthetic CT every bench sends) is decoded here."""
+    import dicom_node.header as header
+    from radbridge.synth import ct_series, write_series
+
+    def refuse(*args: object) -> None:
+        raise AssertionError("pydicom fallback used")
+
+    monkeypatch.setattr(header, "_pydicom_json", refuse)
+    (path,) = write_series(ct_series(n_slices=1), tmp_path)
+    assert _check(path)
