@@ -106,7 +106,9 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             yield _progress(Stage.SENDING, 0.0, "sending results")
             for chunk in mask_chunks([m for r in results for m in r.masks], self.section.chunk_bytes):
                 yield chunk
-            yield pb.AnalyzeVolumeResponse(result=result_to_pb(AnalysisResult(backend.identity, results)))
+            final = pb.AnalyzeVolumeResponse(result=result_to_pb(AnalysisResult(backend.identity, results)))
+            # Logged before the last message: a client that has what it needs may close the stream
+            # without asking for more, and the generator is then never resumed past this yield.
             logger.info(
                 "analysis done",
                 extra={
@@ -116,6 +118,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                     "duration_ms": round(1000 * (time.monotonic() - started)),
                 },
             )
+            yield final
         except InferenceError as exc:
             await _drain(request_iterator)
             code, message = to_grpc_status(exc)
