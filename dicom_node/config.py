@@ -65,8 +65,9 @@ class ScpSection:
     max_associations_per_peer: int = DEFAULT_MAX_ASSOCIATIONS_PER_PEER  # per IP address; beyond: closed
     first_pdu_timeout_s: float = DEFAULT_FIRST_PDU_TIMEOUT_S
     max_first_pdu_bytes: int = DEFAULT_MAX_FIRST_PDU_BYTES
-    #: Stream each received data set to the spool's staging dir as it arrives (bounded memory for
-    #: huge instances); off by default: measured slower for 512x512 CT (bench/bench_ingest.py).
+    #: pynetdicom's path only (the lean acceptor always writes fragments as they arrive): stream each
+    #: received data set to the staging dir (bounded memory for huge instances); off by default:
+    #: measured slower for 512x512 CT through pynetdicom (bench/bench_ingest.py).
     stream_to_disk: bool = False
     #: Serve storage-only associations (C-STORE, C-ECHO) with dicom_node.lean_scp instead of
     #: pynetdicom: same negotiation and statuses, about half the CPU per instance.
