@@ -52,7 +52,7 @@ def tls_args(target: ExportTarget) -> tuple[ssl.SSLContext, str] | None:
     return context, target.tls_server_name or target.host
 
 
-def _requests_tls(target: ExportTarget) -> tuple[str | bool, tuple[str, str] | None]:
+def requests_tls(target: ExportTarget) -> tuple[str | bool, tuple[str, str] | None]:
     """requests' ``verify`` and ``cert`` for an https dicomweb target."""
     verify: str | bool = str(target.tls_ca_file) if target.tls_ca_file is not None else True
     if target.tls_cert_file is not None and target.tls_key_file is not None:
@@ -97,7 +97,7 @@ def send_cstore(
     except Exception as exc:
         raise ExportError(f"Cannot connect to {where}: {exc}") from exc
     if assoc.is_rejected:
-        raise _rejection(assoc, where)
+        raise association_rejection(assoc, where)
     if not assoc.is_established:
         hint = (
             " TLS handshake failed or the peer closed: check its certificate against tls_ca_file,"
@@ -137,7 +137,7 @@ def _hex(code: object) -> str:
     return f"0x{code:04X}" if isinstance(code, int) else repr(code)
 
 
-def _rejection(assoc: object, where: str) -> ExportError:
+def association_rejection(assoc: object, where: str) -> ExportError:
     """A refused association: an unknown AE (rejected-permanent) is parked at once, a busy peer
     (rejected-transient: congestion, local limit exceeded) is retried."""
     primitive = getattr(getattr(assoc, "acceptor", None), "primitive", None)
@@ -167,7 +167,7 @@ _PERMANENT_REQUEST_ERRORS = (
 _MAX_LISTED_FAILURES = 10
 
 
-def _where(url: str) -> str:
+def safe_location(url: str) -> str:
     """host:port of a URL, without credentials or path (what the logs and messages name)."""
     parts = urlsplit(url)
     try:
@@ -242,7 +242,7 @@ def bearer_token(target: ExportTarget) -> str:
     """The target's bearer token ("" when it has none), read at each export so that a rotated
     token is picked up. A configured but missing token is permanent: a retry sends the same nothing."""
     try:
-        return read_bearer_token(target.token_file, target.token_env, f"STOW-RS target {_where(target.url)}")
+        return read_bearer_token(target.token_file, target.token_env, f"STOW-RS target {safe_location(target.url)}")
     except ConfigError as exc:
         raise PermanentExportError(str(exc)) from exc
 
@@ -253,7 +253,7 @@ def send_stow(paths: Sequence[Path], target: ExportTarget, calling_ae: str) -> N
     dicomweb-client's own retries are off: the worker retries with its backoff
     and parks the job in DEAD_LETTER, so a retry policy exists only once.
     """
-    where = _where(target.url)
+    where = safe_location(target.url)
     token = bearer_token(target)
     datasets = [pydicom.dcmread(path) for path in paths]
     sent = [str(ds.SOPInstanceUID) for ds in datasets]
@@ -264,7 +264,7 @@ def send_stow(paths: Sequence[Path], target: ExportTarget, calling_ae: str) -> N
     try:
         with requests.Session() as session:
             if target.uses_tls:
-                session.verify, session.cert = _requests_tls(target)
+                session.verify, session.cert = requests_tls(target)
             # dicomweb-client reads the body only on success: keep the response for 202/409/4xx.
             session.hooks["response"].append(lambda r, *args, **kwargs: responses.append(r))
             if token:

@@ -27,7 +27,7 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
 from dicom_node.config import NodeSettings, PullSource, RoutingRule
 from dicom_node.errors import PriorFetchError, PullError, RadBridgeError, StudyNotFound
-from dicom_node.export import _where
+from dicom_node.export import safe_location
 from dicom_node.index import Index, Job
 from dicom_node.retrieve import (
     PENDING,
@@ -131,7 +131,7 @@ def _find_patient(source: PullSource, ae_title: str, patient: Patient) -> list[P
 
 
 def _qido_patient(source: PullSource, patient: Patient) -> list[PriorStudy]:
-    where = _where(source.url)
+    where = safe_location(source.url)
     params = {"PatientID": patient.patient_id, "includefield": "00080020,00080030,00080061"}
     if patient.issuer:
         params["IssuerOfPatientID"] = patient.issuer

@@ -43,11 +43,11 @@ from dicom_node.attributes import check_uid
 from dicom_node.auth import read_bearer_token
 from dicom_node.config import HttpSection, NodeSettings, PullSource
 from dicom_node.errors import InvalidInstance, PullError, StowRequestError, StudyNotFound
-from dicom_node.export import _rejection, _requests_tls, _where, tls_args
+from dicom_node.export import association_rejection, requests_tls, safe_location, tls_args
 from dicom_node.index import Index
 from dicom_node.scp import configure_pynetdicom, handle_store
 from dicom_node.spool import Spool, uid_key
-from dicom_node.stow import StowReceiver, _boundary
+from dicom_node.stow import StowReceiver, multipart_boundary
 from radbridge_common.settings import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -139,7 +139,7 @@ def pull_study(
 
 def _source_where(source: PullSource) -> str:
     return (
-        _where(source.url) if source.type == "dicomweb" else f"{source.ae_title}@{source.host}:{source.port}"
+        safe_location(source.url) if source.type == "dicomweb" else f"{source.ae_title}@{source.host}:{source.port}"
     )
 
 
@@ -170,7 +170,7 @@ def _associate(
     except Exception as exc:
         raise PullError(f"Cannot connect to {where}: {exc}") from exc
     if assoc.is_rejected:
-        raise PullError(str(_rejection(assoc, where)))
+        raise PullError(str(association_rejection(assoc, where)))
     if not assoc.is_established:
         raise PullError(f"{where} is unreachable or did not accept the association (no answer or aborted).")
     return assoc
@@ -326,9 +326,9 @@ def _get(
 def _session(source: PullSource) -> requests.Session:
     session = requests.Session()
     if source.uses_tls:
-        session.verify, session.cert = _requests_tls(source)
+        session.verify, session.cert = requests_tls(source)
     try:
-        token = read_bearer_token(source.token_file, source.token_env, f"pull source {_where(source.url)}")
+        token = read_bearer_token(source.token_file, source.token_env, f"pull source {safe_location(source.url)}")
     except ConfigError as exc:
         raise PullError(str(exc)) from exc
     if token:
@@ -345,7 +345,7 @@ def _http_error(what: str, response: requests.Response) -> PullError:
 
 
 def _qido(session: requests.Session, source: PullSource, study_uid: str, accession: str) -> FoundStudy:
-    where = _where(source.url)
+    where = safe_location(source.url)
     params = {"StudyInstanceUID": study_uid} if study_uid else {"AccessionNumber": accession}
     params["includefield"] = "00201208"  # NumberOfStudyRelatedInstances
     url = source.url.rstrip("/") + "/studies"
@@ -375,7 +375,7 @@ def _qido(session: requests.Session, source: PullSource, study_uid: str, accessi
 def _pull_dicomweb(
     source: PullSource, spool: Spool, index: Index, study_uid: str, accession: str, progress: Progress
 ) -> PullOutcome:
-    where = _where(source.url)
+    where = safe_location(source.url)
     with _session(source) as session:
         found = _qido(session, source, study_uid, accession)
         outcome = PullOutcome(found.study_instance_uid, found.instances)
@@ -387,7 +387,7 @@ def _pull_dicomweb(
             ) as response:
                 if response.status_code != 200:
                     raise _http_error(f"WADO-RS at {where}", response)
-                parser = receiver.parser(_boundary(response.headers.get("Content-Type", "")))
+                parser = receiver.parser(multipart_boundary(response.headers.get("Content-Type", "")))
                 for chunk in response.iter_content(_CHUNK):
                     parser.write(chunk)
                     receiver.commit_finished()

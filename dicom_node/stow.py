@@ -73,7 +73,7 @@ class StowOutcome:
         return sorted({study for _, _, study, _ in self.stored})
 
 
-def _boundary(content_type: str) -> bytes:
+def multipart_boundary(content_type: str) -> bytes:
     """Check the media type (415) and return the boundary (400 if absent)."""
     media, params = parse_options_header(content_type)
     part_type = params.get(b"type", b"").decode("latin-1").strip().lower()
@@ -305,7 +305,7 @@ async def receive(
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > settings.max_request_bytes:
             raise StowRequestError(413, f"Request body larger than {settings.max_request_bytes} bytes.")
-        parser = receiver.parser(_boundary(request.headers.get("content-type", "")))
+        parser = receiver.parser(multipart_boundary(request.headers.get("content-type", "")))
         try:
             spool.check_space(int(length) if length is not None and length.isdigit() else 0)
         except SpoolFull as exc:
