@@ -10,14 +10,17 @@ What each receiver does before it answers a C-STORE:
 - RadBridge (in this process, ``dicom_node.scp.start_scp``): the data set is
   streamed to a staging file; fsync(file), rename into the spool, fsync(dir) and
   the index row (SQLite WAL, synchronous=FULL), directory sync and row grouped
-  across concurrent associations -- all before the status.
+  across concurrent associations -- all before the status. Twice: as configured
+  (storage-only associations on the lean acceptor, dicom_node.lean_scp) and with
+  ``scp.lean_store = false`` (every association through pynetdicom), so the two
+  paths are compared in the same run.
 - Orthanc (tests.peers.OrthancServer, its defaults): one fdatasync per file
   (SyncStorageArea), its SQLite index not synced at commit.
 - dcmtk storescp: writes the file, no fsync.
 
 Prints instances/s (median, min, max of the repeats), RadBridge's ratio to
-Orthanc and to storescp, RadBridge's ack latency (C-STORE request received ->
-status returned, measured around its handler) p50/p99 over all repeats, and its
+Orthanc and to storescp, RadBridge's ack latency (data set received -> status
+returned, measured around ``scp.store_staged``) p50/p99 over all repeats, and its
 peak RSS during ingest (VmHWM, reset before each run; this process also holds the
 bench's own state). The senders share this machine's cores: run it on a quiet one.
 
