@@ -18,6 +18,7 @@ measures), only the per-frame work is done here.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import struct
 from collections.abc import Sequence
@@ -41,9 +42,16 @@ from dicom_node.masks import FractionalMask, PackedMask
 
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 #: Byte value -> the same bits in reverse order (numpy packbits' big bit order -> DICOM's little).
-_REVERSED = np.packbits(np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1)[:, ::-1], axis=1).ravel()
+_REVERSED = np.packbits(
+    np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1)[:, ::-1], axis=1
+).ravel()
+_BIT_STEPS = tuple(
+    (np.uint64(shift), np.uint64(mask))
+    for shift, mask in ((4, 0x0F0F0F0F0F0F0F0F), (2, 0x3333333333333333), (1, 0x5555555555555555))
+)
 _ITEM = struct.Struct("<HHI")  # (FFFE,E000) item tag + defined length
 _SQ = struct.Struct("<HH2sHI")  # explicit VR LE SQ header: tag, "SQ", reserved, length
+_SHORT = struct.Struct("<HH2sH")  # explicit VR LE header with a 2-byte length
 _UL2 = struct.Struct("<HH2sHII")  # Dimension Index Values, two values
 _UL1 = struct.Struct("<HH2sHI")  # Dimension Index Values, one value
 
@@ -69,6 +77,19 @@ class SegIdentity:
 
 class UnsupportedGeometry(ValueError):
     """Sources this writer does not handle (slide coordinates): the caller uses highdicom."""
+
+
+def _element(tag: int, vr: bytes, value: bytes) -> bytes:
+    """One explicit VR LE element with a 2-byte length (UI padded with NUL, text with space)."""
+    if len(value) % 2:
+        value += b"\x00" if vr == b"UI" else b" "
+    return _SHORT.pack(tag >> 16, tag & 0xFFFF, vr, len(value)) + value
+
+
+def _sq(tag: int, items: Sequence[bytes]) -> bytes:
+    """A sequence of encoded item bodies, defined lengths throughout."""
+    body = b"".join(_ITEM.pack(0xFFFE, 0xE000, len(item)) + item for item in items)
+    return _SQ.pack(tag >> 16, tag & 0xFFFF, b"SQ", 0, len(body)) + body
 
 
 def _encoded(ds: Dataset) -> bytes:
@@ -146,7 +167,7 @@ class _Segment:
     def packed_frames(self, planes: Sequence[int]) -> np.ndarray:
         """BINARY frames of ``planes`` (aligned only): (len(planes), per_slice // 8) uint8, DICOM order."""
         if self._packed_rows is not None:
-            return _REVERSED[self._packed_rows[self.planes[list(planes)]]]
+            return _reverse_bits(self._packed_rows[self.planes[list(planes)]])
         bits = np.stack([self.bool_frame(p).reshape(-1) for p in planes]) if planes else None
         if bits is None:
             return np.empty((0, self.per_slice // 8), dtype=np.uint8)
@@ -160,6 +181,22 @@ class _Segment:
             assert lut is not None
             return lut[self.mask.probabilities[k]]
         return self.bool_frame(plane).astype(np.uint8) * np.uint8(255)
+
+
+def _reverse_bits(rows: np.ndarray) -> np.ndarray:
+    """Reverse the bit order of every byte of a fresh C-contiguous uint8 array, in place (swap
+    nibbles, pairs, bits on 64-bit words: ~2.5x numpy's table lookup), and return it."""
+    if rows.size % 8 or not rows.flags.c_contiguous:
+        return _REVERSED[rows]
+    words = rows.reshape(-1).view(np.uint64)
+    scratch = np.empty_like(words)
+    for shift, mask in _BIT_STEPS:
+        np.right_shift(words, shift, out=scratch)
+        np.bitwise_and(scratch, mask, out=scratch)
+        np.bitwise_and(words, mask, out=words)
+        np.left_shift(words, shift, out=words)
+        np.bitwise_or(words, scratch, out=words)
+    return rows
 
 
 def _fraction_lut(max_value: int) -> np.ndarray:
@@ -223,12 +260,16 @@ def build_segmentation(
     rows, columns = int(src.Rows), int(src.Columns)
     for i, mask in enumerate(masks, start=1):
         if tuple(mask.shape[1:]) != (rows, columns):
-            raise ValueError(f"Segment {i}'s mask is {tuple(mask.shape[1:])}, the images are {(rows, columns)}.")
+            raise ValueError(
+                f"Segment {i}'s mask is {tuple(mask.shape[1:])}, the images are {(rows, columns)}."
+            )
     system = hd.spatial.get_image_coordinate_system(src)
     if system == hd.CoordinateSystemNames.SLIDE:
         raise UnsupportedGeometry("Slide-coordinate sources are written by highdicom.")
     if system is None and n_planes != 1:
-        raise ValueError("Only a single frame is supported when the source image has no Frame of Reference UID.")
+        raise ValueError(
+            "Only a single frame is supported when the source image has no Frame of Reference UID."
+        )
 
     seg = hd.SOPClass(
         study_instance_uid=src.StudyInstanceUID,
@@ -258,10 +299,8 @@ def build_segmentation(
     seg.copy_specimen_information(src)
     seg.copy_patient_and_study_information(src)
     equipment = list(identity.contributing_equipment)
-    try:
+    with contextlib.suppress(Exception):  # highdicom leaves the item out on any failure, as here
         equipment.insert(0, hd.ContributingEquipment.for_image_acquisition(src))
-    except Exception:  # noqa: BLE001 - highdicom leaves the item out on any failure, as here
-        pass
     seg.ContributingEquipmentSequence = [*equipment, hd.ContributingEquipment.for_highdicom()]
 
     seg.SegmentationType = "FRACTIONAL" if fractional else "BINARY"
@@ -389,15 +428,8 @@ def build_segmentation(
             seg.DimensionOrganizationType = "3D"
 
     # Per-frame pieces, encoded once: per plane (source reference, position), per segment.
-    derivation = [
-        _sequence("DerivationImageSequence", [_derivation_item(sources, frame_numbers, p)])
-        for p in range(n_planes)
-    ]
-    position = (
-        [_sequence("PlanePositionSequence", positions[p]) for p in range(n_planes)]
-        if system is not None
-        else [b""] * n_planes
-    )
+    derivation = _derivations(sources, frame_numbers, n_planes)
+    position = [_position(positions[p]) for p in range(n_planes)] if system is not None else [b""] * n_planes
     identification = [
         b"" if single else _sequence("SegmentIdentificationSequence", [_segment_identification(i)])
         for i in range(1, len(segments) + 1)
@@ -442,7 +474,8 @@ def build_segmentation(
     if len(remainder):
         chunks.append(np.packbits(remainder, bitorder="little").tobytes())
 
-    correct_ambiguous_vr(seg, True)  # before the raw elements go in: it walks every sequence
+    if any(" or " in (element.VR or "") for element in seg):  # e.g. a copied "US or SS"
+        correct_ambiguous_vr(seg, True)  # before the raw element goes in: it walks every sequence
     value = b"".join(items)
     seg.NumberOfFrames = len(items)
     seg[Tag(0x52009230)] = RawDataElement(Tag(0x52009230), "SQ", len(value), value, 0, False, True)
@@ -480,19 +513,40 @@ def _segment_identification(number: int) -> Dataset:
     return item
 
 
-def _derivation_item(sources: Sequence[Dataset], frame_numbers: Sequence[int] | None, plane: int) -> Dataset:
-    """Derivation Image item of a plane: "Segmentation", from its source image (and frame)."""
-    src = sources[0] if frame_numbers is not None else sources[plane]
-    ref = Dataset()
-    ref.ReferencedSOPClassUID = src.SOPClassUID
-    ref.ReferencedSOPInstanceUID = src.SOPInstanceUID
-    ref.PurposeOfReferenceCodeSequence = [
-        hd.sr.CodedConcept.from_code(codes.cid7202.SourceImageForImageProcessingOperation)
-    ]
-    ref.SpatialLocationsPreserved = "YES"
-    if frame_numbers is not None:
-        ref.ReferencedFrameNumber = int(frame_numbers[plane])
-    item = Dataset()
-    item.DerivationCodeSequence = [hd.sr.CodedConcept.from_code(codes.cid7203.SegmentationImageDerivation)]
-    item.SourceImageSequence = [ref]
-    return item
+def _derivations(
+    sources: Sequence[Dataset], frame_numbers: Sequence[int] | None, n_planes: int
+) -> list[bytes]:
+    """Each plane's Derivation Image Sequence, encoded: "Segmentation" (113076, DCM) from its
+    source image (and frame), "Source image for image processing operation", locations preserved."""
+    purpose = _sq(
+        0x0040A170,
+        [_encoded(hd.sr.CodedConcept.from_code(codes.cid7202.SourceImageForImageProcessingOperation))],
+    )
+    derived = _sq(
+        0x00089215, [_encoded(hd.sr.CodedConcept.from_code(codes.cid7203.SegmentationImageDerivation))]
+    )
+    preserved = _element(0x0028135A, b"CS", b"YES")
+    out = []
+    for p in range(n_planes):
+        src = sources[0] if frame_numbers is not None else sources[p]
+        frame = (
+            b"" if frame_numbers is None else _element(0x00081160, b"IS", str(int(frame_numbers[p])).encode())
+        )
+        ref = b"".join(
+            (
+                _element(0x00081150, b"UI", str(src.SOPClassUID).encode()),
+                _element(0x00081155, b"UI", str(src.SOPInstanceUID).encode()),
+                frame,
+                preserved,
+                purpose,
+            )
+        )
+        out.append(_sq(0x00089124, [_sq(0x00082112, [ref]) + derived]))
+    return out
+
+
+def _position(plane: Sequence[Dataset]) -> bytes:
+    """A Plane Position Sequence, encoded: its DS values as pydicom writes them."""
+    values = plane[0].ImagePositionPatient
+    text = "\\".join(getattr(v, "original_string", None) or str(v) for v in values)
+    return _sq(0x00209113, [_element(0x00200032, b"DS", text.encode("ascii"))])
