@@ -164,31 +164,32 @@ class _Segment:
             return self._packed_rows[self.planes[list(planes)]]
         return np.stack([np.packbits(self.bool_frame(p).reshape(-1)) for p in planes])
 
-    def packed_frames(self, planes: Sequence[int]) -> np.ndarray:
-        """BINARY frames of ``planes`` (aligned only): (len(planes), per_slice // 8) uint8, DICOM order."""
+    def pack_into(self, planes: Sequence[int], out: np.ndarray) -> None:
+        """BINARY frames of ``planes`` (whole bytes only) into ``out`` (len(planes), per_slice // 8),
+        DICOM bit order: packed masks are copied and bit-reversed, other masks packed a frame at a time."""
         if self._packed_rows is not None:
-            return _reverse_bits(self._packed_rows[self.planes[list(planes)]])
-        bits = np.stack([self.bool_frame(p).reshape(-1) for p in planes]) if planes else None
-        if bits is None:
-            return np.empty((0, self.per_slice // 8), dtype=np.uint8)
-        return np.packbits(bits, axis=1, bitorder="little")
+            np.take(self._packed_rows, self.planes[list(planes)], axis=0, out=out)
+            _reverse_bits(out)
+            return
+        for i, p in enumerate(planes):
+            out[i] = np.packbits(self.bool_frame(p).reshape(-1), bitorder="little")
 
-    def fractional_frame(self, plane: int, lut: np.ndarray | None) -> np.ndarray:
-        """The FRACTIONAL frame: highdicom's round(probability * 255) (a LUT of the same float32
-        arithmetic), or 255 for a voxel of a binary segment."""
+    def fractional_into(self, plane: int, luts: dict[int, np.ndarray], out: np.ndarray) -> None:
+        """The FRACTIONAL frame into ``out`` (per_slice bytes): highdicom's round(probability * 255)
+        (a table of the same float32 arithmetic), or 255 for a voxel of a binary segment."""
         k = int(self.planes[plane])
         if isinstance(self.mask, FractionalMask):
-            assert lut is not None
-            return lut[self.mask.probabilities[k]]
-        return self.bool_frame(plane).astype(np.uint8) * np.uint8(255)
+            np.take(luts[self.mask.max_value], self.mask.probabilities[k].reshape(-1), out=out)
+        else:
+            np.multiply(self.bool_frame(plane).reshape(-1), np.uint8(255), out=out, dtype=np.uint8)
 
 
-def _reverse_bits(rows: np.ndarray) -> np.ndarray:
-    """Reverse the bit order of every byte of a fresh C-contiguous uint8 array, in place (swap
-    nibbles, pairs, bits on 64-bit words: ~2.5x numpy's table lookup), and return it."""
-    if rows.size % 8 or not rows.flags.c_contiguous:
-        return _REVERSED[rows]
-    words = rows.reshape(-1).view(np.uint64)
+def _reverse_bits(rows: np.ndarray) -> None:
+    """Reverse the bit order of every byte of a C-contiguous uint8 array in place: nibbles, pairs,
+    then bits swapped on 64-bit words (~2.5x numpy's table lookup), a tail of < 8 by the table."""
+    flat = rows.reshape(-1)
+    whole = flat.size - flat.size % 8
+    words = flat[:whole].view(np.uint64)
     scratch = np.empty_like(words)
     for shift, mask in _BIT_STEPS:
         np.right_shift(words, shift, out=scratch)
@@ -196,7 +197,7 @@ def _reverse_bits(rows: np.ndarray) -> np.ndarray:
         np.bitwise_and(words, mask, out=words)
         np.left_shift(words, shift, out=words)
         np.bitwise_or(words, scratch, out=words)
-    return rows
+    flat[whole:] = _REVERSED[flat[whole:]]
 
 
 def _fraction_lut(max_value: int) -> np.ndarray:
@@ -435,15 +436,9 @@ def build_segmentation(
         for i in range(1, len(segments) + 1)
     ]
     items: list[bytes] = []
-    chunks: list[bytes] = []
-    remainder = np.empty(0, dtype=bool)
-    lut = None
-    if fractional:
-        max_values = {m.max_value for m in masks if isinstance(m, FractionalMask)}
-        luts = {v: _fraction_lut(v) for v in max_values}
-    for number, segment in enumerate(segments, start=1):
-        chosen = [p for p in sorted_planes if empty or segment.touched[p]]
-        for p in chosen:
+    chosen = [[p for p in sorted_planes if empty or s.touched[p]] for s in segments]
+    for number, planes_of_segment in enumerate(chosen, start=1):
+        for p in planes_of_segment:
             if system is not None:
                 content = _UL2.pack(0x0020, 0x9157, b"UL", 8, number, rank[p])
             else:
@@ -459,35 +454,59 @@ def build_segmentation(
                 )
             )
             items.append(_ITEM.pack(0xFFFE, 0xE000, len(body)) + body)
-        if fractional:
-            if isinstance(segment.mask, FractionalMask):
-                lut = luts[segment.mask.max_value]
-            chunks.extend(segment.fractional_frame(p, lut).tobytes() for p in chosen)
-        elif segment.aligned and not len(remainder):
-            chunks.append(segment.packed_frames(chosen).tobytes())
-        else:  # frames that are not whole bytes run on bit by bit across frame boundaries
-            for p in chosen:
-                full = np.concatenate([remainder, segment.bool_frame(p).reshape(-1)])
-                cut = 8 * (len(full) // 8)
-                chunks.append(np.packbits(full[:cut], bitorder="little").tobytes())
-                remainder = full[cut:]
-    if len(remainder):
-        chunks.append(np.packbits(remainder, bitorder="little").tobytes())
-
+    pixels = _pixel_data(segments, chosen, fractional, rows * columns)
     if any(" or " in (element.VR or "") for element in seg):  # e.g. a copied "US or SS"
         correct_ambiguous_vr(seg, True)  # before the raw element goes in: it walks every sequence
     value = b"".join(items)
     seg.NumberOfFrames = len(items)
     seg[Tag(0x52009230)] = RawDataElement(Tag(0x52009230), "SQ", len(value), value, 0, False, True)
-    pixels = b"".join(chunks)
-    if len(pixels) % 2:
-        pixels += b"\x00"
-    seg[Tag(0x7FE00010)] = DataElement(0x7FE00010, "OB", pixels)
+    seg[Tag(0x7FE00010)] = DataElement(0x7FE00010, "OB", bytes(pixels))  # pydicom takes bytes only
+    del pixels
     # The raw per-frame element is written as it is only while the dataset's declared encoding
     # matches the file's; pydicom decodes and re-encodes it otherwise (correct, only slower).
     charset = seg.get("SpecificCharacterSet")
     seg.set_original_encoding(False, True, convert_encodings(charset) if charset else default_encoding)
     return seg
+
+
+def _pixel_data(
+    segments: Sequence[_Segment], chosen: Sequence[Sequence[int]], fractional: bool, per_frame: int
+) -> bytearray:
+    """The frames, segment by segment, in one buffer of the final size: 8 bits a
+    pixel (FRACTIONAL) or 1 (BINARY, low bit first, frames running on across byte boundaries when
+    a frame is not whole bytes); an odd length is padded with NUL."""
+    frames = sum(len(c) for c in chosen)
+    bits = 8 if fractional else 1
+    size = (frames * per_frame * bits + 7) // 8
+    buffer = bytearray(size + size % 2)
+    view = np.frombuffer(buffer, dtype=np.uint8)
+    masks = [s.mask for s in segments]
+    luts = {m.max_value: _fraction_lut(m.max_value) for m in masks if isinstance(m, FractionalMask)}
+    if fractional or per_frame % 8 == 0:
+        step = per_frame * bits // 8
+        offset = 0
+        for segment, planes in zip(segments, chosen, strict=True):
+            out = view[offset : offset + step * len(planes)].reshape(len(planes), step)
+            if fractional:
+                for i, p in enumerate(planes):
+                    segment.fractional_into(p, luts, out[i])
+            else:
+                segment.pack_into(planes, out)
+            offset += step * len(planes)
+        return buffer
+    remainder = np.empty(0, dtype=bool)  # frames that are not whole bytes run on bit by bit
+    offset = 0
+    for segment, planes in zip(segments, chosen, strict=True):
+        for p in planes:
+            full = np.concatenate([remainder, segment.bool_frame(p).reshape(-1)])
+            cut = 8 * (len(full) // 8)
+            packed = np.packbits(full[:cut], bitorder="little")
+            view[offset : offset + len(packed)] = packed
+            offset += len(packed)
+            remainder = full[cut:]
+    if len(remainder):
+        view[offset] = np.packbits(remainder, bitorder="little")[0]
+    return buffer
 
 
 def _dimension_index(system: hd.CoordinateSystemNames | None, uid: str) -> list[Dataset]:
