@@ -125,6 +125,7 @@ class _Segment:
         self.aligned = self.per_slice % 8 == 0
         whole = len(planes) == self.shape[0] and bool((planes == np.arange(self.shape[0])).all())
         if isinstance(mask, PackedMask) and self.aligned:
+            # PackedMask keeps slice k in bytes k * per_slice / 8 onward (C order): read them in place
             rows = mask._packed[: mask.size // 8].reshape(self.shape[0], self.per_slice // 8)
             self._packed_rows = rows
             self.touched = self._rows_any(rows if whole else rows[planes])
