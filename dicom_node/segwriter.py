@@ -13,7 +13,9 @@ pydicom writes it as is and decodes it only if someone reads it).
 The object is the one ``highdicom.seg.Segmentation`` wrote for the same input, attribute for
 attribute (tests/unit/dicom_node/test_segwriter.py compares them): the per-object modules come
 from highdicom itself (``SOPClass``, Contributing Equipment, plane position / orientation / pixel
-measures), only the per-frame work is done here.
+measures), only the per-frame work is done here. Two deliberate differences: the character set
+is the caller's (the node declares UTF-8 in every object), and an odd-length Pixel Data is padded
+with NUL as PS3.5 asks (highdicom appends b"0").
 """
 
 from __future__ import annotations
@@ -111,15 +113,13 @@ def _sequence(keyword: str, items: Sequence[Dataset]) -> bytes:
 class _Segment:
     """One segment's frames on the SEG's planes: which planes it touches and their pixel bytes.
 
-    ``planes`` are the mask slices of the SEG's planes, in input order. BINARY frames come back
-    bit-packed in DICOM order when a frame is whole bytes (rows * columns % 8 == 0), else as
-    booleans for the caller to pack across frame boundaries; FRACTIONAL frames as uint8 0..255.
+    ``planes`` are the mask slices of the SEG's planes, in input order; ``touched`` says which
+    planes hold a voxel of the segment, found on the packed bytes when the mask is a PackedMask.
     """
 
-    def __init__(self, mask: Any, planes: np.ndarray, fractional: bool) -> None:
+    def __init__(self, mask: Any, planes: np.ndarray) -> None:
         self.mask = mask
         self.planes = planes
-        self.fractional = fractional
         self.shape = tuple(int(v) for v in mask.shape)
         self.per_slice = self.shape[1] * self.shape[2]
         self.aligned = self.per_slice % 8 == 0
@@ -314,7 +314,7 @@ def build_segmentation(
     seg.SegmentSequence = list(descriptions)
 
     planes = np.asarray(slices, dtype=np.int64)
-    segments = [_Segment(mask, planes, fractional) for mask in masks]
+    segments = [_Segment(mask, planes) for mask in masks]
     if fractional:
         seg.SegmentsOverlap = "NO" if len(segments) == 1 else "UNDEFINED"
     else:
