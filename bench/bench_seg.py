@@ -5,11 +5,13 @@ and each writes a BINARY SEG file:
 
 - RadBridge (``dicom_node.results.ResultWriter``, in this process, as the node's worker calls it):
   source headers read with ``pydicom.dcmread(stop_before_pixels=True)`` (what ``read_series`` keeps),
-  masks in memory as ``{segment_number: bool (slices, rows, cols)}``, one SEGMENT TaskResult whose
-  MaskInfo list describes the segments. Timed: ``build_seg()`` + ``save_as`` to a file. highdicom
-  (its default, omit_empty_frames=True) writes one frame per (segment, slice) with any voxel set,
-  uncompressed (Explicit VR Little Endian, 1 bit a pixel). A second row adds the header read of
-  the source files, so that both sides start from files on disk.
+  masks in memory as the gRPC client hands them to the worker (``dicom_node.masks.PackedMask``, 1 bit
+  a voxel), one SEGMENT TaskResult whose MaskInfo list describes the segments. Timed: ``build_seg()``
+  (``dicom_node.segwriter``) + ``save_as`` to a file: one frame per (segment, slice) with any voxel
+  set, uncompressed (Explicit VR Little Endian, 1 bit a pixel). A second row adds the header read
+  of the source files, so that both sides start from files on disk. With ``--highdicom`` a third
+  row times ``build_seg_highdicom()`` (highdicom's Segmentation, the writer before segwriter) on
+  the same input.
 - dcmqi 1.5.7 (``itkimage2segimage`` from the PyPI wheel, a subprocess): reads the source DICOM
   files (``--inputDICOMDirectory``), one NRRD label map holding all segments (label i = segment i;
   uint8, raw, LPS geometry from the series) and the JSON metadata; writes a BINARY SEG with its
@@ -19,12 +21,14 @@ and each writes a BINARY SEG file:
 
 After the timed runs each output is read back with ``highdicom.seg.segread``: its frame count and,
 per segment and source slice (Plane Position z), its voxel count must equal the masks'. The
-ratio is dcmqi time / RadBridge time: above 1, RadBridge is faster.
+ratio is dcmqi time / RadBridge time: above 1, RadBridge is faster. Wall time is the table's
+figure; CPU time (this process's, plus the dcmqi child's) is printed beside it, because a shared
+machine slows wall time unevenly.
 
 Cases (from the issue): 2 large segments x 500 slices, 100 small non-overlapping segments x 300
 slices; every segment is an ellipsoid in its own place, so frames are not empty.
 
-    python bench/bench_seg.py [--case 2x500 100x300] [--repeat 3] [--smoke]
+    python bench/bench_seg.py [--case 2x500 100x300] [--repeat 3] [--highdicom] [--smoke]
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import resource
 import shutil
 import statistics
 import subprocess
@@ -49,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import highdicom as hd  # noqa: E402
 import pydicom  # noqa: E402
 
+from dicom_node.masks import PackedMask  # noqa: E402
 from dicom_node.results import ResultWriter  # noqa: E402
 from protos.radbridge.v1 import inference_pb2 as pb  # noqa: E402
 from radbridge.synth import ct_series, write_series  # noqa: E402
@@ -213,14 +219,29 @@ def read_counts(path: Path) -> dict[tuple[str, float], int]:
     return out
 
 
-def timed(fn: Callable[[], object]) -> float:
+def _cpu() -> float:
+    """CPU seconds of this process and of its waited-for children (dcmqi)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
+def timed(fn: Callable[[], object]) -> tuple[float, float]:
+    """(wall, CPU) seconds of fn()."""
     gc.collect()
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), _cpu()
     fn()
-    return time.perf_counter() - started
+    return time.perf_counter() - started, _cpu() - cpu
 
 
-def run_case(case: Case, repeat: int, work: Path) -> list[tuple[str, list[float], int, float, str]]:
+def packed(masks: dict[int, np.ndarray]) -> dict[int, PackedMask]:
+    """The masks as the node holds them after the gRPC answer: bit-packed, 1 bit a voxel."""
+    return {n: PackedMask(np.packbits(m).tobytes(), m.shape) for n, m in masks.items()}
+
+
+Row = tuple[str, list[float], list[float], int, float, str]
+
+
+def run_case(case: Case, repeat: int, work: Path, with_highdicom: bool = False) -> list[Row]:
     series_dir = work / "series"
     files = write_series(ct_series(n_slices=case.slices), series_dir)
     headers = sorted(
@@ -228,19 +249,25 @@ def run_case(case: Case, repeat: int, work: Path) -> list[tuple[str, list[float]
         key=lambda ds: -float(ds.ImagePositionPatient[2]),  # the synthetic series runs head to foot
     )
     masks = make_masks(case)
+    node_masks = packed(masks)
     result = analysis_result(case)
     nrrd, meta = work / "labels.nrrd", work / "meta.json"
     write_nrrd(nrrd, label_map(masks), headers)
     meta.write_text(json.dumps(dcmqi_metadata(case), indent=1))
     rb_out, rb_files_out, qi_out = work / "radbridge.dcm", work / "radbridge-files.dcm", work / "dcmqi.dcm"
+    hd_out = work / "highdicom.dcm"
 
     def radbridge() -> None:
-        ResultWriter(headers, result, masks).build_seg().save_as(rb_out, enforce_file_format=True)
+        ResultWriter(headers, result, node_masks).build_seg().save_as(rb_out, enforce_file_format=True)
 
     def radbridge_from_files() -> None:
         sources = [pydicom.dcmread(p, stop_before_pixels=True) for p in files]
         sources.sort(key=lambda ds: -float(ds.ImagePositionPatient[2]))
-        ResultWriter(sources, result, masks).build_seg().save_as(rb_files_out, enforce_file_format=True)
+        ResultWriter(sources, result, node_masks).build_seg().save_as(rb_files_out, enforce_file_format=True)
+
+    def radbridge_highdicom() -> None:
+        writer = ResultWriter(headers, result, node_masks)
+        writer.build_seg_highdicom().save_as(hd_out, enforce_file_format=True)
 
     def dcmqi() -> None:
         proc = subprocess.run(
@@ -254,12 +281,16 @@ def run_case(case: Case, repeat: int, work: Path) -> list[tuple[str, list[float]
     writers = [
         ("radbridge build_seg + save", radbridge, rb_out),
         ("radbridge + header read", radbridge_from_files, rb_files_out),
+        *([("radbridge highdicom (before)", radbridge_highdicom, hd_out)] if with_highdicom else []),
         ("dcmqi itkimage2segimage", dcmqi, qi_out),
     ]
     times: dict[str, list[float]] = {name: [] for name, _, _ in writers}
+    cpu: dict[str, list[float]] = {name: [] for name, _, _ in writers}
     for _ in range(repeat):  # interleaved, so a slow moment of the machine hits all sides
         for name, fn, _ in writers:
-            times[name].append(timed(fn))
+            wall, used = timed(fn)
+            times[name].append(wall)
+            cpu[name].append(used)
     expected = expected_counts(masks, [float(ds.ImagePositionPatient[2]) for ds in headers])
     rows = []
     for name, _, out in writers:
@@ -271,7 +302,7 @@ def run_case(case: Case, repeat: int, work: Path) -> list[tuple[str, list[float]
             differ = sum(1 for k in set(got) & set(expected) if got[k] != expected[k])
             check = f"MISMATCH ({missing} frames missing, {extra} extra, {differ} differ)"
         frames = int(pydicom.dcmread(out, stop_before_pixels=True).NumberOfFrames)
-        rows.append((name, times[name], frames, out.stat().st_size / 1e6, check))
+        rows.append((name, times[name], cpu[name], frames, out.stat().st_size / 1e6, check))
     return rows
 
 
@@ -281,6 +312,7 @@ def main() -> None:
     )
     parser.add_argument("--case", nargs="+", default=["2x500", "100x300"], help="SEGMENTSxSLICES")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--highdicom", action="store_true", help="also time the highdicom writer (before)")
     parser.add_argument("--smoke", action="store_true", help="a few seconds: 2x8 and 5x6, once")
     args = parser.parse_args()
     specs, repeat = (["2x8", "5x6"], 1) if args.smoke else (args.case, args.repeat)
@@ -292,19 +324,22 @@ def main() -> None:
     table = []
     for case in cases:
         with tempfile.TemporaryDirectory(prefix="bench-seg-") as tmp:
-            table.append((case, run_case(case, repeat, Path(tmp))))
+            table.append((case, run_case(case, repeat, Path(tmp), args.highdicom)))
     print(f"DICOM SEG (BINARY, uncompressed, empty frames omitted) of 512x512 CT masks, median of {repeat}; "
-          "ratio = dcmqi median / this row's median (>1: RadBridge faster)")  # fmt: skip
+          "ratio = dcmqi median / this row's median, wall and CPU (>1: RadBridge faster)")  # fmt: skip
     print(f"{'case':>8}  {'writer':<28} {'median s':>8} {'min s':>7} {'max s':>7} {'frames':>6} "
-          f"{'file MB':>7} {'ratio':>6}  check")  # fmt: skip
+          f"{'file MB':>7} {'ratio':>6} {'cpu s':>6} {'ratio':>6}  check")  # fmt: skip
     failed = False
     for case, rows in table:
         dcmqi_median = statistics.median(rows[-1][1])
-        for name, times, frames, mb, check in rows:
-            med = statistics.median(times)
-            ratio = f"{dcmqi_median / med:6.2f}" if not name.startswith("dcmqi") else f"{'':>6}"
+        dcmqi_cpu = statistics.median(rows[-1][2])
+        for name, times, used, frames, mb, check in rows:
+            med, med_cpu = statistics.median(times), statistics.median(used)
+            own = name.startswith("dcmqi")
+            ratio = f"{'':>6}" if own else f"{dcmqi_median / med:6.2f}"
+            cpu_ratio = f"{'':>6}" if own else f"{dcmqi_cpu / med_cpu:6.2f}"
             print(f"{case.name:>8}  {name:<28} {med:8.2f} {min(times):7.2f} {max(times):7.2f} {frames:6d} "
-                  f"{mb:7.1f} {ratio}  {check}")  # fmt: skip
+                  f"{mb:7.1f} {ratio} {med_cpu:6.2f} {cpu_ratio}  {check}")  # fmt: skip
             failed |= check != "ok"
     print("check: per (segment, source slice) voxel counts read back with highdicom == the masks'")
     if failed:

@@ -31,6 +31,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
+from dicom_node import segwriter
 from dicom_node._contours import major_components, outline
 from dicom_node.masks import FractionalMask, PackedMask
 from dicom_node.slices import SliceRef
@@ -293,7 +294,7 @@ class ResultWriter:
         return outputs
 
     # -- SEG ---------------------------------------------------------------------
-    def build_seg(self) -> hd.seg.Segmentation:
+    def _segment_descriptions(self) -> tuple[list[pb.MaskInfo], list[hd.seg.SegmentDescription]]:
         infos = sorted((m for t in self.result.tasks for m in t.masks), key=lambda m: m.segment_number)
         if [m.segment_number for m in infos] != list(range(1, len(infos) + 1)):
             raise ValueError("Segment numbers must be 1..n without gaps.")
@@ -311,6 +312,64 @@ class ResultWriter:
             )
             for m in infos
         ]
+        return infos, descriptions
+
+    def build_seg(self) -> Dataset:
+        """The SEG, written by ``dicom_node.segwriter`` (frames only where a segment is present).
+
+        The same object as ``build_seg_highdicom`` (tests/unit/dicom_node/test_segwriter.py),
+        built without highdicom's per-(segment, slice) scan and per-frame pydicom datasets."""
+        infos, descriptions = self._segment_descriptions()
+        masks = [self.masks[m.segment_number] for m in infos]
+        for mask in masks:
+            if mask.shape[0] != len(self.slices):
+                raise ValueError(f"Masks have {mask.shape[0]} slices for {len(self.slices)} source images.")
+        if self.multiframe:
+            if len(self.sources) != 1:
+                raise ValueError("A multi-frame source must be the only source image of the volume.")
+            sources = self.sources
+            frame_numbers: list[int] | None = [int(self.slices[k].frame) for k in self.received]  # type: ignore[arg-type]
+        else:
+            sources = [self.sources[self.slices[k].source] for k in self.received]  # type: ignore[index]
+            frame_numbers = None
+        identity = segwriter.SegIdentity(
+            series_instance_uid=self.uid("seg", "series"),
+            series_number=SERIES_NUMBERS["seg"],
+            sop_instance_uid=self.instance_uid("seg"),
+            instance_number=self.instance_number("seg"),
+            manufacturer=MANUFACTURER,
+            manufacturer_model_name=self.model.name,
+            software_versions=self.model.version or "unknown",
+            device_serial_number="0",
+            content_label="RADBRIDGE",
+            content_description=self._description("SEG"),
+            series_description=self._description("SEG"),
+            contributing_equipment=[self._contributing_equipment()],
+            dimension_organization_uid=self.uid("seg", "dimension-organization"),
+        )
+        try:
+            seg = segwriter.build_segmentation(
+                sources,
+                masks,
+                self.received,
+                descriptions,
+                identity,
+                fractional=any(isinstance(mask, FractionalMask) for mask in masks),
+                frame_numbers=frame_numbers,
+                specific_character_set=SPECIFIC_CHARACTER_SET,  # build_all declares UTF-8 in every object
+            )
+        except segwriter.UnsupportedGeometry:
+            return self.build_seg_highdicom()
+        if self.modality in PROJECTION and "PatientOrientation" in self.sources[0]:
+            seg.PatientOrientation = self.sources[0].PatientOrientation
+        _drop_unknown_pixel_spacing(seg)
+        return seg
+
+    def build_seg_highdicom(self) -> hd.seg.Segmentation:
+        """The SEG as ``highdicom.seg.Segmentation`` builds it: the reference that ``build_seg``
+        is checked against (and the writer for slide-coordinate sources); slower with many
+        segments."""
+        infos, descriptions = self._segment_descriptions()
         masks = [self.masks[m.segment_number] for m in infos]
         fractional = any(isinstance(mask, FractionalMask) for mask in masks)
         pixels = _fractional_pixels(masks) if fractional else _segment_pixels(masks)
@@ -437,7 +496,7 @@ class ResultWriter:
     def _nearest_received(self, slice_index: int) -> SliceRef:
         return self.slices[self._received_index(slice_index)]
 
-    def build_measurement_report(self, seg: hd.seg.Segmentation | None) -> hd.sr.Comprehensive3DSR:
+    def build_measurement_report(self, seg: Dataset | None) -> hd.sr.Comprehensive3DSR:
         groups: list[object] = []
         infos = {m.segment_number: m for t in self.result.tasks for m in t.masks}
         measurements: dict[int, list[hd.sr.Measurement]] = {}
