@@ -13,8 +13,11 @@ largest component, holes filled; intensity statistics inside it.
 
 from __future__ import annotations
 
+import operator
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -66,16 +69,57 @@ DISCLAIMER = (
     "no diagnostic interpretation is made."
 )
 
+Box3 = tuple[slice, slice, slice]
+
 CT_MODALITIES = frozenset({"CT"})
 XRAY_MODALITIES = frozenset({"CR", "DX"})
 
 
-def _component_sizes(labels: np.ndarray, n: int, slab: int = 32) -> np.ndarray:
-    """Voxels per label, counted a slab at a time: np.bincount would first copy the whole int32
-    label volume to int64 (8 bytes a voxel)."""
+def _threshold(hu: np.ndarray, op: Callable[[np.ndarray, Any], np.ndarray], value: float) -> np.ndarray:
+    """``op(hu, value)`` compared in ``hu``'s own dtype: an integer volume against a whole-number
+    threshold is compared with a Python int (a float threshold would widen every voxel to float64
+    first, which costs more than the comparison)."""
+    if hu.dtype.kind in "iu" and float(value).is_integer():
+        return op(hu, int(value))
+    return op(hu, value)
+
+
+def _bounding_box(hu: np.ndarray, value: float, slab: int = 16) -> Box3 | None:
+    """The box (slices, rows, columns) holding every voxel above ``value``, or None when none is:
+    found a slab at a time, so that no whole-volume mask exists."""
+    any_slice = np.zeros(hu.shape[0], dtype=bool)
+    plane = np.zeros(hu.shape[1:3], dtype=bool)
+    for start in range(0, hu.shape[0], slab):
+        part = _threshold(hu[start : start + slab], operator.gt, value)
+        any_slice[start : start + slab] = part.any(axis=(1, 2))
+        plane |= part.any(axis=0)
+    if not any_slice.any():
+        return None
+    ks, rs, cs = (np.flatnonzero(a) for a in (any_slice, plane.any(axis=1), plane.any(axis=0)))
+    return slice(int(ks[0]), int(ks[-1]) + 1), slice(int(rs[0]), int(rs[-1]) + 1), slice(int(cs[0]), int(cs[-1]) + 1)
+
+
+def _inside(outer: Box3, inner: tuple[slice, ...]) -> Box3:
+    """``inner`` (relative to the ``outer`` box) in the coordinates of the volume."""
+    a, b, c = (slice(o.start + i.start, o.start + i.stop) for o, i in zip(outer, inner, strict=True))
+    return a, b, c
+
+
+def _component_sizes(labels: np.ndarray, n: int, objects: list[tuple[slice, ...] | None]) -> np.ndarray:
+    """Voxels per label (index 0, the background, counts 0), each counted inside its own bounding
+    box from ``ndimage.find_objects``. np.bincount would first copy the whole label volume to int64
+    (8 bytes a voxel) and read all of it; the boxes of the few large components are most of the
+    work here. Boxes that overlap a lot (many large interleaved components) fall back to bincount,
+    a slab at a time."""
     sizes = np.zeros(n + 1, dtype=np.int64)
-    for start in range(0, labels.shape[0], slab):
-        sizes += np.bincount(labels[start : start + slab].ravel(), minlength=n + 1)
+    if sum(int(np.prod([s.stop - s.start for s in b])) for b in objects if b is not None) > 2 * labels.size:
+        for start in range(0, labels.shape[0], 16):
+            sizes += np.bincount(labels[start : start + 16].ravel(), minlength=n + 1)
+        sizes[0] = 0
+        return sizes
+    for i, box in enumerate(objects, start=1):
+        if box is not None:
+            sizes[i] = np.count_nonzero(labels[box] == i)
     return sizes
 
 
@@ -94,8 +138,7 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
     labels, n = _label(mask)
     if n == 0:
         return mask
-    sizes = _component_sizes(labels, n)
-    sizes[0] = 0
+    sizes = _component_sizes(labels, n, ndimage.find_objects(labels))
     return labels == int(sizes.argmax())
 
 
@@ -107,7 +150,7 @@ _IN_PLANE[1] = ndimage.generate_binary_structure(2, 1)
 def _fill_per_slice(mask: np.ndarray, slab: int = 64) -> np.ndarray:
     """``binary_fill_holes`` of every slice (4-connected background): the background components
     that touch no slice edge are holes. Slices are independent, so a few at a time are labelled in
-    one call (one C call per slab, and the int32 labels of one slab in memory, not of the volume)."""
+    one call (one C call per slab, and the labels of one slab in memory, not of the volume)."""
     out = np.empty_like(mask)
     for start in range(0, mask.shape[0], slab):
         part = mask[start : start + slab]
@@ -124,21 +167,70 @@ def _fill_per_slice(mask: np.ndarray, slab: int = 64) -> np.ndarray:
     return out
 
 
-def segment_ct(hu: np.ndarray, voxel_ml: float) -> dict[str, np.ndarray]:
-    """Body, lungs, bone and soft tissue masks of a CT volume in HU (any real dtype)."""
-    body = _fill_per_slice(_largest_component(hu > BODY_HU))
-    lungs = body & (hu < LUNG_HU)
+@dataclass
+class CtSegments:
+    """segment_ct's masks cut to the body's bounding box ``box`` in a volume of ``shape``: outside
+    the box every mask is empty, so nothing beyond it is computed or held."""
+
+    shape: tuple[int, ...]
+    box: Box3
+    crops: dict[str, np.ndarray]
+
+    def count(self, key: str) -> int:
+        return int(np.count_nonzero(self.crops[key]))
+
+    def full(self, key: str) -> np.ndarray:
+        """The whole-volume mask. np.zeros maps untouched pages lazily, so the rows outside the box
+        cost little resident memory."""
+        out = np.zeros(self.shape, dtype=bool)
+        out[self.box] = self.crops[key]
+        return out
+
+
+def segment_ct_box(hu: np.ndarray, voxel_ml: float) -> CtSegments:
+    """segment_ct, worked inside the bounding box of the voxels above BODY_HU, then of the body.
+
+    Why it is exact: every mask is a subset of the body, and the body of the candidates, so
+    nothing outside those boxes can be set; labelling order inside a box follows the volume's scan
+    order, so ties for the largest component break the same way; and a background region that
+    reaches the body box's edge reaches the slice edge through the empty rows and columns beyond
+    it, so per-slice hole filling inside the box is the same as on the whole slice."""
+    box = _bounding_box(hu, BODY_HU)
+    if box is None:
+        empty = np.zeros((0, 0, 0), dtype=bool)
+        nothing = (slice(0, 0),) * 3
+        return CtSegments(hu.shape, nothing, dict.fromkeys(("body", "lungs", "bone", "soft"), empty))
+    labels, n = _label(_threshold(hu[box], operator.gt, BODY_HU))
+    objects = ndimage.find_objects(labels)
+    best = int(_component_sizes(labels, n, objects).argmax())
+    inner = objects[best - 1]
+    assert inner is not None  # noqa: S101 - the largest component has voxels
+    body = labels[inner] == best
+    del labels
+    box = _inside(box, inner)
+    sub = hu[box]
+    body = _fill_per_slice(body)
+    lungs = body & _threshold(sub, operator.lt, LUNG_HU)
     labels, n = _label(lungs)
     if n:
-        sizes = _component_sizes(labels, n)
-        sizes[0] = 0
+        sizes = _component_sizes(labels, n, ndimage.find_objects(labels))
         min_voxels = MIN_LUNG_ML / voxel_ml if voxel_ml > 0 else 1000
         keep = sizes >= min_voxels  # a lookup table: far faster than np.isin on the label volume
+        keep[0] = False
         lungs = keep[labels]
     del labels
-    bone = body & (hu > BONE_HU)
-    soft = body & ~lungs & ~bone
-    return {"body": body, "lungs": lungs, "bone": bone, "soft": soft}
+    bone = body & _threshold(sub, operator.gt, BONE_HU)
+    # lungs and bone lie in the body and never meet (< LUNG_HU vs > BONE_HU): the rest is an xor.
+    soft = np.logical_xor(body, lungs)
+    soft ^= bone
+    return CtSegments(hu.shape, box, {"body": body, "lungs": lungs, "bone": bone, "soft": soft})
+
+
+def segment_ct(hu: np.ndarray, voxel_ml: float) -> dict[str, np.ndarray]:
+    """Body, lungs, bone and soft tissue masks of a CT volume in HU (any real dtype), each the
+    size of the volume."""
+    seg = segment_ct_box(hu, voxel_ml)
+    return {key: seg.full(key) for key in seg.crops}
 
 
 def _otsu(values: np.ndarray) -> float:
@@ -175,25 +267,25 @@ class ReferenceBackend(Backend):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
-        self._memo: tuple[weakref.ref[np.ndarray], dict[str, np.ndarray], dict[str, int]] | None = None
+        self._memo: tuple[weakref.ref[np.ndarray], CtSegments, dict[str, int]] | None = None
 
-    def _ct_masks(self, volume: Volume) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-        """segment_ct's lungs, bone and soft tissue masks and every mask's voxel count, computed
-        once per volume even when several tasks ask. The body mask is only counted (no task returns
-        it). The memo holds the voxels weakly and is dropped with them, so no volume outlives its
-        request here."""
+    def _ct_masks(self, volume: Volume) -> tuple[CtSegments, dict[str, int]]:
+        """segment_ct's masks (cut to the body's box) and every mask's voxel count, computed once
+        per volume even when several tasks ask; whole-volume masks are made only for the segments a
+        SEGMENT task returns. The memo holds the voxels weakly and is dropped with them, so no
+        volume outlives its request here."""
         memo = self._memo
         if memo is None or memo[0]() is not volume.voxels:
-            masks = segment_ct(volume.voxels, volume.geometry.voxel_volume_ml)
-            counts = {k: int(np.count_nonzero(v)) for k, v in masks.items()}
-            del masks["body"]
-            self._memo = (weakref.ref(volume.voxels), masks, counts)
-            weakref.finalize(volume.voxels, self._forget, id(masks))
-            return masks, counts
+            seg = segment_ct_box(volume.voxels, volume.geometry.voxel_volume_ml)
+            counts = {k: seg.count(k) for k in seg.crops}
+            del seg.crops["body"]  # no task returns it
+            self._memo = (weakref.ref(volume.voxels), seg, counts)
+            weakref.finalize(volume.voxels, self._forget, id(seg))
+            return seg, counts
         return memo[1], memo[2]
 
-    def _forget(self, masks_id: int) -> None:
-        if self._memo is not None and id(self._memo[1]) == masks_id:
+    def _forget(self, seg_id: int) -> None:
+        if self._memo is not None and id(self._memo[1]) == seg_id:
             self._memo = None
 
     def _mask_voxels(self, mask: np.ndarray) -> np.ndarray:
@@ -249,7 +341,7 @@ class ReferenceBackend(Backend):
         if not g.rescaled or volume.voxels.ndim != 3:
             raise InvalidInput("The reference CT analysis needs a grey volume in Hounsfield units.")
         voxel_ml = g.voxel_volume_ml
-        m, counts = self._ct_masks(volume)
+        seg, counts = self._ct_masks(volume)
         ml = {k: float(n) * voxel_ml for k, n in counts.items()}
         result = TaskResult(task=task, prompt_id=f"reference-ct-{task.value}")
         if task is TaskKind.SEGMENT:
@@ -259,13 +351,17 @@ class ReferenceBackend(Backend):
                 (3, "Soft tissue", TISSUE, SOFT_TISSUE, LAB_SOFT, "soft"),
             ]
             for number, label, cat, typ, lab, key in specs:
-                result.masks.append(Mask(number, label, cat, typ, lab, self._mask_voxels(m[key])))
+                result.masks.append(Mask(number, label, cat, typ, lab, self._mask_voxels(seg.full(key))))
                 result.measurements.append(Measurement(VOLUME, round(ml[key], 1), ML, number))
         elif task is TaskKind.DETECT:
-            area = np.count_nonzero(m["lungs"], axis=(1, 2))
+            lungs = seg.crops["lungs"]
+            area = np.count_nonzero(lungs, axis=(1, 2)) if lungs.size else np.zeros(1, dtype=np.intp)
             if area.max() > 0:
                 k = int(area.argmax())
-                labels, n = ndimage.label(m["lungs"][k])
+                lung_slice = np.zeros(g.shape[1:], dtype=bool)
+                lung_slice[seg.box[1:]] = lungs[k]
+                k += seg.box[0].start
+                labels, n = ndimage.label(lung_slice)
                 for j in range(1, n + 1):
                     comp = labels == j
                     if comp.sum() * g.spacing_mm[1] * g.spacing_mm[2] < 100.0:
