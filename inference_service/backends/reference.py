@@ -96,7 +96,11 @@ def _bounding_box(hu: np.ndarray, value: float, slab: int = 16) -> Box3 | None:
     if not any_slice.any():
         return None
     ks, rs, cs = (np.flatnonzero(a) for a in (any_slice, plane.any(axis=1), plane.any(axis=0)))
-    return slice(int(ks[0]), int(ks[-1]) + 1), slice(int(rs[0]), int(rs[-1]) + 1), slice(int(cs[0]), int(cs[-1]) + 1)
+    return (
+        slice(int(ks[0]), int(ks[-1]) + 1),
+        slice(int(rs[0]), int(rs[-1]) + 1),
+        slice(int(cs[0]), int(cs[-1]) + 1),
+    )
 
 
 def _inside(outer: Box3, inner: tuple[slice, ...]) -> Box3:
