@@ -128,13 +128,15 @@ def pack_mask(mask: Mask) -> bytes:
 
 
 def mask_chunks(masks: list[Mask], chunk_bytes: int) -> Iterator[pb.AnalyzeVolumeResponse]:
-    for mask in masks:
-        data = pack_mask(mask)
+    """The masks' bytes as MaskChunk messages. Each mask is taken off ``masks`` as it is packed, so
+    that its byte-a-voxel array can be freed before the next one is sent."""
+    while masks:
+        mask = masks.pop(0)
+        number, data = mask.segment_number, pack_mask(mask)
+        del mask
         for off in range(0, len(data), chunk_bytes):
             yield pb.AnalyzeVolumeResponse(
-                mask_chunk=pb.MaskChunk(
-                    segment_number=mask.segment_number, offset=off, data=data[off : off + chunk_bytes]
-                )
+                mask_chunk=pb.MaskChunk(segment_number=number, offset=off, data=data[off : off + chunk_bytes])
             )
 
 
@@ -191,7 +193,9 @@ def task_result_to_pb(r: TaskResult) -> pb.TaskResult:
             type=_code(k.type),
             cielab=list(k.cielab),
             packed_bytes=k.voxels.size if k.fractional else (k.voxels.size + 7) // 8,
-            voxel_count=int(np.count_nonzero(k.voxels >= 128)) if k.fractional else int(k.voxels.sum()),
+            voxel_count=int(
+                np.count_nonzero(k.voxels >= 128) if k.fractional else np.count_nonzero(k.voxels)
+            ),
             encoding=pb.MASK_ENCODING_FRACTIONAL_UINT8 if k.fractional else pb.MASK_ENCODING_BINARY_PACKBITS,
             max_fractional_value=255 if k.fractional else 0,
         )

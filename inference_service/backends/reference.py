@@ -16,7 +16,7 @@ from __future__ import annotations
 import operator
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -171,24 +171,50 @@ def _fill_per_slice(mask: np.ndarray, slab: int = 64) -> np.ndarray:
     return out
 
 
+def _mask_box(mask: np.ndarray) -> Box3 | None:
+    """The bounding box of a bool volume's set voxels, or None when it has none."""
+    plane = mask.any(axis=0)
+    ks = np.flatnonzero(mask.any(axis=(1, 2)))
+    if ks.size == 0:
+        return None
+    rs, cs = np.flatnonzero(plane.any(axis=1)), np.flatnonzero(plane.any(axis=0))
+    return (
+        slice(int(ks[0]), int(ks[-1]) + 1),
+        slice(int(rs[0]), int(rs[-1]) + 1),
+        slice(int(cs[0]), int(cs[-1]) + 1),
+    )
+
+
 @dataclass
 class CtSegments:
     """segment_ct's masks cut to the body's bounding box ``box`` in a volume of ``shape``: outside
-    the box every mask is empty, so nothing beyond it is computed or held."""
+    the box every mask is empty, so nothing beyond it is computed or held. A mask asked for whole
+    (``full``) replaces its crop, so no mask is ever held twice."""
 
     shape: tuple[int, ...]
     box: Box3
     crops: dict[str, np.ndarray]
+    _full: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def crop(self, key: str) -> np.ndarray:
+        """The mask inside ``box`` (a view of the whole mask once that exists)."""
+        return self._full[key][self.box] if key in self._full else self.crops[key]
 
     def count(self, key: str) -> int:
-        return int(np.count_nonzero(self.crops[key]))
+        return int(np.count_nonzero(self.crop(key)))
 
     def full(self, key: str) -> np.ndarray:
-        """The whole-volume mask. np.zeros maps untouched pages lazily, so the rows outside the box
-        cost little resident memory."""
-        out = np.zeros(self.shape, dtype=bool)
-        out[self.box] = self.crops[key]
-        return out
+        """The whole-volume mask, made once. np.zeros maps untouched pages lazily, so the rows
+        outside the box cost little resident memory."""
+        if key not in self._full:
+            out = np.zeros(self.shape, dtype=bool)
+            out[self.box] = self.crops.pop(key)
+            self._full[key] = out
+        return self._full[key]
+
+    def drop(self, key: str) -> None:
+        self.crops.pop(key, None)
+        self._full.pop(key, None)
 
 
 def segment_ct_box(hu: np.ndarray, voxel_ml: float) -> CtSegments:
@@ -215,14 +241,15 @@ def segment_ct_box(hu: np.ndarray, voxel_ml: float) -> CtSegments:
     sub = hu[box]
     body = _fill_per_slice(body)
     lungs = body & _threshold(sub, operator.lt, LUNG_HU)
-    labels, n = _label(lungs)
-    if n:
+    air = _mask_box(lungs)  # air is usually a small part of the body: label only its box
+    if air is not None:
+        labels, n = _label(lungs[air])
         sizes = _component_sizes(labels, n, ndimage.find_objects(labels))
         min_voxels = MIN_LUNG_ML / voxel_ml if voxel_ml > 0 else 1000
         keep = sizes >= min_voxels  # a lookup table: far faster than np.isin on the label volume
         keep[0] = False
-        lungs = keep[labels]
-    del labels
+        lungs[air] = keep[labels]
+        del labels
     bone = body & _threshold(sub, operator.gt, BONE_HU)
     # lungs and bone lie in the body and never meet (< LUNG_HU vs > BONE_HU): the rest is an xor.
     soft = np.logical_xor(body, lungs)
@@ -234,7 +261,7 @@ def segment_ct(hu: np.ndarray, voxel_ml: float) -> dict[str, np.ndarray]:
     """Body, lungs, bone and soft tissue masks of a CT volume in HU (any real dtype), each the
     size of the volume."""
     seg = segment_ct_box(hu, voxel_ml)
-    return {key: seg.full(key) for key in seg.crops}
+    return {key: seg.full(key) for key in list(seg.crops)}
 
 
 def _otsu(values: np.ndarray) -> float:
@@ -282,7 +309,7 @@ class ReferenceBackend(Backend):
         if memo is None or memo[0]() is not volume.voxels:
             seg = segment_ct_box(volume.voxels, volume.geometry.voxel_volume_ml)
             counts = {k: seg.count(k) for k in seg.crops}
-            del seg.crops["body"]  # no task returns it
+            seg.drop("body")  # no task returns it
             self._memo = (weakref.ref(volume.voxels), seg, counts)
             weakref.finalize(volume.voxels, self._forget, id(seg))
             return seg, counts
@@ -358,7 +385,7 @@ class ReferenceBackend(Backend):
                 result.masks.append(Mask(number, label, cat, typ, lab, self._mask_voxels(seg.full(key))))
                 result.measurements.append(Measurement(VOLUME, round(ml[key], 1), ML, number))
         elif task is TaskKind.DETECT:
-            lungs = seg.crops["lungs"]
+            lungs = seg.crop("lungs")
             area = np.count_nonzero(lungs, axis=(1, 2)) if lungs.size else np.zeros(1, dtype=np.intp)
             if area.max() > 0:
                 k = int(area.argmax())
