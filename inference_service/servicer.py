@@ -103,16 +103,22 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             numbers = [m.segment_number for r in results for m in r.masks]
             if len(numbers) != len(set(numbers)):
                 raise RuntimeError("The model returned duplicate segment numbers.")  # a backend bug: INTERNAL
-            # The result message first (it counts the masks' voxels); then let go of the volume and
-            # of each mask once sent, so that sending holds one mask, not the whole analysis.
-            final = pb.AnalyzeVolumeResponse(result=result_to_pb(AnalysisResult(backend.identity, results)))
+            # Let go of the volume, then of each mask once sent (masks counted as they are packed),
+            # so that sending holds one mask, not the whole analysis.
+            final = pb.AnalyzeVolumeResponse(
+                result=result_to_pb(AnalysisResult(backend.identity, results), count_voxels=False)
+            )
             masks = [m for r in results for m in r.masks]
             for r in results:
                 r.masks.clear()
             del volume
             yield _progress(Stage.SENDING, 0.0, "sending results")
-            for chunk in mask_chunks(masks, self.section.chunk_bytes):
+            counts: dict[int, int] = {}
+            for chunk in mask_chunks(masks, self.section.chunk_bytes, counts):
                 yield chunk
+            for task_msg in final.result.tasks:
+                for info in task_msg.masks:
+                    info.voxel_count = counts[info.segment_number]
             yield final
             logger.info(
                 "analysis done",

@@ -13,6 +13,7 @@ largest component, holes filled; intensity statistics inside it.
 
 from __future__ import annotations
 
+import mmap
 import operator
 import weakref
 from collections.abc import Callable, Sequence
@@ -185,6 +186,19 @@ def _mask_box(mask: np.ndarray) -> Box3 | None:
     )
 
 
+def _lazy_zeros(shape: tuple[int, ...]) -> np.ndarray:
+    """A zeroed bool array on its own anonymous mapping, in small pages: only the pages written
+    become resident. (np.zeros asks for transparent huge pages, so writing the body's rows of each
+    slice would make every 2 MB page of a whole-volume mask resident.)"""
+    size = int(np.prod(shape))
+    if size == 0:
+        return np.zeros(shape, dtype=bool)
+    area = mmap.mmap(-1, size)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        area.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.frombuffer(area, dtype=bool).reshape(shape)
+
+
 @dataclass
 class CtSegments:
     """segment_ct's masks cut to the body's bounding box ``box`` in a volume of ``shape``: outside
@@ -204,10 +218,9 @@ class CtSegments:
         return int(np.count_nonzero(self.crop(key)))
 
     def full(self, key: str) -> np.ndarray:
-        """The whole-volume mask, made once. np.zeros maps untouched pages lazily, so the rows
-        outside the box cost little resident memory."""
+        """The whole-volume mask, made once; the rows outside the box take no resident memory."""
         if key not in self._full:
-            out = np.zeros(self.shape, dtype=bool)
+            out = _lazy_zeros(self.shape)
             out[self.box] = self.crops.pop(key)
             self._full[key] = out
         return self._full[key]
