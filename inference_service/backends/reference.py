@@ -246,8 +246,7 @@ def segment_ct_box(hu: np.ndarray, voxel_ml: float) -> CtSegments:
     labels, n = _label(_threshold(hu[box], operator.gt, BODY_HU))
     objects = ndimage.find_objects(labels)
     best = int(_component_sizes(labels, n, objects).argmax())
-    inner = objects[best - 1]
-    assert inner is not None  # noqa: S101 - the largest component has voxels
+    inner = objects[best - 1] or tuple(slice(0, k) for k in labels.shape)  # (never None: it has voxels)
     body = labels[inner] == best
     del labels
     box = _inside(box, inner)
