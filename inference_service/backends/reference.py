@@ -110,13 +110,25 @@ def _inside(outer: Box3, inner: tuple[slice, ...]) -> Box3:
     return a, b, c
 
 
-def _component_sizes(labels: np.ndarray, n: int, objects: list[tuple[slice, ...] | None]) -> np.ndarray:
-    """Voxels per label (index 0, the background, counts 0), each counted inside its own bounding
-    box from ``ndimage.find_objects``. np.bincount would first copy the whole label volume to int64
-    (8 bytes a voxel) and read all of it; the boxes of the few large components are most of the
-    work here. Boxes that overlap a lot (many large interleaved components) fall back to bincount,
-    a slab at a time."""
+#: Up to this many components, counting each one over the labels is cheaper than find_objects.
+_FEW = 8
+
+
+def _component_sizes(
+    labels: np.ndarray, n: int, objects: list[tuple[slice, ...] | None] | None = None
+) -> np.ndarray:
+    """Voxels per label (index 0, the background, counts 0). np.bincount would first copy the whole
+    label volume to int64 (8 bytes a voxel) and read all of it. A few components are counted one
+    at a time over the labels; more, each inside its own bounding box from
+    ``ndimage.find_objects`` (given as ``objects``, or found here), where the few large components
+    are most of the work. Boxes that overlap a lot (many large interleaved components) fall back
+    to bincount, a slab at a time."""
     sizes = np.zeros(n + 1, dtype=np.int64)
+    if objects is None and n <= _FEW:
+        for i in range(1, n + 1):
+            sizes[i] = np.count_nonzero(labels == i)
+        return sizes
+    objects = ndimage.find_objects(labels) if objects is None else objects
     if sum(int(np.prod([s.stop - s.start for s in b])) for b in objects if b is not None) > 2 * labels.size:
         for start in range(0, labels.shape[0], 16):
             sizes += np.bincount(labels[start : start + 16].ravel(), minlength=n + 1)
@@ -126,6 +138,20 @@ def _component_sizes(labels: np.ndarray, n: int, objects: list[tuple[slice, ...]
         if box is not None:
             sizes[i] = np.count_nonzero(labels[box] == i)
     return sizes
+
+
+def _largest(labels: np.ndarray, n: int) -> tuple[int, tuple[slice, ...]]:
+    """The largest component's label (the first in scan order on a tie) and its bounding box."""
+    if n <= _FEW:
+        best = int(_component_sizes(labels, n).argmax())
+        box = _mask_box(labels == best)
+    else:
+        objects = ndimage.find_objects(labels)
+        best = int(_component_sizes(labels, n, objects).argmax())
+        box = objects[best - 1]
+    if box is None:  # cannot happen: the largest component has voxels
+        raise RuntimeError("The largest component has no voxels.")
+    return best, box
 
 
 def _label(mask: np.ndarray, structure: np.ndarray | None = None) -> tuple[np.ndarray, int]:
@@ -143,8 +169,7 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
     labels, n = _label(mask)
     if n == 0:
         return mask
-    sizes = _component_sizes(labels, n, ndimage.find_objects(labels))
-    return labels == int(sizes.argmax())
+    return labels == int(_component_sizes(labels, n).argmax())
 
 
 #: 4-connectivity within a slice and none across slices: one 3-D labelling does every slice at once.
@@ -244,9 +269,7 @@ def segment_ct_box(hu: np.ndarray, voxel_ml: float) -> CtSegments:
         nothing = (slice(0, 0),) * 3
         return CtSegments(hu.shape, nothing, dict.fromkeys(("body", "lungs", "bone", "soft"), empty))
     labels, n = _label(_threshold(hu[box], operator.gt, BODY_HU))
-    objects = ndimage.find_objects(labels)
-    best = int(_component_sizes(labels, n, objects).argmax())
-    inner = objects[best - 1] or tuple(slice(0, k) for k in labels.shape)  # (never None: it has voxels)
+    best, inner = _largest(labels, n)
     body = labels[inner] == best
     del labels
     box = _inside(box, inner)
@@ -256,7 +279,7 @@ def segment_ct_box(hu: np.ndarray, voxel_ml: float) -> CtSegments:
     air = _mask_box(lungs)  # air is usually a small part of the body: label only its box
     if air is not None:
         labels, n = _label(lungs[air])
-        sizes = _component_sizes(labels, n, ndimage.find_objects(labels))
+        sizes = _component_sizes(labels, n)
         min_voxels = MIN_LUNG_ML / voxel_ml if voxel_ml > 0 else 1000
         keep = sizes >= min_voxels  # a lookup table: far faster than np.isin on the label volume
         keep[0] = False

@@ -14,6 +14,7 @@ from scipy import ndimage
 
 from inference_service.backends.base import ModelConfig, WorkItem
 from inference_service.backends.reference import (
+    _FEW,
     BODY_HU,
     BONE_HU,
     LUNG_HU,
@@ -78,7 +79,8 @@ def test_matches_oracle_on_random_blobs(seed: int) -> None:
     expected = _assert_same(hu, voxel_ml=0.2)  # 25 voxels make 5 mL: some pockets kept, some dropped
     assert expected["lungs"].any() and expected["bone"].any() and expected["soft"].any()
     labels, n = ndimage.label(hu > BODY_HU)
-    assert n > 1  # the largest-component choice is exercised
+    assert n > 1  # the largest-component choice is exercised (both ways: seed 1 has few components)
+    assert (n <= _FEW) == (seed == 1)
     assert (expected["body"] & ~(labels > 0)).any()  # and hole filling changed something
     assert (expected["body"] & (hu < LUNG_HU) & ~expected["lungs"]).any()  # small pockets dropped
 
@@ -99,6 +101,11 @@ def test_matches_oracle_on_edge_cases() -> None:
     tie[1, 13, 15] = -900  # a one-voxel hole, below the lung size threshold
     expected = _assert_same(tie, 0.001)
     assert expected["body"][:, 2:6, 2:6].all() and not expected["body"][:, 12:16, 14:18].any()
+    late = air.copy()
+    late[0, 0:2, 0:2] = 300  # a small component first in scan order, then the larger body
+    late[:, 8:18, 6:20] = 40
+    expected = _assert_same(late, 0.001)
+    assert not expected["body"][0, 0:2, 0:2].any() and expected["body"][:, 8:18, 6:20].all()
     rim = air.copy()
     rim[:, :, :] = 40  # a body filling the whole field: its box is the volume
     rim[:, 5:15, 0:10] = -800  # an air pocket open to the slice edge: not a hole
@@ -111,10 +118,12 @@ def test_matches_oracle_on_edge_cases() -> None:
 def test_component_sizes_match_bincount_including_interleaved_boxes() -> None:
     rng = np.random.default_rng(3)
     labels, n = _label(ndimage.gaussian_filter(rng.normal(size=(10, 50, 50)), 1.5) > 0.2)
-    sizes = _component_sizes(labels, n, ndimage.find_objects(labels))
     expected = np.bincount(labels.ravel(), minlength=n + 1)
     expected[0] = 0
-    assert n > 5 and np.array_equal(sizes, expected)
+    assert n > _FEW
+    assert np.array_equal(_component_sizes(labels, n), expected)  # counted in find_objects' boxes
+    few = np.where(labels <= 3, labels, 0).astype(labels.dtype)
+    assert np.array_equal(_component_sizes(few, 3), expected[:4])  # each counted over the volume
     combs = np.zeros((1, 40, 40), bool)  # two interleaved combs: each one's box is the whole slice
     combs[0, 0, :] = True
     combs[0, :38, 0::4] = True
