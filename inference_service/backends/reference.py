@@ -140,9 +140,28 @@ def _component_sizes(
     return sizes
 
 
+def _majority(labels: np.ndarray, n: int) -> tuple[int, np.ndarray] | None:
+    """The component holding more than half of all labelled voxels, and its mask, if there is one:
+    then it is the largest, whatever the others' sizes (no tie is possible). A guess from every
+    8th slice is checked with one exact count, so the usual case (one body, a little else) never
+    counts every component."""
+    sample = np.bincount(labels[::8].ravel(), minlength=n + 1)
+    sample[0] = 0
+    guess = int(sample.argmax())
+    if guess == 0:
+        return None
+    mask = labels == guess
+    if 2 * np.count_nonzero(mask) > np.count_nonzero(labels):
+        return guess, mask
+    return None
+
+
 def _largest(labels: np.ndarray, n: int) -> tuple[int, tuple[slice, ...]]:
     """The largest component's label (the first in scan order on a tie) and its bounding box."""
-    if n <= _FEW:
+    majority = _majority(labels, n) if n > 1 else None
+    if majority is not None:
+        best, box = majority[0], _mask_box(majority[1])
+    elif n <= _FEW:
         best = int(_component_sizes(labels, n).argmax())
         box = _mask_box(labels == best)
     else:

@@ -22,6 +22,7 @@ from inference_service.backends.reference import (
     ReferenceBackend,
     _component_sizes,
     _label,
+    _majority,
     segment_ct,
 )
 from inference_service.types import AnalysisSpec, Geometry, TaskKind, Volume
@@ -113,6 +114,22 @@ def test_matches_oracle_on_edge_cases() -> None:
     expected = _assert_same(rim, 0.1)
     assert not expected["body"][:, 5:15, 0:10].any() and expected["lungs"][:, 5:15, 12:20].all()
     _assert_same(rim, 0.0)  # unknown spacing: 1000 voxels make a lung
+
+
+@pytest.mark.parametrize("count", [3, 12])
+def test_matches_oracle_when_no_component_has_a_majority(count: int) -> None:
+    """Blocks of 54 voxels and one of 72 (neither first nor last in scan order): the largest holds
+    less than half of the voxels, so each component is counted (a few: one by one over the labels;
+    more than _FEW: inside find_objects' boxes)."""
+    hu = np.full((3, 8, 6 * count + 2), -1000, np.int16)
+    for i in range(count):
+        width = 4 if i == count // 2 else 3
+        hu[:, 1:7, 6 * i + 1 : 6 * i + 1 + width] = 40
+    hu[1, 3, 6 * (count // 2) + 2] = -900  # a hole in the largest: filled, too small for a lung
+    labels, n = _label(hu > BODY_HU)
+    assert n == count and _majority(labels, n) is None and (n > _FEW) == (count > _FEW)
+    expected = _assert_same(hu, 0.001)
+    assert np.count_nonzero(expected["body"]) == 72
 
 
 def test_component_sizes_match_bincount_including_interleaved_boxes() -> None:
