@@ -127,14 +127,21 @@ def pack_mask(mask: Mask) -> bytes:
     return np.packbits(mask.voxels, axis=None).tobytes()
 
 
-def mask_chunks(masks: list[Mask], chunk_bytes: int) -> Iterator[pb.AnalyzeVolumeResponse]:
-    for mask in masks:
-        data = pack_mask(mask)
+def mask_chunks(
+    masks: list[Mask], chunk_bytes: int, counts: dict[int, int] | None = None
+) -> Iterator[pb.AnalyzeVolumeResponse]:
+    """The masks' bytes as MaskChunk messages. Each mask is taken off ``masks`` as it is packed (and
+    counted into ``counts`` by segment number), so that its byte-a-voxel array can be freed before
+    the next one is read: reading a lazily zeroed mask makes all of it resident."""
+    while masks:
+        mask = masks.pop(0)
+        number, data = mask.segment_number, pack_mask(mask)
+        if counts is not None:
+            counts[number] = voxel_count(mask)
+        del mask
         for off in range(0, len(data), chunk_bytes):
             yield pb.AnalyzeVolumeResponse(
-                mask_chunk=pb.MaskChunk(
-                    segment_number=mask.segment_number, offset=off, data=data[off : off + chunk_bytes]
-                )
+                mask_chunk=pb.MaskChunk(segment_number=number, offset=off, data=data[off : off + chunk_bytes])
             )
 
 
@@ -157,7 +164,12 @@ def _utf8(text: str) -> str:
     return _SURROGATES.sub("\ufffd", text)
 
 
-def task_result_to_pb(r: TaskResult) -> pb.TaskResult:
+def voxel_count(mask: Mask) -> int:
+    """Voxels in the mask (a probability map's voxels of probability >= 0.5)."""
+    return int(np.count_nonzero(mask.voxels >= 128) if mask.fractional else np.count_nonzero(mask.voxels))
+
+
+def task_result_to_pb(r: TaskResult, count_voxels: bool = True) -> pb.TaskResult:
     msg = pb.TaskResult(
         task=TASK_TO_PB[r.task],
         answer=_utf8(r.answer),
@@ -191,7 +203,7 @@ def task_result_to_pb(r: TaskResult) -> pb.TaskResult:
             type=_code(k.type),
             cielab=list(k.cielab),
             packed_bytes=k.voxels.size if k.fractional else (k.voxels.size + 7) // 8,
-            voxel_count=int(np.count_nonzero(k.voxels >= 128)) if k.fractional else int(k.voxels.sum()),
+            voxel_count=voxel_count(k) if count_voxels else 0,
             encoding=pb.MASK_ENCODING_FRACTIONAL_UINT8 if k.fractional else pb.MASK_ENCODING_BINARY_PACKBITS,
             max_fractional_value=255 if k.fractional else 0,
         )
@@ -206,7 +218,9 @@ def task_result_to_pb(r: TaskResult) -> pb.TaskResult:
     return msg
 
 
-def result_to_pb(result: AnalysisResult) -> pb.AnalysisResult:
+def result_to_pb(result: AnalysisResult, count_voxels: bool = True) -> pb.AnalysisResult:
+    """The result message; without ``count_voxels`` every mask's voxel_count is left 0, for a
+    caller that counts while sending the masks (mask_chunks) and fills them in after."""
     return pb.AnalysisResult(
-        model=identity_to_pb(result.model), tasks=[task_result_to_pb(t) for t in result.tasks]
+        model=identity_to_pb(result.model), tasks=[task_result_to_pb(t, count_voxels) for t in result.tasks]
     )

@@ -95,33 +95,41 @@ class Scheduler:
         return [p for p in batch if not p.future.done()]  # drop cancelled callers
 
     async def _drain(self, name: str, task: TaskKind, lane: _Lane) -> None:
-        loop = asyncio.get_running_loop()
         executor = self._executors.setdefault(name, ThreadPoolExecutor(1, thread_name_prefix=f"model-{name}"))
         while True:
             backend = self._backends[name]
             limit = min(self.max_batch, backend.max_batch) if backend.max_batch > 0 else self.max_batch
             batch = await self._collect(lane, limit)
-            if not batch:
-                continue
-            sinks = [p.progress for p in batch if p.progress]
+            if batch:
+                await self._run_batch(name, task, lane, executor, batch)
+            # Let go of the batch before waiting for the next: a lane holding its last items would
+            # keep their volumes (and the backend's per-volume memo) alive between requests.
+            del batch
 
-            def progress(fraction: float, message: str, sinks: list[ProgressSink] = sinks) -> None:
-                for sink in sinks:
-                    loop.call_soon_threadsafe(sink, fraction, message)
+    async def _run_batch(
+        self, name: str, task: TaskKind, lane: _Lane, executor: ThreadPoolExecutor, batch: list[_Pending]
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        backend = self._backends[name]
+        sinks = [p.progress for p in batch if p.progress]
 
-            lane.batches.append(len(batch))
-            try:
-                results = await loop.run_in_executor(
-                    executor, backend.run, [p.item for p in batch], task, progress
-                )
-            except Exception as exc:  # handed to each caller, translated at the servicer
-                for p in batch:
-                    if not p.future.done():
-                        p.future.set_exception(exc)
-                continue
-            for p, r in zip(batch, results, strict=True):
+        def progress(fraction: float, message: str, sinks: list[ProgressSink] = sinks) -> None:
+            for sink in sinks:
+                loop.call_soon_threadsafe(sink, fraction, message)
+
+        lane.batches.append(len(batch))
+        try:
+            results = await loop.run_in_executor(
+                executor, backend.run, [p.item for p in batch], task, progress
+            )
+        except Exception as exc:  # handed to each caller, translated at the servicer
+            for p in batch:
                 if not p.future.done():
-                    p.future.set_result(r)
+                    p.future.set_exception(exc)
+            return
+        for p, r in zip(batch, results, strict=True):
+            if not p.future.done():
+                p.future.set_result(r)
 
     async def close(self) -> None:
         for lane in self._lanes.values():

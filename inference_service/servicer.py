@@ -103,10 +103,22 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             numbers = [m.segment_number for r in results for m in r.masks]
             if len(numbers) != len(set(numbers)):
                 raise RuntimeError("The model returned duplicate segment numbers.")  # a backend bug: INTERNAL
+            # Let go of the volume, then of each mask once sent (masks counted as they are packed),
+            # so that sending holds one mask, not the whole analysis.
+            final = pb.AnalyzeVolumeResponse(
+                result=result_to_pb(AnalysisResult(backend.identity, results), count_voxels=False)
+            )
+            masks = [m for r in results for m in r.masks]
+            for r in results:
+                r.masks.clear()
+            del volume
             yield _progress(Stage.SENDING, 0.0, "sending results")
-            for chunk in mask_chunks([m for r in results for m in r.masks], self.section.chunk_bytes):
+            counts: dict[int, int] = {}
+            for chunk in mask_chunks(masks, self.section.chunk_bytes, counts):
                 yield chunk
-            final = pb.AnalyzeVolumeResponse(result=result_to_pb(AnalysisResult(backend.identity, results)))
+            for task_msg in final.result.tasks:
+                for info in task_msg.masks:
+                    info.voxel_count = counts[info.segment_number]
             # Logged before the last message: a client that has what it needs may close the stream
             # without asking for more, and the generator is then never resumed past this yield.
             logger.info(
