@@ -3,7 +3,7 @@
 Each script starts and stops its own peers (dcmtk storescp, Orthanc, dcmqi) and prints its table;
 this runs them in turn with the same settings and prints the machine they ran on first.
 
-    TCP_NODELAY=1 python bench/run_all.py            # about 12 minutes on 2 cores
+    TCP_NODELAY=1 python bench/run_all.py            # about 8 minutes on 2 cores
     python bench/run_all.py --smoke                  # every script's quick mode (CI checks they run)
 """
 
