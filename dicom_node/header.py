@@ -49,7 +49,7 @@ class _Short(Exception):
     """The bytes held end before the walk does."""
 
 
-def read_header(head: bytes, transfer_syntax: str) -> tuple[dict[str, str], dict[str, Any]] | None:
+def read_header(head: bytes | bytearray, transfer_syntax: str) -> tuple[dict[str, str], dict[str, Any]] | None:
     """(identifier values as ``attributes.identifiers`` reads them, unchecked; searchable DICOM
     JSON), or None if these bytes cannot give them (the caller reads the file)."""
     if transfer_syntax in UNSUPPORTED:

@@ -42,7 +42,7 @@ from pydicom.uid import UID
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, sop_class
 
 from dicom_node.attributes import check_uid
-from dicom_node.errors import InvalidInstance, to_dimse_status
+from dicom_node.errors import InvalidInstance, StorageError, to_dimse_status
 from dicom_node.part10 import file_preamble
 from dicom_node.spool import FILE_MODE
 
@@ -74,8 +74,9 @@ C_STORE_RQ, C_ECHO_RQ = 0x0001, 0x0030
 NO_DATA_SET = 0x0101
 #: Bytes asked of the socket at a time.
 RECV_BYTES = 256 * 1024
-#: Bytes of the data set's start kept in memory for the header parse (the rest goes to disk only).
-HEAD_BYTES = 256 * 1024
+#: Bytes of the data set's start kept in memory for the header parse (the rest goes to disk only);
+#: a longer header (large private sequences) is read from the file instead.
+HEAD_BYTES = 64 * 1024
 #: A-ABORT reasons (source 2, the service provider): unexpected PDU, invalid PDU parameter.
 _UNEXPECTED_PDU, _INVALID_PARAMETER = 0x02, 0x06
 
@@ -284,7 +285,7 @@ def p_data(context_id: int, command: bytes) -> bytes:
 
 
 #: (staged file, sop class, sop instance, transfer syntax, calling AE, head bytes) -> status
-StoreFunction = Callable[[Path, str, str, str, str, bytes], "Dataset | int"]
+StoreFunction = Callable[[Path, str, str, str, str, bytearray], "Dataset | int"]
 
 
 class _Reader:
@@ -477,7 +478,7 @@ class LeanStoreAssociation:
             transfer_syntax = self.accepted[incoming.context_id][1]
             status = self.store(
                 incoming.staged, incoming.sop_class_uid, incoming.sop_instance_uid,
-                transfer_syntax, self.peer_ae, bytes(incoming.head),
+                transfer_syntax, self.peer_ae, incoming.head,
             )
             incoming.staged = None  # store_staged placed it or removed it
         self._incoming = None
@@ -516,6 +517,4 @@ def _write_all(fd: int, data: Any) -> None:
 
 
 def _write_failure(exc: OSError) -> Dataset:
-    from dicom_node.errors import StorageError
-
     return to_dimse_status(StorageError(f"Out of resources: cannot write spool ({exc.strerror})"))

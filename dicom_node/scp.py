@@ -219,7 +219,7 @@ def store_staged(
     index: Index,
     committer: GroupCommitter,
     owned: bool = True,
-    head: bytes | None = None,
+    head: bytes | bytearray | None = None,
 ) -> Dataset | int:
     """Spool one received instance durably, index it, then give the status to answer with.
 
@@ -572,7 +572,8 @@ class LeanAcceptor:
         ).run()
 
     def store(
-        self, staged: Path, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, peer_ae: str, head: bytes
+        self, staged: Path, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, peer_ae: str,
+        head: bytearray,
     ) -> Dataset | int:
         return store_staged(
             staged,

@@ -316,3 +316,33 @@ def test_stopping_the_server_ends_a_lean_association(tmp_path: Path) -> None:
     assert closed_by_peer(sock, within_s=5)
     sock.close()
     index.close()
+
+
+def test_a_header_longer_than_the_bytes_held_is_read_from_the_file(
+    start_node_scp: StartScp, small_ct_files: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 100 KB private element before the pixel module: the lean header walk runs out of held
+    bytes, and the instance is read with pydicom from the staged file, with the same result."""
+    import dicom_node.scp as scp
+    from dicom_node.lean_scp import HEAD_BYTES
+
+    answers: list[object] = []
+    walk = scp.read_header
+    monkeypatch.setattr(scp, "read_header", lambda *a: answers.append(walk(*a)) or answers[-1])
+
+    ds = pydicom.dcmread(small_ct_files[3])
+    block = ds.private_block(0x0009, "RADBRIDGE TEST", create=True)
+    block.add_new(0x01, "OB", bytes(HEAD_BYTES + 40_000))
+    big = tmp_path / "big.dcm"
+    ds.save_as(big)
+    port, _, index = start_node_scp()
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", port, ae_title="RADBRIDGE")
+    assert assoc.send_c_store(big).Status == 0x0000
+    assoc.release()
+    (row,) = index.study_instances(ds.StudyInstanceUID)
+    assert pydicom.dcmread(row.path) == pydicom.dcmread(big)
+    (stored,) = index.search_instances(ds.StudyInstanceUID)
+    assert stored.attributes["00280010"] == {"vr": "US", "Value": [512]}  # Rows, past the private block
+    assert answers == [None]  # the walk declined; pydicom read the file
