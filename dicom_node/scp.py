@@ -20,6 +20,11 @@ Called AE titles other than scp.ae_title are rejected (scp.require_called_aet).
 
 The SCP also takes the Storage Commitment reports (N-EVENT-REPORT) a PACS sends for the node's
 exports on a new association (dicom_node.commitment), granting the SCP role the PACS proposes.
+
+Two acceptors share the port: once the guard holds a whole A-ASSOCIATE-RQ, a storage-only
+association (C-STORE, C-ECHO) that the node would accept is served by dicom_node.lean_scp in the
+connection's thread (LeanAcceptor, ``scp.lean_store``); every other goes to pynetdicom, unread.
+Both end in ``store_staged``.
 """
 
 from __future__ import annotations
