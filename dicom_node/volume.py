@@ -566,10 +566,12 @@ def _choose_stack(planes: list[_Plane]) -> tuple[list[_Plane], str, int]:
 
 @dataclass(frozen=True)
 class _NativeSlice:
-    """Where a classic instance's uncompressed little-endian 16-bit grey pixels lie in its file."""
+    """Where a classic instance's uncompressed little-endian 16-bit grey pixels are: still in its
+    file (Pixel Data larger than DEFER_BYTES), or the bytes pydicom read with the header."""
 
     path: str
     offset: int
+    data: bytes | None  # None: read ``path`` from ``offset``
     signed: bool
     bits_stored: int
 
@@ -577,8 +579,8 @@ class _NativeSlice:
 def _native_slice(p: _Plane) -> _NativeSlice | None:
     """The plane's pixel bytes as they lie in the file, when reading them there gives exactly
     what pydicom would decode (native little endian, 16 bits allocated, one sample, MONOCHROME2,
-    Pixel Data still on disk and of exactly one frame's length); else None (pydicom decodes it,
-    and refuses what it cannot)."""
+    Pixel Data of exactly one frame's length); else None (pydicom decodes it, and refuses what it
+    cannot)."""
     ds = p.ds
     if p.frame is not None or sys.byteorder != "little":
         return None
@@ -586,9 +588,9 @@ def _native_slice(p: _Plane) -> _NativeSlice | None:
         raw = ds.get_item(PIXEL_DATA_TAG, keep_deferred=True)
         path = getattr(ds, "filename", None)
         if (
-            not isinstance(raw, RawDataElement)
-            or raw.value is not None  # deferred: the value is still on disk at value_tell
-            or not isinstance(path, str)
+            not isinstance(raw, RawDataElement)  # a converted element: pydicom holds its value
+            or (raw.value is None and not isinstance(path, str))  # deferred, but from no file
+            or (raw.value is not None and not isinstance(raw.value, bytes))
             or _transfer_syntax(ds) not in NATIVE_LITTLE_ENDIAN
             or ds.get("BitsAllocated") != 16
             or ds.get("SamplesPerPixel") != 1
@@ -600,9 +602,13 @@ def _native_slice(p: _Plane) -> _NativeSlice | None:
         bits_stored = ds.get("BitsStored")
         if not isinstance(bits_stored, int) or not 1 <= bits_stored <= 16:
             return None
-        if raw.length != p.shape[0] * p.shape[1] * 2:
+        if raw.length != p.shape[0] * p.shape[1] * 2 or (
+            raw.value is not None and len(raw.value) != raw.length
+        ):
             return None
-        return _NativeSlice(path, int(raw.value_tell), ds.PixelRepresentation == 1, bits_stored)
+        return _NativeSlice(
+            str(path), int(raw.value_tell), raw.value, ds.PixelRepresentation == 1, bits_stored
+        )
     except Exception:  # anything odd in the header: pydicom decides, with its own error
         return None
 
@@ -638,7 +644,9 @@ class _NativeReader:
             buf = self._scratch.get(src.signed)
             if buf is None:
                 buf = self._scratch[src.signed] = np.empty(self._shape, dtype="<i2" if src.signed else "<u2")
-        if not _read_into(src.path, src.offset, buf):
+        if src.data is not None:
+            buf[...] = np.frombuffer(src.data, dtype=buf.dtype).reshape(buf.shape)
+        elif not _read_into(src.path, src.offset, buf):
             return False
         shift = 16 - src.bits_stored
         if shift:
