@@ -18,6 +18,10 @@ so results are written back on the received images only. Refused, with the reaso
 orientations within one stack of an enhanced image, stacks tilted against each other by less
 than NON_PARALLEL_DEG, images at one position with different pixels, gaps too irregular to grid.
 
+Pixels go straight into the preallocated volume, one slice at a time: a classic instance's native
+little-endian 16-bit grey pixels are read from its file at the Pixel Data offset and rescaled in
+place (``_NativeReader``, bit-identical to pydicom's decoding, which every other encoding uses).
+
 highdicom's ``Image.get_volume`` was not used: it takes one regular stack and cannot say how
 an irregular one was regularized nor keep the frame of each slice for the SEG's references.
 """
