@@ -18,6 +18,10 @@ so results are written back on the received images only. Refused, with the reaso
 orientations within one stack of an enhanced image, stacks tilted against each other by less
 than NON_PARALLEL_DEG, images at one position with different pixels, gaps too irregular to grid.
 
+Pixels go straight into the preallocated volume, one slice at a time: a classic instance's native
+little-endian 16-bit grey pixels are read from its file at the Pixel Data offset and rescaled in
+place (``_NativeReader``, bit-identical to pydicom's decoding, which every other encoding uses).
+
 highdicom's ``Image.get_volume`` was not used: it takes one regular stack and cannot say how
 an irregular one was regularized nor keep the frame of each slice for the SEG's references.
 """
@@ -25,15 +29,18 @@ an irregular one was regularized nor keep the frame of each slice for the SEG's 
 from __future__ import annotations
 
 import math
+import sys
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.pixels import iter_pixels
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from dicom_node._pixels import undecodable_reason
 from dicom_node.errors import VolumeError, VolumeTooLarge
@@ -47,6 +54,9 @@ FLOAT32 = np.dtype(np.float32)
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 DEFER_BYTES = 16 * 1024  # values larger than this (pixel data) are read when first used
 DEFAULT_ORIENTATION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+PIXEL_DATA_TAG = 0x7FE00010
+#: Native pixel data whose bytes are this machine's int16/uint16 as they lie in the file.
+NATIVE_LITTLE_ENDIAN = frozenset({str(ImplicitVRLittleEndian), str(ExplicitVRLittleEndian)})
 
 
 @dataclass(frozen=True)
@@ -146,13 +156,17 @@ def _check_decodable(ds: Dataset) -> None:
         raise VolumeError("Only single-sample (grey) images are supported for volumes.")
 
 
+def _check_rescale_range(slope: float, intercept: float, itemsize: int) -> None:
+    if abs(slope) * 2.0 ** (8 * itemsize) + abs(intercept) > FLOAT32_MAX:
+        raise VolumeError("RescaleSlope and RescaleIntercept map pixels beyond float32's range.")
+
+
 def _to_modality(
     arr: np.ndarray, ds: Dataset, slope: float | None, intercept: float | None, dtype: np.dtype
 ) -> tuple[np.ndarray, bool]:
     """One decoded frame in modality units (rescaled) or raw, in ``dtype``; and whether rescaled."""
     if slope is not None and intercept is not None:
-        if abs(slope) * 2.0 ** (8 * arr.dtype.itemsize) + abs(intercept) > FLOAT32_MAX:
-            raise VolumeError("RescaleSlope and RescaleIntercept map pixels beyond float32's range.")
+        _check_rescale_range(slope, intercept, arr.dtype.itemsize)
         if dtype.kind == "i":  # integral slope and intercept (see _volume_dtype): exact in int32
             return (arr.astype(np.int32) * int(slope) + int(intercept)).astype(dtype), True
         return (arr.astype(np.float32) * slope + intercept).astype(dtype), True
@@ -194,10 +208,11 @@ class _Plane:
     group: tuple[object, ...]  # what besides orientation and size splits stacks (see stack_key)
     group_label: str  # that group in words, for the note
     localizer: bool
+    shape: tuple[int, int]  # Rows, Columns (read once: every pydicom look-up costs)
 
     def stack_key(self) -> tuple[object, ...]:
         """What must be equal within one stack (the orientation is compared with a tolerance)."""
-        return (*self.group, int(self.ds.Rows), int(self.ds.Columns))
+        return (*self.group, *self.shape)
 
 
 def _item(seq_owner: Dataset | None, keyword: str) -> Dataset | None:
@@ -213,7 +228,7 @@ def _functional(per_frame: Dataset | None, shared: Dataset | None, keyword: str)
     return _item(per_frame, keyword) or _item(shared, keyword)
 
 
-def _classic_planes(ds: Dataset) -> list[_Plane]:
+def _classic_planes(ds: Dataset, shape: tuple[int, int]) -> list[_Plane]:
     ps = _pixel_spacing(ds)
     group = (None, str(ds.get("TemporalPositionIdentifier", "")), str(ds.get("EchoNumbers", "")))
     label = ", ".join(
@@ -232,6 +247,7 @@ def _classic_planes(ds: Dataset) -> list[_Plane]:
             group=group,
             group_label=label,
             localizer=_is_localizer(ds),
+            shape=shape,
         )
     ]
 
@@ -242,7 +258,7 @@ def _frame_values(owner: Dataset | None, keyword: str) -> str:
     return str(owner.get(keyword))
 
 
-def _enhanced_planes(ds: Dataset, n_frames: int) -> list[_Plane]:
+def _enhanced_planes(ds: Dataset, n_frames: int, shape: tuple[int, int]) -> list[_Plane]:
     """One plane per frame from the functional groups (Enhanced CT/MR/PET, Legacy Converted)."""
     shared = _item(ds, "SharedFunctionalGroupsSequence")
     per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
@@ -298,6 +314,7 @@ def _enhanced_planes(ds: Dataset, n_frames: int) -> list[_Plane]:
                 group=(str(ds.SOPInstanceUID), stack_id, temporal, echo_time, b_value),
                 group_label=label,
                 localizer=localizer_image or "LOCALIZER" in frame_kind,
+                shape=shape,
             )
         )
     return planes
@@ -306,15 +323,18 @@ def _enhanced_planes(ds: Dataset, n_frames: int) -> list[_Plane]:
 def _volume_dtype(planes: Sequence[_Plane]) -> np.dtype:
     """int16 when every slice's modality values are integers that fit (CT in HU: slope 1, integral
     intercept, 12-16 stored bits): half the memory of float32 and sent as is; else float32."""
+    ranges: dict[int, tuple[int, int]] = {}  # per instance (the frames of one share it)
     for p in planes:
         ds = p.ds
-        if ds.get("PhotometricInterpretation") == "MONOCHROME1" or int(ds.get("SamplesPerPixel", 1)) != 1:
-            return np.dtype(np.float32)
+        if id(ds) not in ranges:
+            if ds.get("PhotometricInterpretation") == "MONOCHROME1" or int(ds.get("SamplesPerPixel", 1)) != 1:
+                return np.dtype(np.float32)
+            bits = int(ds.get("BitsStored") or ds.get("BitsAllocated") or 16)
+            signed = int(ds.get("PixelRepresentation") or 0) == 1
+            ranges[id(ds)] = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+        lo, hi = ranges[id(ds)]
         slope = 1.0 if p.slope is None else p.slope
         intercept = 0.0 if p.intercept is None else p.intercept
-        bits = int(ds.get("BitsStored") or ds.get("BitsAllocated") or 16)
-        signed = int(ds.get("PixelRepresentation") or 0) == 1
-        lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
         values = (lo * slope + intercept, hi * slope + intercept)
         if slope != int(slope) or intercept != int(intercept) or min(values) < -32768 or max(values) > 32767:
             return np.dtype(np.float32)
@@ -348,7 +368,8 @@ def read_series(paths: Sequence[Path], max_voxel_bytes: int = 0) -> SeriesVolume
     frames = [_number(ds, "NumberOfFrames", 1.0) for ds in datasets]
     if not all(f is not None and f >= 1 and f == int(f) for f in frames):
         raise VolumeError("NumberOfFrames is not a positive integer.")
-    if not all(int(ds.get("Rows") or 0) > 0 and int(ds.get("Columns") or 0) > 0 for ds in datasets):
+    shapes = [(int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)) for ds in datasets]
+    if not all(rows > 0 and columns > 0 for rows, columns in shapes):
         raise VolumeError("An instance has no Rows or Columns (or zero): its pixels have no shape.")
     modality = str(datasets[0].get("Modality", ""))
     if not modality:
@@ -366,11 +387,11 @@ def read_series(paths: Sequence[Path], max_voxel_bytes: int = 0) -> SeriesVolume
             f"Multi-frame {modality} instances (cine, tomosynthesis) are not analysed as volumes."
         )
     planes: list[_Plane] = []
-    for ds, f in zip(datasets, frames, strict=True):
+    for ds, f, shape in zip(datasets, frames, shapes, strict=True):
         if enhanced(ds, f):
-            planes.extend(_enhanced_planes(ds, int(f or 1)))
+            planes.extend(_enhanced_planes(ds, int(f or 1), shape))
         else:
-            planes.extend(_classic_planes(ds))
+            planes.extend(_classic_planes(ds, shape))
     return _stack(planes, modality, max_voxel_bytes)
 
 
@@ -547,23 +568,155 @@ def _choose_stack(planes: list[_Plane]) -> tuple[list[_Plane], str, int]:
     return stack, note, len(stacks)
 
 
-def _decode_planes(planes: Sequence[_Plane], dtype: np.dtype) -> Iterator[tuple[_Plane, np.ndarray]]:
-    """Each plane's pixels in modality units, classic instances one by one, a multi-frame
-    instance's frames in one pass over its pixel data."""
+@dataclass(frozen=True)
+class _NativeSlice:
+    """Where a classic instance's uncompressed little-endian 16-bit grey pixels are: still in its
+    file (Pixel Data larger than DEFER_BYTES), or the bytes pydicom read with the header."""
+
+    path: str
+    offset: int
+    data: bytes | None  # None: read ``path`` from ``offset``
+    signed: bool
+    bits_stored: int
+
+
+def _native_slice(p: _Plane) -> _NativeSlice | None:
+    """The plane's pixel bytes as they lie in the file, when reading them there gives exactly
+    what pydicom would decode (native little endian, 16 bits allocated, one sample, MONOCHROME2,
+    Pixel Data of exactly one frame's length); else None (pydicom decodes it, and refuses what it
+    cannot)."""
+    ds = p.ds
+    if p.frame is not None or sys.byteorder != "little":
+        return None
+    try:
+        raw = ds.get_item(PIXEL_DATA_TAG, keep_deferred=True)
+        path = getattr(ds, "filename", None)
+        if (
+            not isinstance(raw, RawDataElement)  # a converted element: pydicom holds its value
+            or (raw.value is None and not isinstance(path, str))  # deferred, but from no file
+            or (raw.value is not None and not isinstance(raw.value, bytes))
+            or _transfer_syntax(ds) not in NATIVE_LITTLE_ENDIAN
+            or ds.get("BitsAllocated") != 16
+            or ds.get("SamplesPerPixel") != 1
+            or ds.get("PhotometricInterpretation") != "MONOCHROME2"
+            or ds.get("PixelRepresentation") not in (0, 1)
+            or ds.get("NumberOfFrames", 1) not in (1, "1")
+        ):
+            return None
+        bits_stored = ds.get("BitsStored")
+        if not isinstance(bits_stored, int) or not 1 <= bits_stored <= 16:
+            return None
+        if raw.length != p.shape[0] * p.shape[1] * 2 or (
+            raw.value is not None and len(raw.value) != raw.length
+        ):
+            return None
+        return _NativeSlice(
+            str(path), int(raw.value_tell), raw.value, ds.PixelRepresentation == 1, bits_stored
+        )
+    except Exception:  # anything odd in the header: pydicom decides, with its own error
+        return None
+
+
+def _wrap16(value: int) -> np.int16:
+    """``value`` modulo 2**16 as an int16 (int16 arithmetic wraps the same way)."""
+    return np.int16((value + 0x8000) % 0x10000 - 0x8000)
+
+
+class _NativeReader:
+    """Reads native slices straight into their place in the volume, rescaled in place: no int32
+    or float temporaries for int16 volumes, one raw slice of scratch for float32 ones.
+
+    Bit-identical to pydicom's ``pixel_array`` followed by ``_to_modality``: unused high bits are
+    cleared (unsigned) or sign-extended (signed) as pydicom does; an int16 volume's values are
+    computed modulo 2**16, which is what int32 arithmetic cast to int16 gives; a float32 volume's
+    in float32, as numpy does for ``arr.astype(float32) * slope + intercept``.
+    """
+
+    def __init__(self, shape: tuple[int, int]) -> None:
+        self._scratch: dict[bool, np.ndarray] = {}
+        self._shape = shape
+
+    def read(self, src: _NativeSlice, out: np.ndarray, slope: float | None, intercept: float | None) -> bool:
+        """Fill ``out`` (one slice of the volume); False when the file holds fewer bytes than its
+        header said (pydicom then reads it, and reports it)."""
+        rescaled = slope is not None and intercept is not None
+        if rescaled:
+            _check_rescale_range(slope, intercept, 2)  # type: ignore[arg-type]
+        if out.dtype == np.int16:
+            buf = out  # the raw bits in place: uint16 and int16 wrap alike
+        else:
+            buf = self._scratch.get(src.signed)
+            if buf is None:
+                buf = self._scratch[src.signed] = np.empty(self._shape, dtype="<i2" if src.signed else "<u2")
+        if src.data is not None:
+            buf[...] = np.frombuffer(src.data, dtype=buf.dtype).reshape(buf.shape)
+        elif not _read_into(src.path, src.offset, buf):
+            return False
+        shift = 16 - src.bits_stored
+        if shift:
+            if src.signed:
+                np.left_shift(buf, shift, out=buf)
+                np.right_shift(buf, shift, out=buf)
+            else:
+                np.bitwise_and(buf, buf.dtype.type((1 << src.bits_stored) - 1), out=buf)
+        if out.dtype == np.int16:
+            if rescaled:
+                if int(slope) != 1:  # type: ignore[arg-type]
+                    np.multiply(out, _wrap16(int(slope)), out=out)  # type: ignore[arg-type]
+                if int(intercept) != 0:  # type: ignore[arg-type]
+                    np.add(out, _wrap16(int(intercept)), out=out)  # type: ignore[arg-type]
+        elif rescaled:
+            np.multiply(buf, np.float32(slope), out=out)
+            np.add(out, np.float32(intercept), out=out)
+        else:
+            np.copyto(out, buf, casting="unsafe")
+        return True
+
+
+def _read_into(path: str, offset: int, buf: np.ndarray) -> bool:
+    """Fill ``buf`` with the bytes of ``path`` from ``offset``; False if the file ends first."""
+    view = memoryview(buf).cast("B")
+    with open(path, "rb", buffering=0) as f:
+        f.seek(offset)
+        done = 0
+        while done < len(view):
+            n = f.readinto(view[done:])
+            if not n:
+                return False
+            done += n
+    return True
+
+
+def _decode_planes(
+    planes: Sequence[_Plane], dtype: np.dtype, target: Callable[[_Plane], np.ndarray]
+) -> Iterator[_Plane]:
+    """Write each plane's pixels, in modality units, into ``target(plane)`` and yield the plane:
+    classic native 16-bit instances read straight from their files (``_NativeReader``), other
+    classic instances through pydicom one by one, a multi-frame instance's frames in one pass over
+    its pixel data."""
     by_ds: dict[int, list[_Plane]] = defaultdict(list)
     order: list[int] = []
     for p in planes:
         if id(p.ds) not in by_ds:
             order.append(id(p.ds))
         by_ds[id(p.ds)].append(p)
+    native: _NativeReader | None = None
     for key in order:
         group = by_ds[key]
         ds = group[0].ds
         if group[0].frame is None:
             for p in group:
+                src = _native_slice(p)
+                if src is not None:
+                    native = native or _NativeReader(p.shape)
+                    if native.read(src, target(p), p.slope, p.intercept):
+                        del p.ds.PixelData
+                        yield p
+                        continue
                 values, _ = _modality_values(p.ds, dtype)
-                yield p, values
+                target(p)[...] = values
                 del p.ds.PixelData  # its bytes and pydicom's cached array: one slice held at a time
+                yield p
             continue
         _check_decodable(ds)
         group = sorted(group, key=lambda p: p.frame or 0)
@@ -572,7 +725,8 @@ def _decode_planes(planes: Sequence[_Plane], dtype: np.dtype) -> Iterator[tuple[
             for p, arr in zip(group, frames, strict=True):
                 if arr.shape != (int(ds.Rows), int(ds.Columns)):
                     raise VolumeError(f"Decoded frame has shape {arr.shape}, not Rows x Columns.")
-                yield p, _to_modality(arr, ds, p.slope, p.intercept, dtype)[0]
+                target(p)[...] = _to_modality(arr, ds, p.slope, p.intercept, dtype)[0]
+                yield p
             del ds.PixelData
         except VolumeError:
             raise
@@ -610,7 +764,7 @@ def _stack(planes: list[_Plane], modality: str, max_voxel_bytes: int = 0) -> Ser
     dtype = _volume_dtype(stack)
     size = grid.size if grid else 1
     exact = grid is None or grid.exact
-    shape = (size, int(first.ds.Rows), int(first.ds.Columns))
+    shape = (size, *first.shape)
     buffers = 1 if exact else 2  # irregular: the received slices are kept beside the grid
     needed = int(np.prod(shape)) * dtype.itemsize * buffers
     if max_voxel_bytes and needed > max_voxel_bytes:
@@ -628,14 +782,20 @@ def _stack(planes: list[_Plane], modality: str, max_voxel_bytes: int = 0) -> Ser
     # multi-frame instance (decoded in frame order) the stable sort kept the lower frame first.
     wanted = [p for s in slots for p in s]
     skipped_dups = 0
-    for p, values in _decode_planes(wanted, dtype):
+    spare = np.empty(shape[1:], dtype=dtype) if duplicates else None  # a duplicate's pixels, to compare
+
+    def target(p: _Plane) -> np.ndarray:
         k = slot_of.get(id(p))
-        if k is not None:
-            (voxels if received is None else received)[index[k] if received is None else k] = values
+        if k is None:
+            return spare  # type: ignore[return-value]
+        return voxels[index[k]] if received is None else received[k]
+
+    for p in _decode_planes(wanted, dtype, target):
+        if id(p) in slot_of:
             continue
         k = duplicates[id(p)]
         reference = voxels[index[k]] if received is None else received[k]
-        if not np.array_equal(reference, values):
+        if not np.array_equal(reference, spare):
             raise VolumeError(
                 f"Two or more instances share one slice position ({unique[k]:.2f} mm along the normal) "
                 "with different pixels."
