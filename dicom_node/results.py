@@ -663,7 +663,11 @@ class ResultWriter:
         return _outline_in_box(component, MAX_OUTLINE_POINTS)
 
     def _new_sr(
-        self, cls: type[SR], evidence: Sequence[Dataset], content: Dataset, identity: dict[str, object]
+        self,
+        cls: type[SR],
+        evidence: Sequence[Dataset],
+        content: Dataset | DicomSequence,
+        identity: dict[str, object],
     ) -> SR:
         """The SR that ``cls(evidence=evidence, content=content, **identity)`` builds
         (``_new_sr_highdicom``; tests/unit/dicom_node/test_results.py checks they are equal).
@@ -675,6 +679,8 @@ class ResultWriter:
         still checks the content; the Current Requested Procedure Evidence (and Pertinent Other
         Evidence) Sequence for all ``evidence`` is then written here, grouped and ordered as
         highdicom groups it, from UIDs read once per writer."""
+        if not evidence:
+            return self._new_sr_highdicom(cls, evidence, content, identity)  # highdicom's error
         keys = self._evidence_keys(evidence)
         named = _referenced_instances(content)
         few = [evidence[0], *(ds for ds, key in zip(evidence[1:], keys[1:], strict=True) if key[1] in named)]
@@ -700,7 +706,11 @@ class ResultWriter:
         return sr
 
     def _new_sr_highdicom(
-        self, cls: type[SR], evidence: Sequence[Dataset], content: Dataset, identity: dict[str, object]
+        self,
+        cls: type[SR],
+        evidence: Sequence[Dataset],
+        content: Dataset | DicomSequence,
+        identity: dict[str, object],
     ) -> SR:
         """The SR as highdicom builds it from all the evidence: what ``_new_sr`` is checked against."""
         return cls(evidence=evidence, content=content, **identity)  # type: ignore[arg-type]

@@ -223,6 +223,8 @@ def test_content_naming_an_image_outside_the_evidence_is_still_refused(small_ct_
         writer._new_sr(
             hd.sr.Comprehensive3DSR, vol.sources[:2], report, writer._sr_identity("keyslices", "x")
         )
+    with pytest.raises(ValueError, match="No evidence was provided"):
+        writer._new_sr(hd.sr.Comprehensive3DSR, [], report, writer._sr_identity("keyslices", "x"))
 
 
 @pytest.mark.parametrize("seed", range(6))
