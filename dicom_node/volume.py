@@ -448,6 +448,8 @@ def regular_grid(positions: Sequence[float], axis: str = "position") -> Grid:
     n = len(pos)
     if n < 2:
         return Grid(np.arange(n), n, 0.0, "")
+    if not math.isfinite(float(pos[-1]) - float(pos[0])):  # Python floats: inf, not a numpy overflow
+        raise VolumeError("Slice positions span more than a float can hold; they cannot be resampled.")
     gaps = np.diff(pos)
     mean_gap = float(gaps.mean())
     if np.all(np.abs(gaps - mean_gap) <= SPACING_TOLERANCE * mean_gap):
@@ -456,7 +458,14 @@ def regular_grid(positions: Sequence[float], axis: str = "position") -> Grid:
     span = float(pos[-1] - pos[0])
     tol = SPACING_TOLERANCE * base
     multiples = np.floor(gaps / base + 0.5)
-    if np.all(np.abs(gaps - multiples * base) <= SPACING_TOLERANCE * base):
+    whole = bool(np.all(np.abs(gaps - multiples * base) <= SPACING_TOLERANCE * base))
+    needed = float(multiples.sum()) + 1 if whole else span / base + 1
+    if not math.isfinite(needed) or needed > 2 * n:  # before any cast: 1e308 mm gaps are input too
+        raise VolumeError(
+            f"Slice spacing is too irregular to resample (gaps {gaps.min():.2f}..{gaps.max():.2f} mm would need "
+            f"{needed:.0f} slices on a {base:.2f} mm grid for {n} received images)."
+        )
+    if whole:
         index = np.concatenate([[0], np.cumsum(multiples)]).astype(int)
         size = int(index[-1]) + 1
         step = span / (size - 1)

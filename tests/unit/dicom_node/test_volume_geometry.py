@@ -198,6 +198,14 @@ def test_a_grid_too_fine_for_the_slices_is_refused() -> None:
         regular_grid([0.0, 0.3, 10.0, 20.0])
 
 
+@pytest.mark.parametrize("positions", [[2.5, 10.0, 1e308], [2.5, 7.5, 1e308], [-1e308, 0.0, 1e308]])
+def test_absurd_gaps_are_refused_before_any_cast(positions: list[float]) -> None:
+    """Found by tests/fuzz/test_fuzz_volume.py: a 1e308 mm gap overflowed the int cast of the grid
+    (a RuntimeWarning, an error here) instead of the refusal."""
+    with pytest.raises(VolumeError, match="too irregular to resample|cannot be resampled"):
+        regular_grid(positions)
+
+
 def test_classic_regular_series_is_unchanged(small_ct_files: list[Path]) -> None:
     vol = read_series(small_ct_files)
     assert vol.slices == () and vol.note == ""
