@@ -438,6 +438,11 @@ class Worker:
         self.ctx = ctx
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        # Lanes idle on this, not a plain sleep: a finished job or a completed study usually queued
+        # the next job (route -> analyze -> export), which another lane should take at once rather
+        # than after its poll interval. The poll stays for jobs queued elsewhere (HTTP, CLI, retries).
+        self._queued = threading.Condition()
+        self._generation = 0
 
     def start(self) -> None:
         self.ctx.index.restart_quiet_windows()
@@ -463,14 +468,27 @@ class Worker:
     def stop(self, timeout_s: float = 30.0) -> None:
         """Finish the current jobs, then stop (the job table holds the rest)."""
         self._stop.set()
+        self._nudge()
         for t in self._threads:
             t.join(timeout_s)
+
+    def _nudge(self) -> None:
+        """Something may have been queued: every idle lane looks again now."""
+        with self._queued:
+            self._generation += 1
+            self._queued.notify_all()
+
+    def _idle(self, seen: int, poll: float) -> None:
+        """Wait up to ``poll`` unless a nudge came after ``seen`` (also one before this call)."""
+        with self._queued:
+            self._queued.wait_for(lambda: self._generation != seen or self._stop.is_set(), timeout=poll)
 
     def _completion_loop(self) -> None:
         poll = self.ctx.settings.worker.poll_interval_s
         while not self._stop.is_set():
             try:
-                complete_quiet_studies(self.ctx.index, self.ctx.settings.completion.quiet_window_s)
+                if complete_quiet_studies(self.ctx.index, self.ctx.settings.completion.quiet_window_s):
+                    self._nudge()  # their route jobs are queued
             except Exception:
                 logger.error("completion loop error", exc_info=True, extra={"event": "worker.error"})
             self._stop.wait(poll)
@@ -478,12 +496,14 @@ class Worker:
     def _job_loop(self, kinds: tuple[JobKind, ...]) -> None:
         poll = self.ctx.settings.worker.poll_interval_s
         while not self._stop.is_set():
+            seen = self._generation
             try:
                 job = self.ctx.index.claim_job(kinds=kinds)
             except Exception:
                 logger.error("worker loop error", exc_info=True, extra={"event": "worker.error"})
                 job = None
             if job is None:
-                self._stop.wait(poll)
+                self._idle(seen, poll)
                 continue
             run_job(job, self.ctx)
+            self._nudge()  # a route, analyze or priors job queues others

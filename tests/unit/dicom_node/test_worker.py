@@ -266,3 +266,38 @@ def test_a_resampled_series_is_named_once_in_the_history(tmp_path: Path, small_c
     assert geometry == [
         "1 missing slice between z=-27.50 and z=-22.50 mm; resampled to 2.50 mm (missing positions linearly interpolated)"
     ]
+
+
+def test_a_job_queued_by_another_lane_is_taken_at_once_not_after_the_poll(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """route -> analyze -> export: each job queues the next for another lane, which must not sleep
+    out its poll interval first (30 s here; the test allows 5)."""
+    import dicom_node.worker as worker_module
+    from dicom_node.config import WorkerSection
+    from dicom_node.worker import Worker
+
+    settings = NodeSettings(spool=SpoolSection(tmp_path / "spool"), worker=WorkerSection(threads=1, poll_interval_s=30))
+    ctx = _ctx(tmp_path, settings)
+    ran: dict[JobKind, float] = {}
+
+    def fake_run_job(job, ctx):  # noqa: ANN001, ANN202
+        if job.kind is JobKind.ROUTE:  # as an analysis does: an export for the other lane, by then idle
+            time.sleep(0.3)
+            ctx.index.add_job(JobKind.EXPORT, "e", "1.2.3", {"path": "x", "target": "t"})
+        ran[job.kind] = time.monotonic()
+        ctx.index.finish_job(job.id, JobState.SUCCEEDED)
+        return JobState.SUCCEEDED
+
+    monkeypatch.setattr(worker_module, "run_job", fake_run_job)
+    ctx.index.add_job(JobKind.ROUTE, "r", "1.2.3", {})  # taken on the analysis lane's first look
+    worker = Worker(ctx)
+    worker.start()
+    try:
+        deadline = time.monotonic() + 40
+        while JobKind.EXPORT not in ran and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        worker.stop(timeout_s=5)
+    assert JobKind.ROUTE in ran, "the route job was not taken (only the poll would find it: no nudge)"
+    assert JobKind.EXPORT in ran and ran[JobKind.EXPORT] - ran[JobKind.ROUTE] < 5
