@@ -497,6 +497,13 @@ class Index:
         )
         return [r[0] for r in rows.fetchall()]
 
+    def next_quiet_time(self, quiet_window_s: float) -> float | None:
+        """When the earliest receiving study's quiet window ends (epoch s), or None if none is."""
+        row = self._conn().execute(
+            "SELECT MIN(last_received_time) FROM studies WHERE state=?", (StudyState.RECEIVING,)
+        ).fetchone()
+        return None if row[0] is None else float(row[0]) + quiet_window_s
+
     def restart_quiet_windows(self, now: float | None = None) -> int:
         """At start: the time the node was down is not quiet time (a sender cut off by the stop had
         no chance to resume), so every RECEIVING study's quiet window starts again now."""

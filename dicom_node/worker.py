@@ -485,13 +485,18 @@ class Worker:
 
     def _completion_loop(self) -> None:
         poll = self.ctx.settings.worker.poll_interval_s
+        quiet = self.ctx.settings.completion.quiet_window_s
         while not self._stop.is_set():
+            wait = poll
             try:
-                if complete_quiet_studies(self.ctx.index, self.ctx.settings.completion.quiet_window_s):
+                if complete_quiet_studies(self.ctx.index, quiet):
                     self._nudge()  # their route jobs are queued
+                due = self.ctx.index.next_quiet_time(quiet)
+                if due is not None:  # wake when the next study falls quiet, not up to a poll later
+                    wait = min(poll, max(0.005, due - time.time()))
             except Exception:
                 logger.error("completion loop error", exc_info=True, extra={"event": "worker.error"})
-            self._stop.wait(poll)
+            self._stop.wait(wait)
 
     def _job_loop(self, kinds: tuple[JobKind, ...]) -> None:
         poll = self.ctx.settings.worker.poll_interval_s

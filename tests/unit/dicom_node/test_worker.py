@@ -301,3 +301,40 @@ def test_a_job_queued_by_another_lane_is_taken_at_once_not_after_the_poll(
         worker.stop(timeout_s=5)
     assert JobKind.ROUTE in ran, "the route job was not taken (only the poll would find it: no nudge)"
     assert JobKind.EXPORT in ran and ran[JobKind.EXPORT] - ran[JobKind.ROUTE] < 5
+
+
+def test_a_study_completes_when_its_quiet_window_ends_not_a_poll_later(
+    tmp_path: Path, small_ct_files: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pydicom
+
+    import dicom_node.worker as worker_module
+    from dicom_node.config import CompletionSection, WorkerSection
+    from dicom_node.spool import InstanceRef
+    from dicom_node.worker import Worker
+
+    settings = NodeSettings(
+        spool=SpoolSection(tmp_path / "spool"),
+        completion=CompletionSection(quiet_window_s=0.5),
+        worker=WorkerSection(threads=1, poll_interval_s=30),
+    )
+    ctx = _ctx(tmp_path, settings)
+    monkeypatch.setattr(worker_module, "run_job", lambda job, ctx: JobState.SUCCEEDED)  # no analysis here
+    ds = pydicom.dcmread(small_ct_files[0], stop_before_pixels=True)
+    ref = InstanceRef(
+        ds.SOPInstanceUID, ds.SOPClassUID, ds.StudyInstanceUID, ds.SeriesInstanceUID,
+        "1.2.840.10008.1.2.1", small_ct_files[0], 1,
+    )
+    ctx.index.add_instance(ref, "CT", "SCU")
+    received = time.time()
+    worker = Worker(ctx)
+    worker.start()
+    try:
+        deadline = time.time() + 40
+        while ctx.index.study(ds.StudyInstanceUID)["state"] == "RECEIVING" and time.time() < deadline:
+            time.sleep(0.02)
+        completed = time.time()
+    finally:
+        worker.stop(timeout_s=5)
+    assert ctx.index.study(ds.StudyInstanceUID)["state"] != "RECEIVING"
+    assert 0.45 < completed - received < 5  # the quiet window, not the 30 s poll
