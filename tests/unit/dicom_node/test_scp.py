@@ -185,14 +185,17 @@ class TestGuardedAssociationServer:
         _assoc(port).release()  # another peer is not limited by this one
         # Associated connections count too: one waiting + one associated = 2.
         waiting.pop().close()
-        deadline = time.monotonic() + 2
+        deadline, early = time.monotonic() + 2, 0
         while not (assoc := _try_assoc(port, ATTACKER)).is_established:
+            # The server may see the next connection before it has noticed the close: refused, retried.
+            early += 1
             assert time.monotonic() < deadline, "the closed connection's slot was not given back"
         refused = _try_assoc(port, ATTACKER)
         assert not refused.is_established and not refused.is_rejected  # closed at accept, no A-ASSOCIATE-RJ
         assoc.release()
         limited = [r for r in _refusals(caplog) if r["reason"] == "peer_limit"]
-        assert [(r["peer_address"], r["limit"]) for r in limited] == [(ATTACKER, 2)] * 2  # extra, refused
+        # extra, each attempt made before the slot came back, and refused
+        assert [(r["peer_address"], r["limit"]) for r in limited] == [(ATTACKER, 2)] * (2 + early)
 
     def test_silent_and_truncated_connections_time_out_without_a_global_slot(
         self, start_node_scp: StartScp, held: Held, caplog: pytest.LogCaptureFixture
