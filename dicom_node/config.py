@@ -393,9 +393,10 @@ class WorkerSection:
     max_attempts: int = 5
     backoff_s: float = 5.0
     uid_root: str = "1.2.826.0.1.3680043.8.498."
-    # Memory one analysis may use (the volume and everything made from it, node + embedded
-    # service); 0 = half of this machine's memory, shared by the analysis threads. A larger series
-    # is refused with its reason instead of risking an out-of-memory kill.
+    # Memory the analyses may hold at once (each volume and everything made from it, node +
+    # embedded service), one pool shared by the analysis threads: an analysis waits while others
+    # hold it, and a series whose volume would need more than all of it is refused with its
+    # reason instead of risking an out-of-memory kill. 0 = 60% of this machine's memory.
     memory_budget_bytes: int = 0
 
     def __post_init__(self) -> None:
@@ -403,14 +404,14 @@ class WorkerSection:
             raise ValueError("worker.memory_budget_bytes must not be negative (0 = automatic).")
 
     def analysis_budget_bytes(self) -> int:
-        """The memory budget of one analysis thread."""
+        """The memory all analyses together may hold (0 = unknown: no limit)."""
         if self.memory_budget_bytes:
             return self.memory_budget_bytes
         try:
             physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         except (ValueError, OSError, AttributeError):
             return 0
-        return physical // 2 // max(1, self.threads)
+        return physical * 6 // 10
 
 
 @dataclass(frozen=True)

@@ -344,11 +344,15 @@ def _volume_dtype(planes: Sequence[_Plane]) -> np.dtype:
 # -- reading ------------------------------------------------------------------------------------
 
 
-def read_series(paths: Sequence[Path], max_voxel_bytes: int = 0) -> SeriesVolume:
+def read_series(
+    paths: Sequence[Path], max_voxel_bytes: int = 0, admit: Callable[[int], None] | None = None
+) -> SeriesVolume:
     """Read and assemble one series; raises VolumeError with the reason if it cannot.
 
     ``max_voxel_bytes`` (0 = no limit): a volume that would need more is refused from its headers,
     before any pixel is decoded (VolumeTooLarge), rather than risking the process's memory.
+    ``admit(voxel_bytes)``, if given, is called once the size is known and before anything is
+    allocated (dicom_node.memory: it reserves the analysis's memory, waiting for it if need be).
     """
     if not paths:
         raise VolumeError("The series has no instances.")
@@ -392,7 +396,7 @@ def read_series(paths: Sequence[Path], max_voxel_bytes: int = 0) -> SeriesVolume
             planes.extend(_enhanced_planes(ds, int(f or 1), shape))
         else:
             planes.extend(_classic_planes(ds, shape))
-    return _stack(planes, modality, max_voxel_bytes)
+    return _stack(planes, modality, max_voxel_bytes, admit)
 
 
 def _single_image(datasets: list[Dataset], modality: str) -> SeriesVolume:
@@ -745,7 +749,9 @@ def _decode_planes(
             ) from exc
 
 
-def _stack(planes: list[_Plane], modality: str, max_voxel_bytes: int = 0) -> SeriesVolume:
+def _stack(
+    planes: list[_Plane], modality: str, max_voxel_bytes: int = 0, admit: Callable[[int], None] | None = None
+) -> SeriesVolume:
     stack, stack_note, _ = _choose_stack(planes)
     normal = _normal(stack[0].iop)  # type: ignore[arg-type]
     positions = []
@@ -782,6 +788,8 @@ def _stack(planes: list[_Plane], modality: str, max_voxel_bytes: int = 0) -> Ser
             f"{dtype.name}), over the {max_voxel_bytes / 1e6:.0f} MB its analysis may use under "
             "worker.memory_budget_bytes."
         )
+    if admit is not None:
+        admit(needed)  # may wait until other analyses give their memory back
     index = grid.index if grid is not None else np.zeros(1, dtype=int)
     received = np.empty((len(unique), *shape[1:]), dtype=dtype) if not exact else None
     voxels = np.empty(shape, dtype=dtype)

@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
 from typing import Protocol
@@ -35,6 +35,7 @@ from dicom_node.errors import (
 )
 from dicom_node.export import export
 from dicom_node.index import Delivery, Index, Job, JobKind, JobState, StudyState
+from dicom_node.memory import Admit, MemoryBudget
 from dicom_node.metrics import ANALYSIS_SECONDS, EXPORTS, JOB_OUTCOMES, JOBS_RESUMED
 from dicom_node.priors import run_priors
 from dicom_node.results import SERIES_NUMBERS, ResultWriter
@@ -45,9 +46,6 @@ from dicom_node.volume import read_series
 from protos.radbridge.v1 import inference_pb2 as pb
 
 logger = logging.getLogger(__name__)
-#: Peak memory of one analysis as a multiple of its volume's bytes (node + embedded reference
-#: engine, measured with bench/bench_analysis.py); the budget check divides by it.
-ANALYSIS_MEMORY_FACTOR = 6
 #: Longest wait between two tries while a dependency (the inference service) is down.
 OUTAGE_MAX_BACKOFF_S = 60.0
 ProgressHook = Callable[[Job, float, str], None]
@@ -74,6 +72,12 @@ class StepContext:
     progress: ProgressHook | None = None
     #: The rules checked against the models' tasks; None = send every task of the rule as it is.
     planner: RulePlanner | None = None
+    #: The analyses' shared memory pool; None = one made from settings.worker.
+    memory: MemoryBudget = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.memory is None:
+            self.memory = MemoryBudget(self.settings.worker.analysis_budget_bytes())
 
 
 def run_route(job: Job, ctx: StepContext) -> None:
@@ -135,6 +139,21 @@ def _rule(settings: NodeSettings, name: str) -> RoutingRule:
 
 
 def run_analyze(job: Job, ctx: StepContext) -> None:
+    """Analyse one series while holding its share of the node's memory pool (dicom_node.memory)."""
+
+    def waiting(needed: int, held: int) -> None:
+        ctx.index.add_event(
+            job.study_instance_uid,
+            "waiting for memory",
+            f"this analysis needs {needed / 1e9:.1f} GB; other analyses hold {held / 1e9:.1f} GB "
+            f"of the {ctx.memory.total_bytes / 1e9:.1f} GB worker.memory_budget_bytes",
+        )
+
+    with ctx.memory.admission(waiting) as admit:
+        _analyze(job, ctx, admit)
+
+
+def _analyze(job: Job, ctx: StepContext, admit: Admit) -> None:
     series_uid = job.payload["series_instance_uid"]
     rule = _rule(ctx.settings, job.payload["rule"])
     paths = [
@@ -159,8 +178,7 @@ def run_analyze(job: Job, ctx: StepContext) -> None:
         steps[name] = round(1000 * (now - mark), 1)
         mark = now
 
-    budget = ctx.settings.worker.analysis_budget_bytes()
-    volume = read_series(paths, max_voxel_bytes=budget // ANALYSIS_MEMORY_FACTOR if budget else 0)
+    volume = read_series(paths, max_voxel_bytes=ctx.memory.max_voxel_bytes(), admit=admit)
     sources, slices, geometry_note = volume.sources, volume.slices, volume.note
     if geometry_note and not any(  # the operator sees what was analysed (once, not per retry)
         e["event"] == "geometry" and e["detail"] == geometry_note
@@ -469,6 +487,7 @@ class Worker:
         """Finish the current jobs, then stop (the job table holds the rest)."""
         self._stop.set()
         self._nudge()
+        self.ctx.memory.close()  # an analysis waiting for memory gives up now (retried later)
         for t in self._threads:
             t.join(timeout_s)
 

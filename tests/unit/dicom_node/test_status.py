@@ -202,7 +202,7 @@ def test_a_series_over_the_memory_budget_is_refused_with_its_reason(
     settings = NodeSettings(
         spool=SpoolSection(tmp_path / "spool"),
         routing=RoutingSection(rules=[RoutingRule(name="ct", match=RuleMatch(modality=["CT"]))]),
-        worker=WorkerSection(memory_budget_bytes=6 * 1024 * 1024),  # 1 MiB of voxels at most
+        worker=WorkerSection(memory_budget_bytes=3 * 1024 * 1024),  # 1 MiB of voxels at most (x3)
     )
     spool = Spool(settings.spool.directory)
     ctx = StepContext(
