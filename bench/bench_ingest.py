@@ -13,10 +13,19 @@ What each receiver does before it answers a C-STORE:
   across concurrent associations -- all before the status. Twice: as configured
   (storage-only associations on the lean acceptor, dicom_node.lean_scp) and with
   ``scp.lean_store = false`` (every association through pynetdicom), so the two
-  paths are compared in the same run.
+  paths are compared in the same run. And a third time with ``scp.receivers = 2``: a second
+  process accepts on the same port (SO_REUSEPORT, dicom_node.receivers); its ack latency and
+  RSS are not printed (this process sees only its own share).
 - Orthanc (tests.peers.OrthancServer, its defaults): one fdatasync per file
   (SyncStorageArea), its SQLite index not synced at commit.
 - dcmtk storescp: writes the file, no fsync.
+
+Also measured, on the same file system: the durable-store floor, i.e. what the three syncs alone
+cost per instance (a file of the instance's size written and fsynced, its directory fsynced, a
+one-row SQLite WAL commit at synchronous=FULL), and from it the 1-association ceiling of a
+receiver that made those syncs at no CPU cost: 1 / (storescp's time per instance + the floor).
+storescu waits for each response before it sends the next instance, so no receiver that syncs
+before answering can beat that ceiling with one association.
 
 Prints instances/s (median, min, max of the repeats), RadBridge's ratio to
 Orthanc and to storescp, RadBridge's ack latency (data set received -> status
@@ -32,6 +41,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -52,6 +62,7 @@ from tests.peers import ORTHANC_BIN, OrthancServer, dcmtk_env, free_port  # noqa
 ASSOCIATIONS = (1, 4)
 RADBRIDGE, ORTHANC, STORESCP = "radbridge SCP (durable)", "Orthanc", "dcmtk storescp"
 RADBRIDGE_PYNETDICOM = "radbridge, pynetdicom path"
+RADBRIDGE_RECEIVERS = "radbridge, 2 processes"
 
 #: Handler durations (s) of the current RadBridge run; filled only by the bench's wrapper below.
 ack_latencies: list[float] = []
@@ -104,11 +115,11 @@ def _peak_rss_mb() -> float:
 
 
 def bench_radbridge(
-    files: list[Path], work: Path, associations: int, *, lean: bool = True
+    files: list[Path], work: Path, associations: int, *, lean: bool = True, receivers: int = 1
 ) -> tuple[float, float]:
     spool = Spool(work / "spool")
     index = Index(spool.index_path)
-    server = scp.start_scp(ScpSection(port=0, lean_store=lean), spool, index)
+    server = scp.start_scp(ScpSection(port=0, lean_store=lean, receivers=receivers), spool, index)
     try:
         _peak_rss_reset()
         elapsed = _send(files, server.server_address[1], "RADBRIDGE", associations)
@@ -124,6 +135,11 @@ def bench_radbridge(
 def bench_radbridge_pynetdicom(files: list[Path], work: Path, associations: int) -> tuple[float, float]:
     """The same node with scp.lean_store off: every association through pynetdicom."""
     return bench_radbridge(files, work, associations, lean=False)
+
+
+def bench_radbridge_receivers(files: list[Path], work: Path, associations: int) -> tuple[float, float]:
+    """The same node with scp.receivers = 2: a second process accepts on the port (SO_REUSEPORT)."""
+    return bench_radbridge(files, work, associations, receivers=2)
 
 
 def bench_orthanc(files: list[Path], work: Path, associations: int) -> tuple[float, float]:
@@ -149,6 +165,38 @@ def bench_storescp(files: list[Path], work: Path, associations: int) -> tuple[fl
         proc.wait(10)
 
 
+def durable_floor(directory: Path, size: int, n: int = 100) -> dict[str, float]:
+    """Median seconds of each sync the durable store makes per instance, on ``directory``'s disk."""
+    directory.mkdir(parents=True)
+    payload = os.urandom(size)
+    db = sqlite3.connect(directory / "floor.sqlite", isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.execute("CREATE TABLE t (k TEXT PRIMARY KEY, v TEXT)")
+    times: dict[str, list[float]] = {"file fsync": [], "directory fsync": [], "WAL commit": []}
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        for i in range(n):
+            fd = os.open(directory / f"{i}.dcm", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.write(fd, payload)
+                started = time.perf_counter()
+                os.fsync(fd)
+                times["file fsync"].append(time.perf_counter() - started)
+            finally:
+                os.close(fd)
+            started = time.perf_counter()
+            os.fsync(dir_fd)
+            times["directory fsync"].append(time.perf_counter() - started)
+            started = time.perf_counter()
+            db.execute("INSERT INTO t VALUES (?, ?)", (str(i), "x" * 400))
+            times["WAL commit"].append(time.perf_counter() - started)
+    finally:
+        os.close(dir_fd)
+        db.close()
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
@@ -170,6 +218,7 @@ def main() -> None:
     receivers = {
         RADBRIDGE: bench_radbridge,
         RADBRIDGE_PYNETDICOM: bench_radbridge_pynetdicom,
+        RADBRIDGE_RECEIVERS: bench_radbridge_receivers,
         STORESCP: bench_storescp,
     }
     if Path(ORTHANC_BIN).exists():
@@ -183,10 +232,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         files = write_series(ct_series(n_slices=args.instances), Path(tmp) / "ct")
         size_mb = sum(f.stat().st_size for f in files) / 1e6
+        floor = durable_floor(Path(tmp) / "floor", files[0].stat().st_size, n=20 if args.smoke else 100)
         for i in range(args.repeat):
             for associations in ASSOCIATIONS:
                 for name, fn in receivers.items():
-                    work = Path(tmp) / f"{i}-{associations}-{name.split()[0]}"
+                    work = Path(tmp) / f"{i}-{associations}-{list(receivers).index(name)}"
                     work.mkdir()
                     ack_latencies.clear()
                     elapsed, peak = fn(files, work, associations)
@@ -207,7 +257,10 @@ def main() -> None:
         for name in receivers:
             values = rates[name, associations]
             line = f"{associations:>5} {name:24} {medians[name]:8.1f} {min(values):7.1f} {max(values):7.1f}"
-            if name in (RADBRIDGE, RADBRIDGE_PYNETDICOM):
+            if name == RADBRIDGE_RECEIVERS:  # latency and RSS: only the node process's share is seen here
+                to_orthanc = medians[name] / medians[ORTHANC] if ORTHANC in medians else float("nan")
+                line += f" {to_orthanc:9.2f} {medians[name] / medians[STORESCP]:9.2f}"
+            elif name in (RADBRIDGE, RADBRIDGE_PYNETDICOM):
                 to_orthanc = medians[name] / medians[ORTHANC] if ORTHANC in medians else float("nan")
                 lat = latencies[name, associations]
                 line += (
@@ -216,6 +269,15 @@ def main() -> None:
                     f" {rss[name, associations]:11.0f}"
                 )
             print(line)
+    floor_s = sum(floor.values())
+    parts = ", ".join(f"{k} {1000 * v:.2f}" for k, v in floor.items())
+    print(f"durable-store floor per instance: {1000 * floor_s:.2f} ms ({parts} ms; medians, this disk)")
+    storescp_s = 1 / statistics.median(rates[STORESCP, 1])
+    ceiling = 1 / (storescp_s + floor_s)
+    line = f"1-association ceiling with that floor and no receiver CPU: {ceiling:.0f} inst/s"
+    if ORTHANC in receivers:
+        line += f" = {ceiling / statistics.median(rates[ORTHANC, 1]):.2f}x Orthanc"
+    print(line + f" = {ceiling * storescp_s:.2f}x storescp")
 
 
 if __name__ == "__main__":

@@ -84,9 +84,19 @@ class ScpSection:
     query_retrieve: bool = True
     #: C-MOVE destinations the node sends to: AE title -> "host:port"; any other is 0xA801.
     move_destinations: dict[str, str] = field(default_factory=dict)
+    #: Processes accepting on the port (SO_REUSEPORT): 1 = the node process alone; more = that
+    #: many - 1 receiver processes serving storage associations beside it (dicom_node.receivers).
+    receivers: int = 1
 
     def __post_init__(self) -> None:
         _check_ae(self.ae_title, "scp.ae_title")
+        if isinstance(self.receivers, bool) or not isinstance(self.receivers, int) or not 1 <= self.receivers <= 64:
+            raise ValueError(f"scp.receivers must be a whole number from 1 to 64, not {self.receivers!r}.")
+        if self.receivers > 1 and (self.tls_cert_file is not None or not self.lean_store):
+            raise ValueError(
+                "scp.receivers > 1 needs plaintext DICOM and scp.lean_store = true (a TLS session cannot"
+                " be handed between processes; the receivers serve storage with the lean acceptor)."
+            )
         for aet, address in self.move_destinations.items():
             _check_ae(aet, "scp.move_destinations")
             host, _, port = str(address).rpartition(":")

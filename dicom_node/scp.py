@@ -39,6 +39,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,7 @@ from dicom_node.index import Index, ReceivedInstance
 from dicom_node.metrics import ASSOCIATIONS, BYTES_RECEIVED, INSTANCES_RECEIVED, INSTANCES_REFUSED
 from dicom_node.part10 import file_preamble
 from dicom_node.query import handle_find, handle_move
+from dicom_node.receivers import ReceiverPool
 from dicom_node.spool import TMP_SUFFIX, Spool, open_private, uid_key
 from radbridge_common.tls import server_context
 
@@ -324,10 +326,15 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         max_first_pdu_bytes: int,
         tls_context: ssl.SSLContext | None = None,
         lean: LeanAcceptor | None = None,
+        reuse_port: bool = False,
+        handoff: Callable[[socket.socket, Any], None] | None = None,
         **kwargs: Any,
     ) -> None:
         self.max_per_peer = max_per_peer
         self.lean = lean
+        self.reuse_port = reuse_port  # several processes accept on this port (dicom_node.receivers)
+        self.handoff = handoff  # a receiver process: what the lean acceptor does not take goes to the node
+        self.receivers: ReceiverPool | None = None
         self._lean_sockets: set[socket.socket] = set()  # served by the lean acceptor (still "waiting" per peer)
         self.tls_context = tls_context
         if tls_context is not None:
@@ -338,6 +345,11 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         self._lock = threading.Lock()
         self._closing = threading.Event()
         super().__init__(*args, **kwargs)
+
+    def server_bind(self) -> None:
+        if self.reuse_port:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         peer = client_address[0]
@@ -370,7 +382,11 @@ class GuardedAssociationServer(ThreadedAssociationServer):
             if refusal is None:
                 # As pynetdicom does for the sockets it connects: a stalled read or write ends.
                 request.settimeout(self.ae.network_timeout)
-                if not self._serve_lean(request, peer):
+                if self._serve_lean(request, peer):
+                    pass
+                elif self.handoff is not None:
+                    self.handoff(request, client_address)  # a receiver: the node process serves it
+                else:
                     super().process_request_thread(request, client_address)  # association thread
             else:
                 reason, details = refusal
@@ -410,6 +426,8 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         return True
 
     def server_close(self) -> None:
+        if self.receivers is not None:
+            self.receivers.stop()
         self._closing.set()  # waiting connections give up within _POLL_S
         with self._lock:
             for sock in self._lean_sockets:  # their reads fail: the association ends, no partial kept
@@ -654,8 +672,12 @@ def _log_refused(peer: str, reason: str, **details: int | str) -> None:
     )
 
 
-def start_scp(settings: ScpSection, spool: Spool, index: Index) -> ThreadedAssociationServer:
-    """Start the SCP in the background; ``server.server_address[1]`` is the bound port."""
+def start_scp(
+    settings: ScpSection, spool: Spool, index: Index, *, handoff: Callable[[socket.socket, Any], None] | None = None
+) -> ThreadedAssociationServer:
+    """Start the SCP in the background; ``server.server_address[1]`` is the bound port. With
+    ``scp.receivers`` > 1 the receiver processes are started too (and stopped with the server);
+    ``handoff`` is given in a receiver process (dicom_node.receivers)."""
     tls_context = scp_tls_context(settings)  # before anything starts: a bad file stops start-up
     configure_pynetdicom(spool.staging_dir if settings.stream_to_disk else None)
     ae = AE(ae_title=settings.ae_title)
@@ -700,7 +722,15 @@ def start_scp(settings: ScpSection, spool: Spool, index: Index) -> ThreadedAssoc
         max_first_pdu_bytes=settings.max_first_pdu_bytes,
         tls_context=tls_context,
         lean=LeanAcceptor(settings, spool, index, committer) if settings.lean_store else None,
+        reuse_port=settings.receivers > 1,
+        handoff=handoff,
     )
+    if settings.receivers > 1 and handoff is None:
+        try:
+            server.receivers = ReceiverPool(server, settings, spool)
+        except BaseException:
+            server.server_close()
+            raise
     # As AE.start_server(block=False) does; the server removes itself from ae._servers on shutdown.
     ae._servers.append(server)
     threading.Thread(target=server.serve_forever, name="AcceptorServer", daemon=True).start()
@@ -712,6 +742,7 @@ def start_scp(settings: ScpSection, spool: Spool, index: Index) -> ThreadedAssoc
             "port": server.server_address[1],
             "tls": tls_context is not None,
             "lean_store": settings.lean_store,
+            "receivers": settings.receivers,
             "client_cert": "required" if settings.tls_require_client_cert else "optional",
         },
     )

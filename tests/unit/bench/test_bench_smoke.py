@@ -61,6 +61,7 @@ def test_bench_e2e_smoke() -> None:
 def test_bench_ingest_smoke() -> None:
     out = _smoke("bench_ingest.py", 300)
     assert "assoc receiver" in out and "radbridge SCP (durable)" in out
+    assert "durable-store floor per instance" in out and "1-association ceiling" in out
 
 
 def test_bench_analysis_smoke() -> None:
