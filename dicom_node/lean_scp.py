@@ -44,7 +44,7 @@ from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_
 from dicom_node.attributes import check_uid
 from dicom_node.errors import InvalidInstance, StorageError, to_dimse_status
 from dicom_node.part10 import file_preamble
-from dicom_node.spool import FILE_MODE
+from dicom_node.spool import FILE_MODE, start_writeback
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +77,9 @@ RECV_BYTES = 256 * 1024
 #: Bytes of the data set's start kept in memory for the header parse (the rest goes to disk only);
 #: a longer header (large private sequences) is read from the file instead.
 HEAD_BYTES = 64 * 1024
+#: Written bytes are handed to the kernel's writeback every this many (spool.start_writeback),
+#: so the fsync after the last fragment waits for little more than the journal commit.
+WRITEBACK_BYTES = 128 * 1024
 #: A-ABORT reasons (source 2, the service provider): unexpected PDU, invalid PDU parameter.
 _UNEXPECTED_PDU, _INVALID_PARAMETER = 0x02, 0x06
 
@@ -285,7 +288,11 @@ def p_data(context_id: int, command: bytes) -> bytes:
 
 
 #: (staged file, sop class, sop instance, transfer syntax, calling AE, head bytes) -> status
-StoreFunction = Callable[[Path, str, str, str, str, bytearray], "Dataset | int"]
+#: store(staged, sop_class_uid, sop_instance_uid, transfer_syntax, peer_ae, head, early)
+StoreFunction = Callable[[Path, str, str, str, str, bytearray, Any], "Dataset | int"]
+#: prepare(head, transfer_syntax, sop_instance_uid): work on the data set's first bytes done while
+#: the rest still arrives (the header read); its result is given to store as ``early``.
+PrepareFunction = Callable[[bytearray, str, str], Any]
 
 
 class _Reader:
@@ -330,6 +337,9 @@ class _Incoming:
     fd: int | None
     head: bytearray = field(default_factory=bytearray)
     refusal: Dataset | None = None
+    early: Any = None  # what prepare gave for the head
+    written: int = 0  # bytes in the staged file
+    flushed: int = 0  # of them, handed to writeback
 
 
 class LeanStoreAssociation:
@@ -344,8 +354,10 @@ class LeanStoreAssociation:
         max_pdu: int,
         staging_dir: Path,
         store: StoreFunction,
+        prepare: PrepareFunction | None = None,
     ) -> None:
         self.sock = sock
+        self.prepare = prepare
         self.rq = rq
         self.accepted = accepted
         self.max_pdu = max_pdu
@@ -448,7 +460,7 @@ class LeanStoreAssociation:
         incoming.staged = self.staging_dir / f"lean-{os.urandom(12).hex()}.partial"
         try:
             incoming.fd = os.open(incoming.staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
-            _write_all(incoming.fd, file_preamble(sop_class_uid, sop_instance_uid, transfer_syntax))
+            incoming.written = _write_all(incoming.fd, file_preamble(sop_class_uid, sop_instance_uid, transfer_syntax))
         except OSError as exc:
             incoming.refusal = _write_failure(exc)
             self._close_file(unlink=True)
@@ -459,9 +471,15 @@ class LeanStoreAssociation:
             raise ProtocolError("a data set fragment without its command")
         if len(incoming.head) < HEAD_BYTES:
             incoming.head += fragment[: HEAD_BYTES - len(incoming.head)]
+            if self.prepare is not None and (len(incoming.head) >= HEAD_BYTES or last) and incoming.refusal is None:
+                transfer_syntax = self.accepted[context_id][1]
+                incoming.early = self.prepare(incoming.head, transfer_syntax, incoming.sop_instance_uid)
         if incoming.fd is not None:
             try:
-                _write_all(incoming.fd, fragment)
+                incoming.written += _write_all(incoming.fd, fragment)
+                if incoming.written - incoming.flushed >= WRITEBACK_BYTES and not last:
+                    start_writeback(incoming.fd, incoming.flushed, incoming.written - incoming.flushed)
+                    incoming.flushed = incoming.written
             except OSError as exc:
                 incoming.refusal = _write_failure(exc)
                 self._close_file(unlink=True)
@@ -478,7 +496,7 @@ class LeanStoreAssociation:
             transfer_syntax = self.accepted[incoming.context_id][1]
             status = self.store(
                 incoming.staged, incoming.sop_class_uid, incoming.sop_instance_uid,
-                transfer_syntax, self.peer_ae, incoming.head,
+                transfer_syntax, self.peer_ae, incoming.head, incoming.early,
             )
             incoming.staged = None  # store_staged placed it or removed it
         self._incoming = None
@@ -509,11 +527,13 @@ class LeanStoreAssociation:
         self._incoming = None
 
 
-def _write_all(fd: int, data: Any) -> None:
+def _write_all(fd: int, data: Any) -> int:
     view = memoryview(data)
+    size = len(view)
     while view:
         written = os.write(fd, view)
         view = view[written:]
+    return size
 
 
 def _write_failure(exc: OSError) -> Dataset:

@@ -215,6 +215,33 @@ def _refused(exc: BaseException, log: dict[str, Any]) -> Dataset:
     return status
 
 
+@dataclass(frozen=True)
+class EarlyHeader:
+    """The header read from a data set's first bytes (dicom_node.header): its identifiers and
+    searchable attributes, or the error that will refuse it; neither when the bytes cannot give
+    them (the file is read instead)."""
+
+    values: dict[str, str] | None = None
+    attributes: dict[str, Any] | None = None
+    error: Exception | None = None
+
+
+def early_header(head: bytes | bytearray, transfer_syntax: str, sop_instance_uid: str) -> EarlyHeader:
+    """Read and check the header from ``head``; the lean acceptor calls this as soon as the first
+    64 KiB have arrived, while the rest of the data set is still on its way."""
+    try:
+        lean = read_header(head, transfer_syntax)
+        if lean is None:
+            return EarlyHeader()
+        values, attributes = lean
+        check_identifiers(values)
+        if values["SOPInstanceUID"] != sop_instance_uid:
+            raise InvalidInstance("SOPInstanceUID does not match the C-STORE request")
+        return EarlyHeader(values, attributes)
+    except Exception as exc:  # noqa: BLE001 - refused by store_staged, with the others
+        return EarlyHeader(error=exc)
+
+
 def store_staged(
     staged: Path,
     *,
@@ -227,26 +254,28 @@ def store_staged(
     committer: GroupCommitter,
     owned: bool = True,
     head: bytes | bytearray | None = None,
+    early: EarlyHeader | None = None,
 ) -> Dataset | int:
     """Spool one received instance durably, index it, then give the status to answer with.
 
     ``staged`` is the whole Part 10 file as received (UIDs already checked); ``owned``: remove it
     if it is not placed. Both acceptors call this: pynetdicom's handler and dicom_node.lean_scp.
     ``head`` is the data set's first bytes, kept in memory by the lean acceptor: the header is read
-    from them (dicom_node.header) where it can be, else from the file.
+    from them (dicom_node.header) where it can be, else from the file; ``early``: that header,
+    already read while the data set arrived (``early_header``).
     """
     started = time.monotonic()
     log = _log_fields(peer_ae, sop_class_uid, transfer_syntax)
     try:
-        lean = read_header(head, transfer_syntax) if head is not None else None
-        if lean is None:
+        if early is None and head is not None:
+            early = early_header(head, transfer_syntax, sop_instance_uid)
+        if early is not None and early.error is not None:
+            raise early.error
+        if early is None or early.values is None or early.attributes is None:
             ds, values = _header(staged, sop_instance_uid)
             attributes = searchable_attributes(ds)
         else:
-            values, attributes = lean
-            check_identifiers(values)
-            if values["SOPInstanceUID"] != sop_instance_uid:
-                raise InvalidInstance("SOPInstanceUID does not match the C-STORE request")
+            values, attributes = early.values, early.attributes
         # fsync(file) + rename here, in this association's thread; fsync(dir) + index row in a group.
         ref = spool.place_staged(
             staged,
@@ -591,12 +620,18 @@ class LeanAcceptor:
 
     def serve(self, sock: socket.socket, rq: lean_scp.AssociateRq, accepted: dict[int, tuple[str, str]]) -> None:
         lean_scp.LeanStoreAssociation(
-            sock, rq, accepted, max_pdu=self.settings.max_pdu, staging_dir=self.spool.staging_dir, store=self.store
+            sock,
+            rq,
+            accepted,
+            max_pdu=self.settings.max_pdu,
+            staging_dir=self.spool.staging_dir,
+            store=self.store,
+            prepare=early_header,
         ).run()
 
     def store(
         self, staged: Path, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, peer_ae: str,
-        head: bytearray,
+        head: bytearray, early: EarlyHeader | None = None,
     ) -> Dataset | int:
         return store_staged(
             staged,
@@ -608,6 +643,7 @@ class LeanAcceptor:
             index=self.index,
             committer=self.committer,
             head=head,
+            early=early,
         )
 
     def reject_busy(self, sock: socket.socket, rq: lean_scp.AssociateRq, peer: str) -> None:
