@@ -5,8 +5,9 @@ Each caller has already fsynced its staged file and renamed it into place (Spool
 in its own thread, so file fsyncs of concurrent associations overlap). Then, in ``commit``:
 the first caller to find no commit running becomes the leader: it takes every instance waiting
 (its own and those that arrived while the previous group was committed), fsyncs each directory
-they were renamed into once, records them all in one transaction (WAL, synchronous=FULL), and
-wakes the others. A caller returns only when its group is done; if the directory fsync or the
+they were renamed into once, records them all in one transaction (WAL, not synced: the fsynced
+spool files are the record, and an unclean stop re-indexes any file whose row was lost,
+dicom_node.recovery), and wakes the others. A caller returns only when its group is done; if the directory fsync or the
 transaction fails, every instance of that group gets the error (never success). With one
 association there is no one to wait for: the caller is its own leader, no thread hand-off.
 """
@@ -67,7 +68,8 @@ class GroupCommitter:
                     fsync_dir(directory)
             except OSError as exc:
                 raise StorageError(f"Out of resources: cannot write spool ({exc.strerror})") from exc
-            self.index.add_instances([w.received for w in group])
+            # Not synced: each file and its directory are, and they are the record (dicom_node.recovery).
+            self.index.add_instances([w.received for w in group], synced=False)
         except BaseException as exc:  # noqa: BLE001 - handed to every caller of the group, re-raised there
             for w in group:
                 w.error = exc

@@ -324,9 +324,21 @@ class Index:
             self._local.conn = conn
         return conn
 
+    def _relaxed_conn(self) -> sqlite3.Connection:
+        """This thread's connection whose commits are not synced (WAL, synchronous=NORMAL): safe
+        against a crash of the process, not of the machine; see ``add_instances``."""
+        conn = getattr(self._local, "relaxed", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            self._local.relaxed = conn
+        return conn
+
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        conn = self._conn()
+    def _tx(self, *, synced: bool = True) -> Iterator[sqlite3.Connection]:
+        conn = self._conn() if synced else self._relaxed_conn()
         conn.execute("BEGIN IMMEDIATE")
         try:
             yield conn
@@ -336,10 +348,11 @@ class Index:
         conn.execute("COMMIT")
 
     def close(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-            self._local.conn = None
+        for name in ("conn", "relaxed"):
+            conn = getattr(self._local, name, None)
+            if conn is not None:
+                conn.close()
+                setattr(self._local, name, None)
 
     # -- instances and studies ------------------------------------------------
     @staticmethod
@@ -383,10 +396,18 @@ class Index:
         """Record a spooled instance; a late instance reopens a completed study."""
         self.add_instances([ReceivedInstance(ref, modality, calling_aet, attributes)], now)
 
-    def add_instances(self, received: list[ReceivedInstance], now: float | None = None) -> None:
-        """Record spooled instances in one transaction (one WAL sync): all or none."""
+    def add_instances(
+        self, received: list[ReceivedInstance], now: float | None = None, *, synced: bool = True
+    ) -> None:
+        """Record spooled instances in one transaction (one WAL sync): all or none.
+
+        ``synced=False`` (the C-STORE path, dicom_node.group_commit): the commit is not synced to
+        disk; the next synced commit of any connection, or a WAL checkpoint, makes it durable. A
+        power loss before that may lose the row but not the instance: its file was fsynced into
+        the spool before, and after an unclean stop the node indexes the files the index lacks
+        (dicom_node.recovery)."""
         now = time.time() if now is None else now
-        with self._tx() as db:
+        with self._tx(synced=synced) as db:
             for item in received:
                 self._record_received(db, item, now)
 
@@ -837,6 +858,30 @@ class Index:
                 "ON CONFLICT(key) DO UPDATE SET value = value + 1"
             )
             return int(db.execute("SELECT value FROM node WHERE key='starts'").fetchone()[0])
+
+    def mark_running(self) -> bool:
+        """Record that the node runs on this spool; returns whether its last stop was clean
+        (``mark_clean_stop``): if not, rows of acknowledged instances may be missing."""
+        with self._tx() as db:
+            row = db.execute("SELECT value FROM node WHERE key='clean_stop'").fetchone()
+            db.execute(
+                "INSERT INTO node (key, value) VALUES ('clean_stop', 0) "
+                "ON CONFLICT(key) DO UPDATE SET value = 0"
+            )
+        return bool(row and row[0])
+
+    def mark_clean_stop(self) -> None:
+        """Nothing more will be recorded: a synced commit (so every unsynced one before it is
+        durable too) that tells the next start no recovery scan is needed."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO node (key, value) VALUES ('clean_stop', 1) "
+                "ON CONFLICT(key) DO UPDATE SET value = 1"
+            )
+
+    def indexed_paths(self) -> set[str]:
+        """The spool path of every indexed instance."""
+        return {row[0] for row in self._conn().execute("SELECT path FROM instances")}
 
     def starts(self) -> int:
         row = self._conn().execute("SELECT value FROM node WHERE key='starts'").fetchone()

@@ -44,7 +44,7 @@ from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_
 from dicom_node.attributes import check_uid
 from dicom_node.errors import InvalidInstance, StorageError, to_dimse_status
 from dicom_node.part10 import file_preamble
-from dicom_node.spool import FILE_MODE, start_writeback
+from dicom_node.spool import start_writeback
 
 logger = logging.getLogger(__name__)
 
@@ -352,7 +352,7 @@ class LeanStoreAssociation:
         accepted: dict[int, tuple[str, str]],
         *,
         max_pdu: int,
-        staging_dir: Path,
+        new_staged: Callable[[], tuple[Path, int]],
         store: StoreFunction,
         prepare: PrepareFunction | None = None,
     ) -> None:
@@ -361,7 +361,7 @@ class LeanStoreAssociation:
         self.rq = rq
         self.accepted = accepted
         self.max_pdu = max_pdu
-        self.staging_dir = staging_dir
+        self.new_staged = new_staged  # an empty staging file (path, fd open for writing)
         self.store = store
         self.reader = _Reader(sock)
         self.peer_ae = rq.calling
@@ -457,9 +457,8 @@ class LeanStoreAssociation:
             incoming.refusal = to_dimse_status(exc)  # the data set is read and dropped
             return
         transfer_syntax = self.accepted[context_id][1]
-        incoming.staged = self.staging_dir / f"lean-{os.urandom(12).hex()}.partial"
         try:
-            incoming.fd = os.open(incoming.staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+            incoming.staged, incoming.fd = self.new_staged()
             incoming.written = _write_all(incoming.fd, file_preamble(sop_class_uid, sop_instance_uid, transfer_syntax))
         except OSError as exc:
             incoming.refusal = _write_failure(exc)

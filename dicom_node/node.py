@@ -12,6 +12,7 @@ from dicom_node.errors import RadBridgeError
 from dicom_node.export import tls_args
 from dicom_node.http import HttpServer, create_app
 from dicom_node.index import Index
+from dicom_node.recovery import recover
 from dicom_node.replicas import ReplicaPool
 from dicom_node.routing import RulePlanner
 from dicom_node.scp import start_scp
@@ -120,6 +121,7 @@ class Node:
         starts = self.index.count_start()
         logger.info("node start", extra={"event": "node.start", "starts": starts})
         self.rule_problems = self.check_rules()
+        recover(self.spool, self.index)  # after an unclean stop: index the files whose rows were lost
         self._server = start_scp(self.settings.scp, self.spool, self.index)
         if app is not None:
             self._http = HttpServer(app, http.host, http.port)
@@ -134,7 +136,8 @@ class Node:
         if self._http is not None:
             self._http.stop()
             self._http = None
-        self.worker.stop()
+        if self.worker.stop():
+            self.index.mark_clean_stop()  # nothing is written any more: no recovery scan at the next start
         self.index.close()
 
     def __enter__(self) -> Node:

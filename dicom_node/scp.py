@@ -76,6 +76,7 @@ from dicom_node.part10 import file_preamble
 from dicom_node.query import handle_find, handle_move
 from dicom_node.receivers import ReceiverPool
 from dicom_node.spool import TMP_SUFFIX, Spool, open_private, uid_key
+from dicom_node.staging import StagingFiles
 from radbridge_common.tls import server_context
 
 logger = logging.getLogger(__name__)
@@ -463,6 +464,8 @@ class GuardedAssociationServer(ThreadedAssociationServer):
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
         super().server_close()
+        if self.lean is not None:
+            self.lean.close()
 
     def _done_waiting(self, peer: str) -> None:
         with self._lock:
@@ -610,6 +613,10 @@ class LeanAcceptor:
     spool: Spool
     index: Index
     committer: GroupCommitter
+    staging: StagingFiles
+
+    def close(self) -> None:
+        self.staging.close()
 
     def would_accept(self, rq: lean_scp.AssociateRq) -> bool:
         """The AE title checks pynetdicom makes; a failure is pynetdicom's to reject and log."""
@@ -624,7 +631,7 @@ class LeanAcceptor:
             rq,
             accepted,
             max_pdu=self.settings.max_pdu,
-            staging_dir=self.spool.staging_dir,
+            new_staged=self.staging.take,
             store=self.store,
             prepare=early_header,
         ).run()
@@ -757,7 +764,9 @@ def start_scp(
         first_pdu_timeout_s=settings.first_pdu_timeout_s,
         max_first_pdu_bytes=settings.max_first_pdu_bytes,
         tls_context=tls_context,
-        lean=LeanAcceptor(settings, spool, index, committer) if settings.lean_store else None,
+        lean=LeanAcceptor(settings, spool, index, committer, StagingFiles(spool.staging_dir))
+        if settings.lean_store
+        else None,
         reuse_port=settings.receivers > 1,
         handoff=handoff,
     )

@@ -483,13 +483,15 @@ class Worker:
             t.start()
             self._threads.append(t)
 
-    def stop(self, timeout_s: float = 30.0) -> None:
-        """Finish the current jobs, then stop (the job table holds the rest)."""
+    def stop(self, timeout_s: float = 30.0) -> bool:
+        """Finish the current jobs, then stop (the job table holds the rest); True if every lane
+        has ended."""
         self._stop.set()
         self._nudge()
         self.ctx.memory.close()  # an analysis waiting for memory gives up now (retried later)
         for t in self._threads:
             t.join(timeout_s)
+        return not any(t.is_alive() for t in self._threads)
 
     def _nudge(self) -> None:
         """Something may have been queued: every idle lane looks again now."""

@@ -67,6 +67,17 @@ def small_ct_files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return write_series(ct_series(n_slices=24), tmp_path_factory.mktemp("ct"))
 
 
+def staged_data(directory: Path) -> list[Path]:
+    """Staging files holding data: a data set being written, or one left behind. The empty ones
+    are the spares dicom_node.staging keeps made ahead (removed when the SCP stops)."""
+    found = []
+    for path in directory.rglob("*.partial"):
+        with contextlib.suppress(FileNotFoundError):  # placed or removed meanwhile
+            if path.stat().st_size:
+                found.append(path)
+    return found
+
+
 #: start_node_scp(**scp_keys) -> (port, spool, index): the node's SCP on a free loopback port.
 StartScp = Callable[..., tuple[int, Spool, Index]]
 

@@ -36,6 +36,7 @@ from dicom_node.index import Index
 from dicom_node.scp import handle_store, start_scp
 from dicom_node.spool import Spool
 from radbridge.synth import ct_series, write_series
+from tests.conftest import staged_data
 from tests.fuzz import count_input, examples
 from tests.fuzz.dicom_bytes import (
     CT_IMAGE_STORAGE,
@@ -158,7 +159,7 @@ def _assert_intact(node: tuple[Spool, Index, GroupCommitter], sentinel: tuple[Pa
     path, digest = sentinel
     assert index.has_instance(SENTINEL_UID)
     assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
-    assert not any(spool.staging_dir.iterdir()), "a refused or stored instance left a staging file"
+    assert not staged_data(spool.staging_dir), "a refused or stored instance left a staging file"
 
 
 def _indexed_path(index: Index, sop_instance: str) -> Path:

@@ -23,7 +23,7 @@ from dicom_node.index import Index
 from dicom_node.metrics import ASSOCIATIONS
 from dicom_node.scp import start_scp
 from dicom_node.spool import Spool
-from tests.conftest import StartScp
+from tests.conftest import StartScp, staged_data
 from tests.peers import dcmtk_env, free_port, missing_tools, storescu
 
 pytestmark = [pytest.mark.integration]
@@ -57,7 +57,7 @@ def test_storage_associations_are_spread_over_the_processes_and_all_indexed(
     here = _served_here("lean") - before
     assert 0 < here < CONNECTIONS  # the rest were served by the receiver process
     assert index.count_instances() == CONNECTIONS
-    assert sorted(p.name for p in spool.staging_dir.iterdir()) == []  # nothing left half-written
+    assert staged_data(spool.staging_dir) == []  # nothing left half-written
     for ref in index.study_instances(str(pydicom.dcmread(small_ct_files[0]).StudyInstanceUID)):
         assert ref.path.stat().st_size > 512 * 512 * 2
 

@@ -84,7 +84,7 @@ def test_a_failed_group_fails_every_caller_and_indexes_none(
         committer.commit(received)
     monkeypatch.undo()
 
-    def broken_insert(items: list[ReceivedInstance], now: float | None = None) -> None:
+    def broken_insert(items: list[ReceivedInstance], now: float | None = None, *, synced: bool = True) -> None:
         raise sqlite3.OperationalError("disk I/O error")
 
     monkeypatch.setattr(index, "add_instances", broken_insert)

@@ -29,7 +29,7 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Ver
 
 from dicom_node.metrics import REGISTRY
 from dicom_node.spool import Spool
-from tests.conftest import StartScp
+from tests.conftest import StartScp, staged_data
 from tests.peers import closed_by_peer, dcmtk_env, missing_tools
 
 PRIVATE_STORAGE = "1.3.6.1.4.1.9590.100.1.2.999"  # a private (storage-like) SOP class
@@ -72,7 +72,7 @@ def test_dcmtk_storescu_and_echoscu_are_served_by_the_lean_acceptor(
         assert stored.file_meta.MediaStorageSOPInstanceUID == row.sop_instance_uid
         assert stored == original
         assert row.calling_aet == "MODALITY"
-    assert not list(spool.staging_dir.glob("*.partial"))
+    assert not staged_data(spool.staging_dir)
 
 
 def _propose(port: int) -> tuple[list[tuple[int, str, str]], object]:
@@ -156,7 +156,7 @@ def test_a_refused_instance_gets_its_status_and_nothing_is_kept(
     assert refused.ErrorComment == "SOPInstanceUID does not match the C-STORE request"
     assert stored.Status == 0x0000
     assert index.count_instances() == 1
-    assert not list(spool.staging_dir.glob("*.partial"))
+    assert not staged_data(spool.staging_dir)
 
 
 # -- raw PDUs (PS3.8 9.3), packed here --------------------------------------------------------
@@ -233,12 +233,12 @@ def test_an_abort_in_the_middle_of_a_data_set_keeps_nothing(
     sock = _raw_association(port)
     data = small_ct_files[0].read_bytes()[132 + 200 :]  # some of a data set: never completed
     sock.sendall(_p_data(0x03, _command(generate_uid())) + _p_data(0x00, data[:20000]))
-    assert _wait_for(lambda: len(list(spool.staging_dir.glob("*.partial"))) == 1)  # being written
+    assert _wait_for(lambda: len(staged_data(spool.staging_dir)) == 1)  # being written
     sock.sendall(struct.pack(">BBL", 7, 0, 4) + bytes(4))  # A-ABORT
     assert closed_by_peer(sock, within_s=5)
     sock.close()
     assert _delta(before)["lean"] == 1.0
-    assert _wait_for(lambda: not list(spool.staging_dir.glob("*.partial")))
+    assert _wait_for(lambda: not staged_data(spool.staging_dir))
     assert index.count_instances() == 0
 
 
@@ -251,7 +251,7 @@ def test_a_release_in_the_middle_of_a_message_is_aborted(start_node_scp: StartSc
     assert (kind, body[2:3]) == (7, b"\x02")  # A-ABORT from the service provider
     assert closed_by_peer(sock, within_s=5)
     sock.close()
-    assert _wait_for(lambda: not list(spool.staging_dir.glob("*.partial")))
+    assert _wait_for(lambda: not staged_data(spool.staging_dir))
 
 
 def test_a_pdv_on_a_context_never_accepted_is_aborted(start_node_scp: StartScp) -> None:

@@ -24,7 +24,7 @@ from dicom_node.index import Index
 from dicom_node.scp import start_scp
 from dicom_node.spool import Spool
 from radbridge_common.logs import JsonFormatter
-from tests.conftest import StartScp
+from tests.conftest import StartScp, staged_data
 from tests.peers import closed_by_peer, garbage_connection
 
 ATTACKER = "127.0.0.2"  # loopback is 127.0.0.0/8: another peer address on the same machine
@@ -268,4 +268,4 @@ def test_streamed_to_disk_store_is_durable_and_leaves_no_partial(
     for f in small_ct_files[:3]:
         original = pydicom.dcmread(f)
         assert stored[original.SOPInstanceUID] == original.PixelData
-    assert not list(spool.root.rglob("*.partial"))
+    assert not staged_data(spool.root)
