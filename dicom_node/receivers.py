@@ -32,7 +32,13 @@ import sys
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from dicom_node.config import ScpSection
+from dicom_node.spool import Spool
+
+if TYPE_CHECKING:
+    from dicom_node.scp import GuardedAssociationServer
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +52,7 @@ _MAX_MESSAGE = 1024
 class ReceiverSpec:
     """What a receiver process is given on its standard input (pickled; it is our own child)."""
 
-    scp: Any  # dicom_node.config.ScpSection, the node's, with port = the bound port
+    scp: ScpSection  # the node's, with port = the bound port
     spool_root: Path
     min_free_bytes: int
     log_level: str
@@ -57,7 +63,7 @@ class ReceiverSpec:
 class ReceiverPool:
     """The node process's side: starts the receivers and serves what they hand over."""
 
-    def __init__(self, server: Any, scp: Any, spool: Any) -> None:
+    def __init__(self, server: GuardedAssociationServer, scp: ScpSection, spool: Spool) -> None:
         self.server = server
         self._procs: list[subprocess.Popen[bytes]] = []
         self._ends: list[socket.socket] = []
@@ -182,7 +188,6 @@ class Handoff:
 def _serve(spec: ReceiverSpec, end: socket.socket) -> None:
     from dicom_node.index import Index
     from dicom_node.scp import start_scp
-    from dicom_node.spool import Spool
     from radbridge_common import logs
 
     logs.configure(spec.log_level, spec.log_json)
