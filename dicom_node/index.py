@@ -315,25 +315,22 @@ class Index:
                     conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
 
     def _conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-            conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            self._local.conn = conn
-        return conn
+        """This thread's connection; every commit synced (WAL, synchronous=FULL)."""
+        return self._thread_conn("conn", "FULL")
 
     def _relaxed_conn(self) -> sqlite3.Connection:
         """This thread's connection whose commits are not synced (WAL, synchronous=NORMAL): safe
         against a crash of the process, not of the machine; see ``add_instances``."""
-        conn = getattr(self._local, "relaxed", None)
+        return self._thread_conn("relaxed", "NORMAL")
+
+    def _thread_conn(self, name: str, synchronous: str) -> sqlite3.Connection:
+        conn = getattr(self._local, name, None)
         if conn is None:
             conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
             conn.row_factory = sqlite3.Row
             conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            self._local.relaxed = conn
+            conn.execute(f"PRAGMA synchronous={synchronous}")
+            setattr(self._local, name, conn)
         return conn
 
     @contextmanager
