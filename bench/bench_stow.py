@@ -11,8 +11,9 @@ calls were counted with ``strace -f -y`` over a 40-instance ingest):
 - RadBridge (``dicom_node.stow``, run alone in a subprocess: ``create_app`` +
   ``HttpServer``, no SCP, no worker): streams each part to a staging file,
   decodes its header, fsyncs the file, renames it into the spool, fsyncs the
-  directory, and commits its index row (SQLite WAL, synchronous=FULL:
-  fdatasync of the WAL) -- three syncs per instance, all before the response.
+  directory, and commits its index row (SQLite WAL, that commit not synced: the
+  fsynced file is the record, dicom_node.recovery) -- two syncs per instance,
+  both before the response.
 - Orthanc 1.10 with its defaults (and TCP_NODELAY=1, as for every dcmtk-linked
   peer here): SyncStorageArea=true, i.e. one fdatasync per stored file; no
   directory sync; its SQLite index (WAL) is not synced at commit (no sync on

@@ -389,9 +389,11 @@ class Index:
         calling_aet: str,
         now: float | None = None,
         attributes: dict[str, Any] | None = None,
+        *,
+        synced: bool = True,
     ) -> None:
         """Record a spooled instance; a late instance reopens a completed study."""
-        self.add_instances([ReceivedInstance(ref, modality, calling_aet, attributes)], now)
+        self.add_instances([ReceivedInstance(ref, modality, calling_aet, attributes)], now, synced=synced)
 
     def add_instances(
         self, received: list[ReceivedInstance], now: float | None = None, *, synced: bool = True

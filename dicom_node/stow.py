@@ -203,7 +203,8 @@ class StowReceiver:
                 series_instance_uid=values["SeriesInstanceUID"],
                 transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
             )
-            self.index.add_instance(ref, values["Modality"], "", attributes=searchable_attributes(ds))
+            # Not synced, as for C-STORE: the fsynced file is the record (dicom_node.recovery).
+            self.index.add_instance(ref, values["Modality"], "", attributes=searchable_attributes(ds), synced=False)
         except Exception as exc:  # every failure becomes this part's FailureReason
             reason = to_stow_failure(exc)
             self.outcome.failed.append((sop_class, sop_instance, reason))
