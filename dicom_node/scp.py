@@ -295,6 +295,8 @@ def store_staged(
             staged.unlink(missing_ok=True)
     INSTANCES_RECEIVED.labels(via="dimse").inc()
     BYTES_RECEIVED.labels(via="dimse").inc(ref.size)
+    if not logger.isEnabledFor(logging.DEBUG):  # the line's fields cost a hash each: only when logged
+        return 0x0000
     logger.debug(
         "C-STORE stored",
         extra={
