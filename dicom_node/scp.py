@@ -418,7 +418,7 @@ class GuardedAssociationServer(ThreadedAssociationServer):
                     pass
                 elif self.handoff is not None:
                     self.handoff(request, client_address)  # a receiver: the node process serves it
-                else:
+                elif not self._reject_if_full(request, peer):
                     super().process_request_thread(request, client_address)  # association thread
             else:
                 reason, details = refusal
@@ -455,6 +455,24 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         finally:
             with self._lock:
                 self._lean_sockets.discard(request)
+        return True
+
+    def _reject_if_full(self, request: socket.socket, peer: str) -> bool:
+        """pynetdicom's own limit counts only its associations: past max_associations counting
+        the lean acceptor's too, answer A-ASSOCIATE-RJ "local limit exceeded" here (True)."""
+        if self.lean is None:
+            return False
+        with self._lock:
+            acceptors = sum(1 for a in self.active_associations if a.is_acceptor)
+            full = acceptors + len(self._lean_sockets) >= self.ae.maximum_associations
+        if not full:
+            return False
+        pdu = _buffered_associate_rq(request)
+        try:
+            rq = lean_scp.parse_associate_rq(pdu) if pdu else None
+        except lean_scp.ProtocolError:
+            rq = None
+        self.lean.reject_busy(request, rq, peer)
         return True
 
     def server_close(self) -> None:
@@ -655,7 +673,7 @@ class LeanAcceptor:
             early=early,
         )
 
-    def reject_busy(self, sock: socket.socket, rq: lean_scp.AssociateRq, peer: str) -> None:
+    def reject_busy(self, sock: socket.socket, rq: lean_scp.AssociateRq | None, peer: str) -> None:
         """A-ASSOCIATE-RJ "local limit exceeded", as pynetdicom answers past maximum_associations."""
         try:
             _, body = lean_scp._Reader(sock).pdu()  # take the request off the socket first
@@ -671,7 +689,7 @@ class LeanAcceptor:
             extra={
                 "event": "scp.association_rejected",
                 "peer_address": peer,
-                "peer_ae": rq.calling,
+                "peer_ae": rq.calling if rq is not None else "",
                 "result": 0x02,
                 "source": 0x03,
                 "diagnostic": 0x02,

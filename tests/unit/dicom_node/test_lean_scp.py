@@ -279,6 +279,28 @@ def test_past_the_association_limit_the_answer_is_local_limit_exceeded(start_nod
     first.close()
 
 
+def test_the_limit_counts_both_acceptors(start_node_scp: StartScp) -> None:
+    """A lean association holds a slot that a query association (pynetdicom's) cannot take."""
+    port, _, _ = start_node_scp(max_associations=1)
+    before = _served("lean")
+    first = _raw_association(port)  # storage only: the lean acceptor's
+    assert _served("lean") == before + 1
+    ae = AE(ae_title="FINDSCU")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    refused = ae.associate("127.0.0.1", port, ae_title="RADBRIDGE")
+    assert refused.is_rejected and not refused.is_established
+    rj = refused.acceptor.primitive
+    assert (rj.result, rj.result_source, rj.diagnostic) == (0x02, 0x03, 0x02)  # local limit exceeded
+    first.sendall(struct.pack(">BBL", 5, 0, 4) + bytes(4))
+    assert _read_pdu(first)[0] == 6  # A-RELEASE-RP: the slot is free again
+    first.close()
+    deadline = time.monotonic() + 5
+    while not (query := ae.associate("127.0.0.1", port, ae_title="RADBRIDGE")).is_established:
+        assert time.monotonic() < deadline, "the lean association's slot was not given back"
+        time.sleep(0.05)
+    query.release()
+
+
 def test_a_wrong_called_ae_title_is_rejected_as_before(start_node_scp: StartScp) -> None:
     """Rejections are pynetdicom's: the lean acceptor takes only what the node would accept."""
     port, _, _ = start_node_scp()
