@@ -6,6 +6,8 @@ InferenceError
  ├ UnknownModel        -> NOT_FOUND
  ├ QueueFull           -> RESOURCE_EXHAUSTED
  ├ BackendUnavailable  -> UNAVAILABLE        (loading, stopping)
+ ├ Cancelled           -> CANCELLED          (the caller withdrew the request)
+ ├ DeadlineExceeded    -> DEADLINE_EXCEEDED  (the request's deadline passed while it ran)
  └ CheckpointError     -> raised at start-up; names the missing/bad file
 """
 
@@ -44,6 +46,16 @@ class QueueFull(InferenceError):
 class BackendUnavailable(InferenceError):
     code = grpc.StatusCode.UNAVAILABLE
     reason = "BACKEND_UNAVAILABLE"
+
+
+class Cancelled(InferenceError):
+    code = grpc.StatusCode.CANCELLED
+    reason = "CANCELLED"
+
+
+class DeadlineExceeded(InferenceError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    reason = "DEADLINE_EXCEEDED"
 
 
 class CheckpointError(InferenceError):

@@ -5,12 +5,20 @@ each other run as one batch (up to ``max_batch``, or the backend's own smaller
 ``max_batch``: several CT volumes fit one forward pass only as far as memory allows). Backends run in one worker
 thread per model so the event loop stays responsive; a request whose caller
 has gone away is dropped before it runs.
+
+A *continuous* backend (the generation engine) batches across calls itself, token
+by token: its lanes hand each item over at once, up to the backend's
+``concurrency`` in flight per model, so report, VQA and detection requests for
+one model share the engine's running batch. A caller that goes away sets the
+item's cancel event, and the engine drops the request at its next step.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -48,6 +56,8 @@ class Scheduler:
         self._lanes: dict[tuple[str, TaskKind], _Lane] = {}
         self._executors: dict[str, ThreadPoolExecutor] = {}
         self._backends: dict[str, Backend] = {}
+        self._inflight: dict[str, asyncio.Semaphore] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
 
     def lane_batches(self, model: str, task: TaskKind) -> list[int]:
         lane = self._lanes.get((model, task))
@@ -66,6 +76,10 @@ class Scheduler:
         self._backends[name] = backend
         lane = self._lane(name, task)
         future: asyncio.Future[TaskResult] = asyncio.get_running_loop().create_future()
+        if item.cancel is None:
+            item = dataclasses.replace(item, cancel=threading.Event())
+        cancel = item.cancel
+        future.add_done_callback(lambda f: cancel.set() if f.cancelled() else None)
         try:
             lane.queue.put_nowait(_Pending(item, future, progress))
         except asyncio.QueueFull as exc:
@@ -94,8 +108,19 @@ class Scheduler:
                 break
         return [p for p in batch if not p.future.done()]  # drop cancelled callers
 
+    def _executor(self, name: str) -> ThreadPoolExecutor:
+        executor = self._executors.get(name)
+        if executor is None:
+            workers = max(1, self._backends[name].concurrency)
+            executor = ThreadPoolExecutor(workers, thread_name_prefix=f"model-{name}")
+            self._executors[name] = executor
+        return executor
+
     async def _drain(self, name: str, task: TaskKind, lane: _Lane) -> None:
-        executor = self._executors.setdefault(name, ThreadPoolExecutor(1, thread_name_prefix=f"model-{name}"))
+        executor = self._executor(name)
+        if self._backends[name].continuous:
+            await self._hand_over(name, task, lane, executor)
+            return
         while True:
             backend = self._backends[name]
             limit = min(self.max_batch, backend.max_batch) if backend.max_batch > 0 else self.max_batch
@@ -105,6 +130,26 @@ class Scheduler:
             # Let go of the batch before waiting for the next: a lane holding its last items would
             # keep their volumes (and the backend's per-volume memo) alive between requests.
             del batch
+
+    async def _hand_over(self, name: str, task: TaskKind, lane: _Lane, executor: ThreadPoolExecutor) -> None:
+        """Continuous backends: each item goes to the backend as soon as a slot is free."""
+        limit = self._inflight.setdefault(name, asyncio.Semaphore(max(1, self._backends[name].concurrency)))
+        while True:
+            pending = await lane.queue.get()
+            if pending.future.done():
+                continue
+            await limit.acquire()
+
+            async def run(p: _Pending = pending) -> None:
+                try:
+                    await self._run_batch(name, task, lane, executor, [p])
+                finally:
+                    limit.release()
+
+            job = asyncio.create_task(run())
+            self._tasks.add(job)
+            job.add_done_callback(self._tasks.discard)
+            del pending
 
     async def _run_batch(
         self, name: str, task: TaskKind, lane: _Lane, executor: ThreadPoolExecutor, batch: list[_Pending]
@@ -135,5 +180,7 @@ class Scheduler:
         for lane in self._lanes.values():
             if lane.worker:
                 lane.worker.cancel()
+        for job in list(self._tasks):
+            job.cancel()
         for executor in self._executors.values():
             executor.shutdown(wait=False, cancel_futures=True)

@@ -35,6 +35,7 @@ class RunningServer:
     async def stop(self, grace_s: float = 5.0) -> None:
         await self.server.stop(grace_s)
         await self.scheduler.close()
+        self.registry.close()
 
 
 def server_credentials(section: ServiceSection) -> grpc.ServerCredentials | None:

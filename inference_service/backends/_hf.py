@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -18,10 +19,12 @@ from typing import Any
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from inference_service.backends.base import Backend, ModelConfig
+from inference_service.backends.base import Backend, ModelConfig, WorkItem
 from inference_service.errors import CheckpointError
 from inference_service.parsing import split_report
 from inference_service.types import ModelIdentity, ReportText, TaskKind, TaskResult
+
+logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 WEIGHT_PATTERNS = ("model.safetensors", "pytorch_model.bin")
@@ -158,6 +161,12 @@ class HFBackend(Backend):
     #: DICOM modalities accepted.
     accepted: frozenset[str] = frozenset({"CR", "DX", "CT", "MR"})
     max_new_tokens_default = 300
+    #: Whether ``generation.Engine`` can run this model (image-text-to-text with a language_model).
+    engine_capable = False
+    #: PaliGemma attends bidirectionally over the whole prompt: only the full prompt is a prefix.
+    prefix_lm = False
+    #: RoPE position of the first token (PaliGemma counts from 1).
+    position_offset = 0
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
@@ -168,6 +177,7 @@ class HFBackend(Backend):
         self._version = str(config.options.get("version", ""))
         #: Extra logits processors for every generate call (forced decoding in tests).
         self.logits_processors: list[Any] = []
+        self.engine: Any = None
 
     @property
     def modalities(self) -> frozenset[str]:
@@ -192,6 +202,8 @@ class HFBackend(Backend):
             except (OSError, ValueError) as exc:
                 raise CheckpointError(f"Cannot load {self.config.path}: {exc}") from exc
         self.model.to(self.device).eval()
+        if self.engine_capable and self._option_bool("engine", True):
+            self.engine = self._make_engine()
         if not self._version:
             cfg = self.model.config
             self._version = str(getattr(cfg, "_name_or_path", "") or "").rsplit("/", 1)[-1] or "local"
@@ -200,15 +212,121 @@ class HFBackend(Backend):
     def _load(self, path: Path, dtype: torch.dtype) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def _option_bool(self, key: str, default: bool) -> bool:
+        value = self.config.options.get(key, default)
+        return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
+
+    def _make_engine(self) -> Any:
+        from inference_service.generation import Engine, EngineSettings
+
+        gpu = self.device.type == "cuda"
+        opts = self.config.options
+        settings = EngineSettings(
+            slots=int(opts.get("engine_slots", 32 if gpu else 8)),
+            max_length=int(opts.get("engine_max_length", 2048 if gpu else 1024)),
+            chunk=int(opts.get("engine_chunk", 64)),
+            prefix_cache=int(opts.get("engine_prefix_cache", 16)),
+            cuda_graphs=self._option_bool("cuda_graphs", True),
+        )
+        return Engine(self.model, settings, position_offset=self.position_offset)
+
+    @property
+    def continuous(self) -> bool:
+        return self.engine is not None
+
+    @property
+    def concurrency(self) -> int:
+        return self.engine.settings.slots if self.engine is not None else 1
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.stop()
+
+    def model_call(self, fn: Any) -> Any:
+        """Run a direct forward pass (classification) on the engine's thread when there is one."""
+        return self.engine.call(fn) if self.engine is not None else fn()
+
     def prompt(self, key: str, default: str, **values: str) -> tuple[str, str]:
         """(prompt id, text) for a task, from the config's prompts or the default."""
         template = self.config.prompts.get(key, default)
         prompt_id = f"{self.config.name}:{key}:{hashlib.sha256(template.encode()).hexdigest()[:8]}"
         return prompt_id, template.format(**values)
 
+    def generate(
+        self,
+        inputs: dict[str, Any],
+        max_new_tokens: int | None = None,
+        items: Sequence[WorkItem] | None = None,
+    ) -> list[str]:
+        """Greedy generation on a left-padded batch; returns the decoded continuations.
+
+        With the engine each row becomes its own request (``items`` give their cancel
+        event and deadline); rows too long for the engine's cache use plain ``generate``.
+        """
+        limit = max_new_tokens or self.max_new_tokens
+        if self.engine is not None:
+            lengths = inputs["attention_mask"].sum(-1).tolist()
+            if all(self.engine.fits(int(n), limit) for n in lengths):
+                return self._engine_generate(inputs, limit, items)
+            logger.info(
+                "prompt longer than the engine's cache: plain generate",
+                extra={"event": "engine.fallback", "tokens": max(lengths)},
+            )
+        return self._plain_generate(inputs, limit)
+
+    def engine_requests(
+        self, inputs: dict[str, Any], limit: int, items: Sequence[WorkItem] | None = None
+    ) -> list[Any]:
+        """One engine request per row of a left-padded processor batch (pads dropped, images split)."""
+        from inference_service.generation import GenRequest
+
+        eos = self.model.generation_config.eos_token_id
+        eos_ids = frozenset(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        image_token = getattr(self.model.config, "image_token_id", None)
+        pixels = inputs.get("pixel_values")
+        types = inputs.get("token_type_ids")
+        cursor = 0
+        requests = []
+        for row in range(inputs["input_ids"].shape[0]):
+            keep = inputs["attention_mask"][row].bool()
+            ids = inputs["input_ids"][row][keep].tolist()
+            is_image = [t == image_token for t in ids]
+            images = sum(1 for j, v in enumerate(is_image) if v and (j == 0 or not is_image[j - 1]))
+            row_pixels = pixels[cursor : cursor + images] if pixels is not None and images else None
+            cursor += images
+            if self.prefix_lm:
+                prefix = len(ids) if images else 0
+            else:  # causal after the images: the prompt text is not part of the shared prefix
+                prefix = max((j + 1 for j, v in enumerate(is_image) if v), default=0)
+            item = items[row] if items is not None and row < len(items) else None
+            requests.append(
+                GenRequest(
+                    input_ids=ids,
+                    max_new_tokens=limit,
+                    eos_token_ids=eos_ids,
+                    pixel_values=row_pixels,
+                    token_type_ids=types[row][keep].tolist() if types is not None else None,
+                    prefix_length=prefix,
+                    logits_processors=[
+                        p(len(ids)) if callable(p) and not isinstance(p, LogitsProcessor) else p
+                        for p in self.logits_processors
+                    ],
+                    cancel=item.cancel if item is not None else None,
+                    deadline=item.deadline if item is not None else None,
+                )
+            )
+        return requests
+
+    def _engine_generate(
+        self, inputs: dict[str, Any], limit: int, items: Sequence[WorkItem] | None
+    ) -> list[str]:
+        futures = [self.engine.submit(r) for r in self.engine_requests(inputs, limit, items)]
+        generated = [f.result() for f in futures]
+        self.last_generated_ids = [torch.tensor(g, dtype=torch.long) for g in generated]
+        return self.processor.tokenizer.batch_decode(generated, skip_special_tokens=True)
+
     @torch.inference_mode()
-    def generate(self, inputs: dict[str, Any], max_new_tokens: int | None = None) -> list[str]:
-        """Greedy generation on a left-padded batch; returns the decoded continuations."""
+    def _plain_generate(self, inputs: dict[str, Any], limit: int) -> list[str]:
         inputs = {k: v.to(self.device) if hasattr(v, "to") else v for k, v in inputs.items()}
         inputs.pop("labels", None)
         if "pixel_values" in inputs:
@@ -220,7 +338,7 @@ class HFBackend(Backend):
         )
         out = self.model.generate(
             **inputs,
-            max_new_tokens=max_new_tokens or self.max_new_tokens,
+            max_new_tokens=limit,
             do_sample=False,
             logits_processor=processors,
         )

@@ -8,6 +8,7 @@ results. The server owns queueing, batching, devices and deadlines.
 from __future__ import annotations
 
 import abc
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,10 @@ class WorkItem:
 
     volume: Volume
     spec: AnalysisSpec
+    #: Set by the scheduler when the caller goes away; a running generation stops at its next step.
+    cancel: threading.Event | None = field(default=None, compare=False)
+    #: time.monotonic() by which the caller needs the answer (the gRPC deadline), or None.
+    deadline: float | None = None
 
 
 class Backend(abc.ABC):
@@ -69,6 +74,19 @@ class Backend(abc.ABC):
 
     def load(self) -> None:  # noqa: B027 - optional hook; weight-free backends need nothing
         """Load weights from the configured local path; raise CheckpointError if bad."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Stop what the backend runs beside its model (the generation engine's thread)."""
+
+    @property
+    def continuous(self) -> bool:
+        """True when ``run`` calls may overlap: the backend batches across them itself (the engine)."""
+        return False
+
+    @property
+    def concurrency(self) -> int:
+        """How many ``run`` calls the scheduler may have in flight for this model."""
+        return 1
 
     @abc.abstractmethod
     def run(

@@ -74,6 +74,7 @@ def prepare(volume: Volume, size: int, preset: str = "") -> PreparedImage:
 
 class MedGemmaBackend(HFBackend):
     kind = "medgemma"
+    engine_capable = True
 
     @property
     def tasks(self) -> frozenset[TaskKind]:
@@ -145,7 +146,7 @@ class MedGemmaBackend(HFBackend):
         self, batch: Sequence[WorkItem], prepared: list[PreparedImage], task: TaskKind
     ) -> list[TaskResult]:
         prompts = [self._prompt_for(item, task) for item in batch]
-        texts = self.generate(self.build_inputs(prepared, [p for _, p in prompts]))
+        texts = self.generate(self.build_inputs(prepared, [p for _, p in prompts]), items=batch)
         return [
             self._parse(task, text, prompt_id, item, prep)
             for text, (prompt_id, _), item, prep in zip(texts, prompts, batch, prepared, strict=True)
@@ -185,7 +186,7 @@ class MedGemmaBackend(HFBackend):
             inputs = {k: v.to(self.device) for k, v in inputs.items()}
             inputs.pop("labels", None)
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
-            logits = self.model(**inputs).logits[:, -1, :].float()
+            logits = self.model_call(lambda inputs=inputs: self.model(**inputs).logits[:, -1, :].float())
             pair = torch.softmax(logits[:, [yes, no]], dim=-1)[:, 0].cpu().tolist()
             result = TaskResult(task=TaskKind.CLASSIFY, prompt_id=prompt_ids[0])
             for label, score in zip(labels, pair, strict=True):
@@ -220,7 +221,7 @@ class MedGemmaBackend(HFBackend):
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
         inputs.pop("labels", None)
         inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
-        logprobs = torch.log_softmax(self.model(**inputs).logits.float(), dim=-1)
+        logprobs = self.model_call(lambda: torch.log_softmax(self.model(**inputs).logits.float(), dim=-1))
         ids = inputs["input_ids"]
         totals = []
         for row, n in enumerate(lengths):  # left padding: every answer ends at the last position

@@ -41,6 +41,9 @@ LAB_COLOURS = ((54000, 50000, 30000), (40000, 30000, 50000), (60000, 34000, 4000
 class PaliGemmaBackend(HFBackend):
     kind = "paligemma"
     accepted = frozenset({"CR", "DX"})
+    engine_capable = True
+    prefix_lm = True  # the whole prompt attends bidirectionally
+    position_offset = 1
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
@@ -93,7 +96,7 @@ class PaliGemmaBackend(HFBackend):
         inputs = self.processor(
             text=[p for _, p in prompts], images=list(images), return_tensors="pt", padding=True
         )
-        texts = self.generate(dict(inputs))
+        texts = self.generate(dict(inputs), items=batch)
         # keep <loc>/<seg> tokens: decode again without dropping special tokens where needed
         raw = self.processor.tokenizer.batch_decode(self.last_generated_ids, skip_special_tokens=False)
         results = []

@@ -37,6 +37,11 @@ class ModelRegistry:
         except KeyError as exc:
             raise UnknownModel(f"No model named {key!r} is loaded.") from exc
 
+    def close(self) -> None:
+        """Stop the backends' own threads (generation engines)."""
+        for backend in self.models.values():
+            backend.close()
+
     @classmethod
     def load(cls, settings: ServiceSettings) -> ModelRegistry:
         """Instantiate and load every configured model (fails fast at start-up)."""
