@@ -3,10 +3,16 @@
 Images are windowed, zero-padded to a square and resized to the model's size
 (448 px for MedSigLIP); label prompts are tokenized to max_length padding of at
 most 64 tokens, as the model was trained; scores are sigmoid(logits_per_image).
+
+The image tower runs once per batch; the label prompts' text embeddings are
+computed once per label set and kept (a hospital classifies against the same
+few label sets all day), so a classification costs one image forward and a
+small matrix product, computed as ``SiglipModel.forward`` does.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,7 +21,7 @@ from PIL import Image
 from transformers import AutoModel, AutoProcessor
 
 from inference_service.backends._hf import HFBackend
-from inference_service.backends.base import ProgressCallback, WorkItem
+from inference_service.backends.base import ModelConfig, ProgressCallback, WorkItem
 from inference_service.backends.medgemma import label_code
 from inference_service.errors import InvalidInput, UnsupportedTask
 from inference_service.preprocess import SquareFit, to_rgb
@@ -23,11 +29,16 @@ from inference_service.types import Finding, TaskKind, TaskResult, Volume
 
 MAX_TEXT_TOKENS = 64
 PROMPTS = {"classify": "a chest X-ray showing {label}"}
+TEXT_CACHE = 32  # label sets whose text embeddings are kept
 
 
 class SiglipBackend(HFBackend):
     kind = "siglip"
     accepted = frozenset({"CR", "DX", "CT", "MR"})
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        self._text: OrderedDict[tuple[str, ...], torch.Tensor] = OrderedDict()
 
     @property
     def tasks(self) -> frozenset[TaskKind]:
@@ -59,28 +70,45 @@ class SiglipBackend(HFBackend):
         pixels = self.processor(images=images, return_tensors="pt")["pixel_values"].to(
             self.device, self.model.dtype
         )
+        emb = self.model.get_image_features(pixel_values=pixels)
+        emb = getattr(emb, "pooler_output", emb)
         if task is TaskKind.EMBED:
-            emb = self.model.get_image_features(pixel_values=pixels)
-            emb = getattr(emb, "pooler_output", emb)
             emb = torch.nn.functional.normalize(emb.float(), dim=-1).cpu().tolist()
             results = [TaskResult(task=task, embedding=e, prompt_id=f"{self.config.name}:embed") for e in emb]
         else:
-            results = [self._classify(item, pixels[i : i + 1]) for i, item in enumerate(batch)]
+            image_embeds = emb / emb.norm(p=2, dim=-1, keepdim=True)
+            results = [self._classify(item, image_embeds[i : i + 1]) for i, item in enumerate(batch)]
         if progress:
             progress(1.0, f"{task.value} x{len(batch)}")
         return results
 
-    def _classify(self, item: WorkItem, pixels: torch.Tensor) -> TaskResult:
+    def _text_embeds(self, texts: tuple[str, ...]) -> torch.Tensor:
+        """Normalized text embeddings of the label prompts, computed once per label set."""
+        cached = self._text.get(texts)
+        if cached is not None:
+            self._text.move_to_end(texts)
+            return cached
+        tokens = self.processor.tokenizer(
+            list(texts), padding="max_length", max_length=MAX_TEXT_TOKENS, truncation=True, return_tensors="pt"
+        ).to(self.device)
+        out = self.model.get_text_features(input_ids=tokens["input_ids"])
+        embeds = getattr(out, "pooler_output", out)
+        embeds = embeds / embeds.norm(p=2, dim=-1, keepdim=True)
+        self._text[texts] = embeds
+        while len(self._text) > TEXT_CACHE:
+            self._text.popitem(last=False)
+        return embeds
+
+    def _classify(self, item: WorkItem, image_embeds: torch.Tensor) -> TaskResult:
         labels = list(item.spec.labels) or list(self.config.labels)
         if not labels:
             raise InvalidInput("Zero-shot classification needs labels (request or model config).")
         prompt_id, _ = self.prompt("classify", PROMPTS["classify"], label="")
-        texts = [self.prompt("classify", PROMPTS["classify"], label=lb)[1] for lb in labels]
-        tokens = self.processor.tokenizer(
-            texts, padding="max_length", max_length=MAX_TEXT_TOKENS, truncation=True, return_tensors="pt"
-        ).to(self.device)
-        out = self.model(input_ids=tokens["input_ids"], pixel_values=pixels)
-        scores = torch.sigmoid(out.logits_per_image.float())[0].cpu().tolist()
+        texts = tuple(self.prompt("classify", PROMPTS["classify"], label=lb)[1] for lb in labels)
+        text_embeds = self._text_embeds(texts)
+        logits = text_embeds @ image_embeds.t().to(text_embeds.device)  # as SiglipModel.forward
+        logits = logits * self.model.logit_scale.exp() + self.model.logit_bias
+        scores = torch.sigmoid(logits.t().float())[0].cpu().tolist()
         result = TaskResult(task=TaskKind.CLASSIFY, prompt_id=prompt_id)
         for label, score in zip(labels, scores, strict=True):
             result.findings.append(

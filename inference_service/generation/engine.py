@@ -73,6 +73,8 @@ class GenRequest:
     logits_processors: Sequence[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = ()
     cancel: threading.Event | None = None
     deadline: float | None = None  # time.monotonic()
+    #: Generate exactly max_new_tokens (benchmarks: every request costs the same).
+    ignore_eos: bool = False
 
 
 @dataclass(frozen=True)
@@ -287,7 +289,8 @@ class Engine:
             token = self._choose(run, logits)
         run.generated.append(token)
         request = run.request
-        if token in request.eos_token_ids or len(run.generated) >= request.max_new_tokens:
+        ended = token in request.eos_token_ids and not request.ignore_eos
+        if ended or len(run.generated) >= request.max_new_tokens:
             self._finish(run)
 
     def _choose(self, run: _Running, logits: torch.Tensor) -> int:

@@ -61,3 +61,22 @@ def test_embedding_travels_over_grpc_messages(backend: SiglipBackend) -> None:
     (r,) = backend.run([WorkItem(_cr(), AnalysisSpec("m", (TaskKind.EMBED,)))], TaskKind.EMBED)
     msg = task_result_to_pb(r)
     assert list(msg.embedding) == pytest.approx(r.embedding, abs=1e-6)
+
+
+def test_label_text_embeddings_are_computed_once_per_label_set(backend: SiglipBackend) -> None:
+    """A batch runs the image tower once and the text tower once per label set; scores as one by one."""
+    calls: list[str] = []
+    real_text, real_image = backend.model.get_text_features, backend.model.get_image_features
+    backend.model.get_text_features = lambda **kw: calls.append("text") or real_text(**kw)  # type: ignore[method-assign]
+    backend.model.get_image_features = lambda **kw: calls.append("image") or real_image(**kw)  # type: ignore[method-assign]
+    try:
+        backend._text.clear()
+        items = [WorkItem(_cr(), AnalysisSpec("m", (TaskKind.CLASSIFY,), labels=("effusion", lb))) for lb in
+                 ("nodule", "nodule", "pneumothorax")]  # fmt: skip
+        batch = backend.run(items, TaskKind.CLASSIFY)
+        assert calls.count("image") == 1 and calls.count("text") == 2
+        again = [backend.run([item], TaskKind.CLASSIFY)[0] for item in items]
+        assert calls.count("text") == 2  # both label sets came from the cache
+    finally:
+        del backend.model.get_text_features, backend.model.get_image_features
+    assert [[f.score for f in r.findings] for r in batch] == [[f.score for f in r.findings] for r in again]
