@@ -7,6 +7,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 
@@ -74,32 +75,37 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             backend = self.registry.get(spec.model)
             yield _progress(Stage.RECEIVING, 1.0, f"received {volume.geometry.shape}")
             events: asyncio.Queue[pb.AnalyzeVolumeResponse] = asyncio.Queue()
-            results: list[TaskResult] = []
-            for i, task in enumerate(spec.tasks):
-                yield _progress(Stage.QUEUED, i / len(spec.tasks), f"{task.value} queued")
 
-                def sink(fraction: float, message: str) -> None:
-                    events.put_nowait(_progress(Stage.RUNNING, fraction, message))
+            def sink(fraction: float, message: str) -> None:
+                events.put_nowait(_progress(Stage.RUNNING, fraction, message))
 
-                job = asyncio.ensure_future(
-                    self.scheduler.submit(backend, WorkItem(volume, spec), task, sink)
-                )
-                getter: asyncio.Future[pb.AnalyzeVolumeResponse] | None = None
-                try:
-                    while not job.done():
-                        getter = asyncio.ensure_future(events.get())
-                        await asyncio.wait({job, getter}, return_when=asyncio.FIRST_COMPLETED)
-                        if getter.done():
-                            yield getter.result()
-                        else:
-                            getter.cancel()
-                    while not events.empty():
-                        yield events.get_nowait()
-                    results.append(job.result())
-                finally:
+            remaining = context.time_remaining()
+            item = WorkItem(volume, spec, deadline=None if remaining is None else time.monotonic() + remaining)
+            # Every task is queued at once: a generation engine batches report, VQA and detection
+            # of this image together and prefills the image once; other backends run them in turn.
+            jobs: list[asyncio.Future[TaskResult]] = []
+            getter: asyncio.Future[pb.AnalyzeVolumeResponse] | None = None
+            try:
+                for i, task in enumerate(spec.tasks):
+                    yield _progress(Stage.QUEUED, i / len(spec.tasks), f"{task.value} queued")
+                    jobs.append(asyncio.ensure_future(self.scheduler.submit(backend, item, task, sink)))
+                pending: set[asyncio.Future[Any]] = set(jobs)
+                while pending:
+                    getter = asyncio.ensure_future(events.get())
+                    done, _ = await asyncio.wait(pending | {getter}, return_when=asyncio.FIRST_COMPLETED)
+                    if getter.done():
+                        yield getter.result()
+                    else:
+                        getter.cancel()
+                    pending -= done
+                while not events.empty():
+                    yield events.get_nowait()
+                results: list[TaskResult] = [job.result() for job in jobs]
+            finally:
+                for job in jobs:
                     job.cancel()  # client gone or error: withdraw from the queue
-                    if getter is not None:
-                        getter.cancel()  # never leave the progress reader pending
+                if getter is not None:
+                    getter.cancel()  # never leave the progress reader pending
             numbers = [m.segment_number for r in results for m in r.masks]
             if len(numbers) != len(set(numbers)):
                 raise RuntimeError("The model returned duplicate segment numbers.")  # a backend bug: INTERNAL

@@ -178,3 +178,34 @@ async def test_deadline_reaches_the_client_and_the_queued_work_is_dropped() -> N
     finally:
         backend.gate.set()
         await running.stop(0)
+
+
+async def test_grpc_deadline_reaches_the_work_item_and_tasks_are_queued_together(server: RunningServer) -> None:
+    """The backend sees the caller's deadline (the engine stops a request past it); all tasks are queued
+    before the first result, so an engine can batch them."""
+    import time
+
+    seen: list[tuple[object, float | None, int]] = []
+    finished: list[object] = []
+    real = server.scheduler.submit
+
+    async def recording(backend, item, task, progress=None):  # noqa: ANN001, ANN202
+        seen.append((task, item.deadline, len(finished)))
+        result = await real(backend, item, task, progress)
+        finished.append(task)
+        return result
+
+    server.scheduler.submit = recording  # type: ignore[method-assign]
+    hu = phantom_hu(8)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = pb_grpc.InferenceServiceStub(channel)
+        started = time.monotonic()
+        call = stub.AnalyzeVolume(_requests(hu, [pb.TASK_KIND_SEGMENT, pb.TASK_KIND_REPORT]), timeout=60)
+        kinds = [msg.WhichOneof("payload") async for msg in call]
+        assert kinds[-1] == "result"
+        untimed = [m async for m in stub.AnalyzeVolume(_requests(hu, [pb.TASK_KIND_REPORT]))]
+        assert untimed[-1].WhichOneof("payload") == "result"
+    (_, d1, _), (_, d2, done_before_second), (_, d3, _) = seen
+    assert done_before_second == 0, "the second task was queued before the first finished"
+    assert d1 is not None and started + 50 < d1 < started + 61 and d1 == d2
+    assert d3 is None
