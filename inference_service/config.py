@@ -57,12 +57,16 @@ class ModelSection:
     path: Path | None = None
     dtype: str = "auto"
     device: str = "auto"
+    #: One copy of the model per device ("cuda:0", "cuda:1"); overrides ``device`` when set.
+    devices: list[str] = field(default_factory=list)
     preprocess: str = ""
     prompts: dict[str, str] = field(default_factory=dict)
     labels: dict[str, list[str]] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if len(set(self.devices)) != len(self.devices) and any(d != "cpu" for d in self.devices):
+            raise ValueError(f"devices lists a GPU twice: {self.devices}.")
         if self.backend not in BACKEND_KINDS:
             raise ValueError(f"Unknown backend {self.backend!r}; known: {', '.join(BACKEND_KINDS)}.")
         if self.preprocess not in PRESETS:

@@ -6,11 +6,13 @@ each other run as one batch (up to ``max_batch``, or the backend's own smaller
 thread per model so the event loop stays responsive; a request whose caller
 has gone away is dropped before it runs.
 
-A *continuous* backend (the generation engine) batches across calls itself, token
-by token: its lanes hand each item over at once, up to the backend's
-``concurrency`` in flight per model, so report, VQA and detection requests for
-one model share the engine's running batch. A caller that goes away sets the
-item's cancel event, and the engine drops the request at its next step.
+A model runs up to its backend's ``concurrency`` batches at once (1 unless it
+has replicas on several devices or a generation engine), shared by its lanes. A
+*continuous* backend (the generation engine) batches across calls itself, token
+by token: its lanes hand each item over at once, so report, VQA and detection
+requests for one model share the engine's running batch. A caller that goes
+away sets the item's cancel event, and the engine drops the request at its next
+step.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class _Lane:
     queue: asyncio.Queue[_Pending]
     worker: asyncio.Task[None] | None = None
     batches: list[int] = field(default_factory=list)  # sizes of batches run, for tests/bench
+    waiting: int = 0  # taken from the queue, waiting for a run slot: still counts as queued
 
 
 class Scheduler:
@@ -81,6 +84,8 @@ class Scheduler:
         cancel = item.cancel
         future.add_done_callback(lambda f: cancel.set() if f.cancelled() else None)
         try:
+            if lane.queue.qsize() + lane.waiting >= self.queue_size:
+                raise asyncio.QueueFull
             lane.queue.put_nowait(_Pending(item, future, progress))
         except asyncio.QueueFull as exc:
             raise QueueFull(f"The queue of {name}/{task.value} is full ({self.queue_size}).") from exc
@@ -95,8 +100,8 @@ class Scheduler:
             self._lanes[key] = lane
         return lane
 
-    async def _collect(self, lane: _Lane, limit: int) -> list[_Pending]:
-        batch = [await lane.queue.get()]
+    async def _collect(self, lane: _Lane, limit: int, first: _Pending) -> list[_Pending]:
+        batch = [first]
         deadline = asyncio.get_running_loop().time() + self.batch_wait_s
         while len(batch) < limit:
             timeout = deadline - asyncio.get_running_loop().time()
@@ -117,39 +122,55 @@ class Scheduler:
         return executor
 
     async def _drain(self, name: str, task: TaskKind, lane: _Lane) -> None:
+        """Wait for an item and a free run slot, collect the batch, start it, repeat.
+
+        With concurrency 1 this is run-then-collect (arrivals during a run form the next batch);
+        a continuous backend takes items one by one as soon as one of its slots frees up.
+        """
         executor = self._executor(name)
-        if self._backends[name].continuous:
-            await self._hand_over(name, task, lane, executor)
-            return
+        backend = self._backends[name]
+        limit = self._inflight.setdefault(name, asyncio.Semaphore(max(1, backend.concurrency)))
         while True:
-            backend = self._backends[name]
-            limit = min(self.max_batch, backend.max_batch) if backend.max_batch > 0 else self.max_batch
-            batch = await self._collect(lane, limit)
-            if batch:
-                await self._run_batch(name, task, lane, executor, batch)
-            # Let go of the batch before waiting for the next: a lane holding its last items would
-            # keep their volumes (and the backend's per-volume memo) alive between requests.
-            del batch
-
-    async def _hand_over(self, name: str, task: TaskKind, lane: _Lane, executor: ThreadPoolExecutor) -> None:
-        """Continuous backends: each item goes to the backend as soon as a slot is free."""
-        limit = self._inflight.setdefault(name, asyncio.Semaphore(max(1, self._backends[name].concurrency)))
-        while True:
-            pending = await lane.queue.get()
-            if pending.future.done():
-                continue
-            await limit.acquire()
-
-            async def run(p: _Pending = pending) -> None:
-                try:
-                    await self._run_batch(name, task, lane, executor, [p])
-                finally:
+            first = await lane.queue.get()  # the model's run slots are shared by its lanes: wait for work first
+            lane.waiting = 1
+            try:
+                await limit.acquire()
+            finally:
+                lane.waiting = 0
+            started = False
+            try:
+                backend = self._backends[name]
+                if backend.continuous:
+                    batch = [] if first.future.done() else [first]
+                else:
+                    most = min(self.max_batch, backend.max_batch) if backend.max_batch > 0 else self.max_batch
+                    batch = await self._collect(lane, most, first)
+                del first
+                if batch:
+                    job = asyncio.create_task(self._run_and_release(name, task, lane, executor, batch, limit))
+                    self._tasks.add(job)
+                    job.add_done_callback(self._tasks.discard)
+                    started = True
+                # Let go of the batch before waiting for the next: a lane holding its last items would
+                # keep their volumes (and the backend's per-volume memo) alive between requests.
+                del batch
+            finally:
+                if not started:
                     limit.release()
 
-            job = asyncio.create_task(run())
-            self._tasks.add(job)
-            job.add_done_callback(self._tasks.discard)
-            del pending
+    async def _run_and_release(
+        self,
+        name: str,
+        task: TaskKind,
+        lane: _Lane,
+        executor: ThreadPoolExecutor,
+        batch: list[_Pending],
+        limit: asyncio.Semaphore,
+    ) -> None:
+        try:
+            await self._run_batch(name, task, lane, executor, batch)
+        finally:
+            limit.release()
 
     async def _run_batch(
         self, name: str, task: TaskKind, lane: _Lane, executor: ThreadPoolExecutor, batch: list[_Pending]

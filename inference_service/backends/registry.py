@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from inference_service.backends import BACKEND_TYPES
 from inference_service.backends.base import Backend, ModelConfig
+from inference_service.backends.replicas import ReplicatedBackend
 from inference_service.config import ServiceSettings
 from inference_service.errors import UnknownModel
 
@@ -58,7 +60,14 @@ class ModelRegistry:
                 labels=dict(section.labels),
                 options=dict(section.options),
             )
-            backend = backend_class(section.backend)(config)
+            kind = backend_class(section.backend)
+            if len(section.devices) > 1:
+                copies = [kind(dataclasses.replace(config, device=d)) for d in section.devices]
+                backend: Backend = ReplicatedBackend(config, copies)
+            else:
+                if section.devices:
+                    config = dataclasses.replace(config, device=section.devices[0])
+                backend = kind(config)
             backend.load()
             models[name] = backend
         return cls(models=models, default=settings.inference_service.default_model)

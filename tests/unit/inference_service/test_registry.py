@@ -97,3 +97,40 @@ async def test_grpc_round_trip_with_a_vlm(tmp_path: Path, checkpoint: Path) -> N
     assert task.report.findings == "Small effusion." and task.report.impression == "Effusion."
     assert task.prompt_id.startswith("medgemma-tiny:report:")
     assert progress  # progress events reached the client
+
+
+async def test_a_model_on_several_devices_serves_from_each_copy(tmp_path: Path, checkpoint: Path) -> None:
+    """``devices`` loads one copy (and engine) per device; concurrent work is spread over the copies."""
+    from inference_service.backends.base import WorkItem
+    from inference_service.backends.replicas import ReplicatedBackend
+    from inference_service.scheduler import Scheduler
+    from inference_service.types import AnalysisSpec, Geometry, TaskKind, Volume
+
+    cfg = _config(tmp_path, checkpoint)
+    cfg.write_text(cfg.read_text().replace('path = "', 'devices = ["cpu", "cpu"]\npath = "'))
+    registry = ModelRegistry.load(settings_from(read_layers(cfg, {})))
+    backend = registry.get("medgemma-tiny")
+    assert isinstance(backend, ReplicatedBackend) and len(backend.replicas) == 2
+    assert backend.continuous and backend.concurrency == sum(r.engine.settings.slots for r in backend.replicas)
+    for replica in backend.replicas:
+        force_output(replica, "Findings: Clear.\nImpression: Normal.", "<end_of_turn>")
+    geometry = Geometry((1, 64, 48), (0, 0.2, 0.2), (1, 0, 0, 0, 1, 0), (0, 0, 0), "CR", rescaled=False)
+    rng = np.random.default_rng(1)
+    items = [WorkItem(Volume(rng.integers(0, 4000, (1, 64, 48)).astype(np.float32), geometry),
+                      AnalysisSpec("medgemma-tiny", (TaskKind.REPORT,))) for _ in range(6)]  # fmt: skip
+    scheduler = Scheduler(max_batch=4, batch_wait_ms=5)
+    try:
+        results = await asyncio.gather(*(scheduler.submit(backend, i, TaskKind.REPORT) for i in items))
+    finally:
+        await scheduler.close()
+        registry.close()
+    assert all(r.report is not None and r.report.impression == "Normal." for r in results)
+    assert all(n > 0 for n in backend.served), backend.served
+    assert all(r.engine.stats["requests"] > 0 for r in backend.replicas)
+
+
+def test_the_same_gpu_twice_is_a_config_error(tmp_path: Path, checkpoint: Path) -> None:
+    cfg = _config(tmp_path, checkpoint)
+    cfg.write_text(cfg.read_text().replace('path = "', 'devices = ["cuda:0", "cuda:0"]\npath = "'))
+    with pytest.raises(ValueError, match="GPU twice"):
+        settings_from(read_layers(cfg, {}))
