@@ -196,6 +196,19 @@ class InferenceClient:
     def close(self) -> None:
         self._channel.close()
 
+    def healthy(self, timeout_s: float = 2.0) -> bool:
+        """grpc.health.v1 Check of the inference service: True only when it answers SERVING."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        service = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
+        try:
+            reply = health_pb2_grpc.HealthStub(self._channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout_s
+            )
+        except grpc.RpcError:
+            return False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
     def list_models(self, timeout_s: float = 10.0) -> pb.ListModelsResponse:
         try:
             return self._stub.ListModels(pb.ListModelsRequest(), timeout=timeout_s, wait_for_ready=True)

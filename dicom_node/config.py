@@ -270,6 +270,8 @@ class InferenceSection:
     chunk_bytes: int = 1024 * 1024
     #: How long a replica that stopped answering is passed over while others answer.
     replica_cooldown_s: float = 30.0
+    #: With several replicas: how often each one's gRPC health service is asked (0 = never).
+    health_interval_s: float = 5.0
 
     #: TLS to the service; on as well when any tls_* file is given. No CA file = the system roots.
     tls: bool = False

@@ -127,6 +127,7 @@ class Node:
             self._http = HttpServer(app, http.host, http.port)
             self._http.start()
         self.worker.start()
+        self.replicas.start_health_checks(self.settings.inference.health_interval_s)
         return self
 
     def stop(self) -> None:
@@ -138,6 +139,7 @@ class Node:
             self._http = None
         if self.worker.stop():
             self.index.mark_clean_stop()  # nothing is written any more: no recovery scan at the next start
+        self.replicas.close()
         self.index.close()
 
     def __enter__(self) -> Node:

@@ -4,6 +4,11 @@ Why here and not in a load balancer: the node already knows how many analyses it
 on each replica (a gRPC stream per analysis, minutes long), which a connection-level balancer
 does not; and a replica that stops answering is set aside for a while, so the job's retry goes to
 another one instead of waiting on the dead one.
+
+With several replicas the pool also asks each one's gRPC health service every
+``health_interval_s``: one that is down or NOT_SERVING is set aside before a job
+is sent to it, and one that answers SERVING again comes back at once rather
+than after its cooldown.
 """
 
 from __future__ import annotations
@@ -41,6 +46,52 @@ class ReplicaPool:
         self._in_flight = dict.fromkeys(unique, 0)
         self._failed_at = dict.fromkeys(unique, float("-inf"))
         self._last_used = dict.fromkeys(unique, float("-inf"))
+        self._stop = threading.Event()
+        self._checker: threading.Thread | None = None
+        self._probes: dict[str, InferenceClient] = {}
+
+    def check_health(self, timeout_s: float = 2.0) -> dict[str, bool]:
+        """Ask every replica's health service; set aside the unhealthy, bring back the healthy."""
+        states: dict[str, bool] = {}
+        for address in self.addresses:
+            probe = self._probes.get(address)
+            if probe is None:
+                probe = self._probes[address] = self._make_client(address)
+            healthy = probe.healthy(timeout_s)
+            states[address] = healthy
+            with self._lock:
+                was_down = time.monotonic() - self._failed_at[address] < self._cooldown_s
+                self._failed_at[address] = float("-inf") if healthy else time.monotonic()
+            if healthy == was_down:
+                logger.info(
+                    "inference replica health changed",
+                    extra={"event": "inference.replica_health", "address": address, "serving": healthy},
+                )
+        return states
+
+    def start_health_checks(self, interval_s: float) -> None:
+        """Probe in a background thread (only worth it with more than one replica)."""
+        if interval_s <= 0 or len(self.addresses) < 2 or self._checker is not None:
+            return
+
+        def loop() -> None:
+            while not self._stop.wait(interval_s):
+                try:
+                    self.check_health(min(2.0, interval_s))
+                except Exception:  # a probe must never take the node down
+                    logger.exception("replica health check failed", extra={"event": "inference.health_error"})
+
+        self._checker = threading.Thread(target=loop, name="replica-health", daemon=True)
+        self._checker.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._checker is not None:
+            self._checker.join(timeout=5)
+            self._checker = None
+        for probe in self._probes.values():
+            probe.close()
+        self._probes.clear()
 
     def _pick(self) -> str:
         now = time.monotonic()

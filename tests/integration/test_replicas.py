@@ -100,3 +100,43 @@ def test_a_replica_that_does_not_answer_is_passed_over(tmp_path: Path, orthanc: 
     down = [json.loads(line) for line in log.splitlines() if '"inference.replica_down"' in line]
     assert [d["address"] for d in down] == [dead], down  # tried once, then set aside
     assert elapsed < 60, f"failover took {elapsed:.0f} s"  # one backoff (1 s), not a deadline
+
+
+def test_health_checks_set_a_stopped_replica_aside_and_bring_it_back() -> None:
+    """Two real services; the pool asks their grpc.health.v1 service: a stopped one gets no work
+    although the other is busier, and one serving again on the same port comes back without
+    waiting out its cooldown."""
+    from dicom_node.client import InferenceClient
+    from dicom_node.replicas import ReplicaPool
+
+    def service(port: int) -> EmbeddedInferenceService:
+        return EmbeddedInferenceService(ServiceSettings(inference_service=ServiceSection(port=port))).start()
+
+    port_b = free_port()
+    a, b = service(free_port()), service(port_b)
+    addr_a, addr_b = a.address, b.address
+    pool = ReplicaPool([addr_a, addr_b], lambda address: InferenceClient(address), cooldown_s=600)
+    revived = None
+    try:
+        assert pool.check_health() == {addr_a: True, addr_b: True}
+        b.stop()
+        assert pool.check_health() == {addr_a: True, addr_b: False}
+        held = [pool.client() for _ in range(3)]
+        assert {c.address for c in held} == {addr_a}, "a stopped replica gets no work"
+        revived = service(port_b)
+        pool.start_health_checks(0.2)
+        deadline = time.monotonic() + 20
+        picked = set()
+        while time.monotonic() < deadline and addr_b not in picked:
+            c = pool.client()
+            picked.add(c.address)
+            c.close()
+            time.sleep(0.1)
+        assert addr_b in picked, "the replica serving again came back before its 600 s cooldown"
+        for c in held:
+            c.close()
+    finally:
+        pool.close()
+        a.stop()
+        if revived is not None:
+            revived.stop()
