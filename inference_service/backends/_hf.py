@@ -279,6 +279,7 @@ class HFBackend(Backend):
     ) -> list[Any]:
         """One engine request per row of a left-padded processor batch (pads dropped, images split)."""
         from inference_service.generation import GenRequest
+        from inference_service.generation.engine import image_key
 
         eos = self.model.generation_config.eos_token_id
         eos_ids = frozenset(eos if isinstance(eos, list) else [] if eos is None else [eos])
@@ -305,6 +306,7 @@ class HFBackend(Backend):
                     max_new_tokens=limit,
                     eos_token_ids=eos_ids,
                     pixel_values=row_pixels,
+                    image_keys=tuple(image_key(img) for img in row_pixels) if row_pixels is not None else (),
                     token_type_ids=types[row][keep].tolist() if types is not None else None,
                     prefix_length=prefix,
                     logits_processors=[

@@ -65,6 +65,8 @@ class GenRequest:
     max_new_tokens: int
     eos_token_ids: frozenset[int]
     pixel_values: torch.Tensor | None = None
+    #: One content key per image (``image_key``); computed by the engine when empty.
+    image_keys: tuple[str, ...] = ()
     token_type_ids: Sequence[int] | None = None
     #: Leading tokens prefilled by the multimodal forward and shared between requests (0: none).
     prefix_length: int = 0
@@ -104,6 +106,14 @@ class _Running:
 class _Prefix:
     kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer, [heads, length, dim]
     logits: torch.Tensor  # [vocab] float32, next-token distribution after the prefix
+
+
+def image_key(pixels: torch.Tensor) -> str:
+    """Content key of one preprocessed image (blake2b: a 896 px float image is ~10 MB to hash).
+
+    Computed by the submitting thread (``HFBackend.engine_requests``), not the engine's.
+    """
+    return hashlib.blake2b(pixels.contiguous().cpu().numpy().tobytes(), digest_size=16).hexdigest()
 
 
 def _buckets(limit: int, start: int) -> list[int]:
@@ -207,7 +217,12 @@ class Engine:
             try:
                 admitted = self._take(block=not self._running)
                 if admitted:
-                    self._prefill(admitted)
+                    try:
+                        self._prefill(admitted)
+                    except Exception as exc:  # a prompt that fails its prefill fails alone
+                        logger.exception("prefill failed", extra={"event": "engine.prefill_failed"})
+                        for run in admitted:
+                            self._finish(run, exc)
                 self._reap()
                 if self._running:
                     self._decode()
@@ -350,15 +365,15 @@ class Engine:
         return found
 
     @staticmethod
-    def _image_keys(pixel_values: torch.Tensor | None) -> list[str]:
-        if pixel_values is None:
+    def _image_keys(request: GenRequest) -> list[str]:
+        if request.pixel_values is None:
             return []
-        return [hashlib.sha256(img.contiguous().cpu().numpy().tobytes()).hexdigest() for img in pixel_values]
+        return list(request.image_keys) or [image_key(img) for img in request.pixel_values]
 
     def _prefix_key(self, request: GenRequest) -> tuple[Any, ...]:
         ids = tuple(request.input_ids[: request.prefix_length])
         types = tuple(request.token_type_ids[: request.prefix_length]) if request.token_type_ids else ()
-        return (*self._image_keys(request.pixel_values), ids, types)
+        return (*self._image_keys(request), ids, types)
 
     def _vision_kwargs(self) -> dict[str, Any]:
         """LLaVA's get_image_features takes its feature layer as an argument; pass the config's."""
@@ -372,7 +387,7 @@ class Engine:
 
     def _features(self, requests: Sequence[GenRequest]) -> list[list[torch.Tensor]]:
         """Vision-tower outputs per request and image ([tokens, hidden] each); new images batched."""
-        per_request = [self._image_keys(r.pixel_values) for r in requests]
+        per_request = [self._image_keys(r) for r in requests]
         todo: dict[str, torch.Tensor] = {}
         for request, keys in zip(requests, per_request, strict=True):
             for key, image in zip(keys, request.pixel_values if request.pixel_values is not None else [], strict=True):

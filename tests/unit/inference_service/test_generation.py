@@ -313,3 +313,18 @@ def test_classification_runs_on_the_engine_thread(medgemma: MedGemmaBackend) -> 
         hook.remove()
     assert seen and set(seen) == {"generation-engine"}
     assert 0.0 <= result.findings[0].score <= 1.0
+
+
+def test_a_prompt_that_fails_its_prefill_fails_alone(medgemma: MedGemmaBackend) -> None:
+    engine = medgemma.engine
+    reached = threading.Event()
+    good_in = _inputs(medgemma, _images(1, seed=12), [PROMPTS[0]])
+    good = engine.submit(
+        _request(medgemma, good_in, 30, logits_processors=[Record(pause_s=0.01, reached=reached, at=3)])
+    )
+    assert reached.wait(30)
+    bad = _request(medgemma, _inputs(medgemma, _images(1, seed=13), [PROMPTS[1]]), 10)
+    bad = dataclasses.replace(bad, pixel_values=torch.cat([bad.pixel_values, bad.pixel_values]), image_keys=())
+    with pytest.raises(ValueError, match="[Ii]mage"):
+        engine.submit(bad).result(30)
+    assert good.result(30) == _plain(medgemma, good_in, 30)[0]
