@@ -258,21 +258,37 @@ class HFBackend(Backend):
         max_new_tokens: int | None = None,
         items: Sequence[WorkItem] | None = None,
     ) -> list[str]:
-        """Greedy generation on a left-padded batch; returns the decoded continuations.
+        """Greedy generation on a left-padded batch; returns the decoded continuations."""
+        return self.generate_ids(inputs, max_new_tokens, items)[0]
+
+    def generate_ids(
+        self,
+        inputs: dict[str, Any],
+        max_new_tokens: int | None = None,
+        items: Sequence[WorkItem] | None = None,
+    ) -> tuple[list[str], list[torch.Tensor]]:
+        """The continuations as text and as token ids (for callers that decode special tokens).
 
         With the engine each row becomes its own request (``items`` give their cancel
         event and deadline); rows too long for the engine's cache use plain ``generate``.
+        Several calls may run at once (the engine's lanes), so the ids are returned, not kept;
+        ``last_generated_ids`` is for single-threaded tests only.
         """
         limit = max_new_tokens or self.max_new_tokens
+        ids: list[torch.Tensor] | None = None
         if self.engine is not None:
             lengths = inputs["attention_mask"].sum(-1).tolist()
             if all(self.engine.fits(int(n), limit) for n in lengths):
-                return self._engine_generate(inputs, limit, items)
-            logger.info(
-                "prompt longer than the engine's cache: plain generate",
-                extra={"event": "engine.fallback", "tokens": max(lengths)},
-            )
-        return self._plain_generate(inputs, limit)
+                ids = self._engine_generate(inputs, limit, items)
+            else:
+                logger.info(
+                    "prompt longer than the engine's cache: plain generate",
+                    extra={"event": "engine.fallback", "tokens": max(lengths)},
+                )
+        if ids is None:
+            ids = self._plain_generate(inputs, limit)
+        self.last_generated_ids = ids
+        return self.processor.tokenizer.batch_decode(ids, skip_special_tokens=True), ids
 
     def engine_requests(
         self, inputs: dict[str, Any], limit: int, items: Sequence[WorkItem] | None = None
@@ -321,14 +337,12 @@ class HFBackend(Backend):
 
     def _engine_generate(
         self, inputs: dict[str, Any], limit: int, items: Sequence[WorkItem] | None
-    ) -> list[str]:
+    ) -> list[torch.Tensor]:
         futures = [self.engine.submit(r) for r in self.engine_requests(inputs, limit, items)]
-        generated = [f.result() for f in futures]
-        self.last_generated_ids = [torch.tensor(g, dtype=torch.long) for g in generated]
-        return self.processor.tokenizer.batch_decode(generated, skip_special_tokens=True)
+        return [torch.tensor(f.result(), dtype=torch.long) for f in futures]
 
     @torch.inference_mode()
-    def _plain_generate(self, inputs: dict[str, Any], limit: int) -> list[str]:
+    def _plain_generate(self, inputs: dict[str, Any], limit: int) -> list[torch.Tensor]:
         inputs = {k: v.to(self.device) if hasattr(v, "to") else v for k, v in inputs.items()}
         inputs.pop("labels", None)
         if "pixel_values" in inputs:
@@ -344,5 +358,4 @@ class HFBackend(Backend):
             do_sample=False,
             logits_processor=processors,
         )
-        self.last_generated_ids = out[:, prompt_length:].cpu()
-        return self.processor.tokenizer.batch_decode(self.last_generated_ids, skip_special_tokens=True)
+        return list(out[:, prompt_length:].cpu())

@@ -230,8 +230,12 @@ class M3DBackend(HFBackend):
         prompts = [self._prompt_for(item, task) for item in batch]
         prepared = [self._prepare(item) for item in batch]
         inputs = self.build_inputs(stack(prepared), [p for _, p in prompts])
-        texts = self.generate(inputs)
-        masks = self._masks(inputs, prepared, batch) if task is TaskKind.SEGMENT else [None] * len(batch)
+        texts, ids = self.generate_ids(inputs)
+        masks = (
+            self._masks(inputs, torch.stack(ids), prepared, batch)
+            if task is TaskKind.SEGMENT
+            else [None] * len(batch)
+        )
         results = []
         for text, (prompt_id, _), item, mask in zip(texts, prompts, batch, masks, strict=True):
             text = text.replace(m3d_modeling.SEG_TOKEN, "").strip()
@@ -251,10 +255,14 @@ class M3DBackend(HFBackend):
 
     @torch.inference_mode()
     def _masks(
-        self, inputs: dict[str, Any], prepared: list[PreparedCT], batch: Sequence[WorkItem]
+        self,
+        inputs: dict[str, Any],
+        generated: torch.Tensor,
+        prepared: list[PreparedCT],
+        batch: Sequence[WorkItem],
     ) -> list[Mask | None]:
-        """The [SEG] head's masks for the last generate call, mapped back to source voxels."""
-        generated = self.last_generated_ids.to(self.device)
+        """The [SEG] head's masks for the generated ids ([rows, tokens]), mapped back to source voxels."""
+        generated = generated.to(self.device)
         prompt_ids = inputs["input_ids"].to(self.device)
         sequences = torch.cat([prompt_ids, generated], dim=1)
         attention = torch.cat([inputs["attention_mask"].to(self.device), torch.ones_like(generated)], dim=1)

@@ -96,9 +96,9 @@ class PaliGemmaBackend(HFBackend):
         inputs = self.processor(
             text=[p for _, p in prompts], images=list(images), return_tensors="pt", padding=True
         )
-        texts = self.generate(dict(inputs), items=batch)
+        texts, ids = self.generate_ids(dict(inputs), items=batch)
         # keep <loc>/<seg> tokens: decode again without dropping special tokens where needed
-        raw = self.processor.tokenizer.batch_decode(self.last_generated_ids, skip_special_tokens=False)
+        raw = self.processor.tokenizer.batch_decode(ids, skip_special_tokens=False)
         results = []
         for item, fit, (prompt_id, _), text, full in zip(batch, fits, prompts, texts, raw, strict=True):
             results.append(self._parse(task, item, fit, prompt_id, text, _strip_specials(full)))

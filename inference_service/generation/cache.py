@@ -111,7 +111,9 @@ class SlotCache:
             mask = valid[:, None]  # [B, 1, T, width]
             if additive_dtype is not None:
                 zero = torch.zeros((), dtype=additive_dtype, device=self.device)
-                low = torch.full((), torch.finfo(additive_dtype).min, dtype=additive_dtype, device=self.device)
+                low = torch.full(
+                    (), torch.finfo(additive_dtype).min, dtype=additive_dtype, device=self.device
+                )
                 mask = torch.where(mask, zero, low)
             out[kind] = mask
         return out

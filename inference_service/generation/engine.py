@@ -178,7 +178,11 @@ class Engine:
                 self.stats["warmup_s"] = round(time.monotonic() - started, 3)
                 logger.info(
                     "decode graphs captured",
-                    extra={"event": "engine.warmup", "graphs": len(self.graphs), "seconds": self.stats["warmup_s"]},
+                    extra={
+                        "event": "engine.warmup",
+                        "graphs": len(self.graphs),
+                        "seconds": self.stats["warmup_s"],
+                    },
                 )
             self._thread = threading.Thread(target=self._loop, name="generation-engine", daemon=True)
             self._thread.start()
@@ -390,7 +394,9 @@ class Engine:
         per_request = [self._image_keys(r) for r in requests]
         todo: dict[str, torch.Tensor] = {}
         for request, keys in zip(requests, per_request, strict=True):
-            for key, image in zip(keys, request.pixel_values if request.pixel_values is not None else [], strict=True):
+            for key, image in zip(
+                keys, request.pixel_values if request.pixel_values is not None else [], strict=True
+            ):
                 if key in self._images:
                     self._images.move_to_end(key)
                     self.stats["image_hits"] += 1
@@ -400,7 +406,9 @@ class Engine:
         for start in range(0, len(items), self.settings.vision_batch):
             part = items[start : start + self.settings.vision_batch]
             pixels = torch.stack([img for _, img in part]).to(self.device, self.dtype)
-            out = self.model.model.get_image_features(pixel_values=pixels, return_dict=True, **self._feature_kwargs)
+            out = self.model.model.get_image_features(
+                pixel_values=pixels, return_dict=True, **self._feature_kwargs
+            )
             pooled = out.pooler_output
             for (key, _), feats in zip(part, list(pooled), strict=True):
                 self._images[key] = feats

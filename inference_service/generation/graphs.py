@@ -82,7 +82,12 @@ class DecodeGraphs:
             self.failed.append((batch, width))
             logger.warning(
                 "decode graph capture failed; this bucket runs eagerly",
-                extra={"event": "engine.graph_failed", "batch": batch, "width": width, "error": str(exc)[:200]},
+                extra={
+                    "event": "engine.graph_failed",
+                    "batch": batch,
+                    "width": width,
+                    "error": str(exc)[:200],
+                },
             )
             return
         self._graphs[(batch, width)] = _Graph(graph, step, logits)

@@ -91,6 +91,15 @@ def test_bench_scale_smoke() -> None:
     assert "speed-up vs 1 study" in out and "cores busy" in out
 
 
+def test_bench_inference_smoke() -> None:
+    """Every section's table: plain generate vs the engine, open loop, mixed study, PaliGemma, vision, engines."""
+    out = _smoke("bench_inference.py", 300)
+    titles = ("1. MedGemma", "2. Open loop", "3. Mixed study", "4. PaliGemma", "5. Vision", "6. Engines")
+    assert [t for t in titles if t not in out] == [], out
+    assert "plain generate, one at a time" in out and "engine, 4 in flight" in out and "p95 s" in out
+    assert "SiglipBackend.run" in out and "captured while timed" in out
+
+
 def test_bench_med3dvlm_smoke() -> None:
     out = _smoke("bench_med3dvlm.py", 300)
     assert "smoke (tiny checkpoint, CPU, not a measurement)" in out and "CT studies ran in batches of" in out

@@ -103,10 +103,10 @@ def _plain(backend: HFBackend, inputs: dict[str, Any], limit: int) -> tuple[list
     record = Record()
     saved, backend.logits_processors = backend.logits_processors, [record]
     try:
-        backend._plain_generate(inputs, limit)
+        (ids,) = backend._plain_generate(inputs, limit)
     finally:
         backend.logits_processors = saved
-    return backend.last_generated_ids[0].tolist(), record.scores
+    return ids.tolist(), record.scores
 
 
 def _request(backend: HFBackend, inputs: dict[str, Any], limit: int, **kw: Any) -> GenRequest:
@@ -123,7 +123,9 @@ def test_engine_equals_plain_generate_token_for_token(backend: HFBackend) -> Non
     futures = []
     for row, (image, prompt) in enumerate(zip(images, PROMPTS, strict=True)):
         single = _inputs(backend, [image], [prompt])
-        futures.append(backend.engine.submit(_request(backend, single, limit, logits_processors=[records[row]])))
+        futures.append(
+            backend.engine.submit(_request(backend, single, limit, logits_processors=[records[row]]))
+        )
     got = [f.result(timeout=120) for f in futures]
     for row, (image, prompt) in enumerate(zip(images, PROMPTS, strict=True)):
         tokens, scores = _plain(backend, _inputs(backend, [image], [prompt]), limit)
@@ -241,7 +243,9 @@ def test_sampling_is_seeded_and_top_k_one_is_greedy(medgemma: MedGemmaBackend) -
     engine = medgemma.engine
     inputs = _inputs(medgemma, _images(1, seed=9), [PROMPTS[1]])
     greedy = engine.submit(_request(medgemma, inputs, 15)).result(30)
-    top1 = engine.submit(_request(medgemma, inputs, 15, sampling=Sampling(temperature=1.0, top_k=1))).result(30)
+    top1 = engine.submit(_request(medgemma, inputs, 15, sampling=Sampling(temperature=1.0, top_k=1))).result(
+        30
+    )
     assert top1 == greedy
     hot = Sampling(temperature=5.0, top_p=0.95, seed=7)
     first = engine.submit(_request(medgemma, inputs, 15, sampling=hot)).result(30)
@@ -324,7 +328,9 @@ def test_a_prompt_that_fails_its_prefill_fails_alone(medgemma: MedGemmaBackend) 
     )
     assert reached.wait(30)
     bad = _request(medgemma, _inputs(medgemma, _images(1, seed=13), [PROMPTS[1]]), 10)
-    bad = dataclasses.replace(bad, pixel_values=torch.cat([bad.pixel_values, bad.pixel_values]), image_keys=())
+    bad = dataclasses.replace(
+        bad, pixel_values=torch.cat([bad.pixel_values, bad.pixel_values]), image_keys=()
+    )
     with pytest.raises(ValueError, match="[Ii]mage"):
         engine.submit(bad).result(30)
     assert good.result(30) == _plain(medgemma, good_in, 30)[0]
