@@ -90,6 +90,8 @@ class EngineSettings:
     image_cache: int = 64  # vision-tower outputs kept for reuse
     vision_batch: int = 16
     cuda_graphs: bool = True
+    #: Without CUDA: decode through the graphs' static buffers anyway (tests of the replay bookkeeping).
+    static_steps: bool = False
 
 
 @dataclass
@@ -169,11 +171,12 @@ class Engine:
         with self._lock:
             if self._thread is not None:
                 return
-            if self.settings.cuda_graphs and self.device.type == "cuda":
+            gpu = self.device.type == "cuda"
+            if (self.settings.cuda_graphs and gpu) or self.settings.static_steps:
                 from inference_service.generation.graphs import DecodeGraphs
 
                 started = time.monotonic()
-                self.graphs = DecodeGraphs(self)
+                self.graphs = DecodeGraphs(self, capture=gpu and self.settings.cuda_graphs)
                 self.graphs.capture_all()
                 self.stats["warmup_s"] = round(time.monotonic() - started, 3)
                 logger.info(

@@ -10,6 +10,10 @@ inputs and replays — nothing is captured or compiled while serving.
 
 A bucket that fails to capture is left to the eager step (logged), so a model
 or driver that graphs do not suit still serves.
+
+Without CUDA (``capture=False``) the same static buffers are filled and the step
+runs eagerly on them: the CPU tests exercise exactly the bookkeeping a replay
+depends on (in-place copies, shared index tensors), everything but the capture.
 """
 
 from __future__ import annotations
@@ -30,16 +34,17 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class _Graph:
-    graph: torch.cuda.CUDAGraph
+    graph: torch.cuda.CUDAGraph | None  # None: static buffers only, the step runs eagerly
     step: Step
-    logits: torch.Tensor
+    logits: torch.Tensor | None
 
 
 class DecodeGraphs:
     """Captured decode steps of one engine."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, capture: bool = True) -> None:
         self.engine = engine
+        self.capture = capture
         self._graphs: dict[tuple[int, int], _Graph] = {}
         self._pool: object | None = None
         self.failed: list[tuple[int, int]] = []
@@ -67,6 +72,9 @@ class DecodeGraphs:
             rows=None,
             width=width,
         )
+        if not self.capture:
+            self._graphs[(batch, width)] = _Graph(None, step, None)
+            return
         try:
             side = torch.cuda.Stream(device)
             side.wait_stream(torch.cuda.current_stream(device))
@@ -104,5 +112,7 @@ class DecodeGraphs:
         step.write_index.copy_(index)  # also the query index: the same tensor
         step.positions.copy_(index + self.engine.position_offset)
         step.end.copy_(index[:, 0] + 1)
+        if entry.graph is None:
+            return self.engine.forward(step)
         entry.graph.replay()
         return entry.logits

@@ -334,3 +334,39 @@ def test_a_prompt_that_fails_its_prefill_fails_alone(medgemma: MedGemmaBackend) 
     with pytest.raises(ValueError, match="[Ii]mage"):
         engine.submit(bad).result(30)
     assert good.result(30) == _plain(medgemma, good_in, 30)[0]
+
+
+def test_decode_through_the_graphs_static_buffers_stays_exact(medgemma: MedGemmaBackend) -> None:
+    """The CUDA-graph path without the capture: each bucket's static tensors are refilled in place
+    and the step runs on them. Requests of different lengths join and leave; tokens as plain."""
+    from inference_service.generation import Engine, EngineSettings
+
+    engine = Engine(medgemma.model, EngineSettings(slots=4, max_length=256, chunk=16, static_steps=True))
+    try:
+        inputs = [_inputs(medgemma, _images(1, seed=20 + i), [p]) for i, p in enumerate(PROMPTS)]
+        limits = (25, 5, 60)
+        reached = threading.Event()
+        first = engine.submit(
+            _request(
+                medgemma,
+                inputs[2],
+                limits[2],
+                logits_processors=[Record(pause_s=0.005, reached=reached, at=4)],
+            )
+        )
+        assert reached.wait(30)
+        others = [
+            engine.submit(_request(medgemma, x, n)) for x, n in zip(inputs[:2], limits[:2], strict=True)
+        ]
+        got = [f.result(60) for f in others] + [first.result(60)]
+        assert engine.graphs is not None and len(engine.graphs) == len(engine.batch_buckets) * len(
+            engine.width_buckets
+        )
+        assert engine.stats["graph_replays"] == engine.stats["decode_steps"] > 0
+        assert engine.stats["graph_captures"] == 0  # nothing is captured without CUDA
+    finally:
+        engine.stop()
+    for tokens, x, n in zip(
+        got, [inputs[0], inputs[1], inputs[2]], (limits[0], limits[1], limits[2]), strict=True
+    ):
+        assert tokens == _plain(medgemma, x, n)[0]
