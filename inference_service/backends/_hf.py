@@ -228,7 +228,18 @@ class HFBackend(Backend):
             prefix_cache=int(opts.get("engine_prefix_cache", 16)),
             cuda_graphs=self._option_bool("cuda_graphs", True),
         )
-        return Engine(self.model, settings, position_offset=self.position_offset)
+        engine = Engine(self.model, settings, position_offset=self.position_offset)
+        logger.info(
+            "generation engine ready",
+            extra={
+                "event": "engine.ready",
+                "model": self.config.name,
+                "slots": settings.slots,
+                "max_length": settings.max_length,
+                "cache_bytes": engine.cache.bytes,
+            },
+        )
+        return engine
 
     @property
     def continuous(self) -> bool:
