@@ -93,6 +93,24 @@ _SEEDS = itertools.count(1)
 
 
 # -- real-size architectures -----------------------------------------------------------------------
+def medgemma_4b_parts() -> tuple[Any, Any]:
+    """The offline Gemma 3 processor at 896 px (left padding) and the real-size MedGemma-4B config."""
+    from transformers import Gemma3Processor
+    from transformers.models.gemma3 import Gemma3ImageProcessorPil
+
+    tok = gemma_tokenizer()
+    vocab = tok.get_vocab()
+    processor = Gemma3Processor(
+        image_processor=Gemma3ImageProcessorPil(size={"height": 896, "width": 896}, do_pan_and_scan=False),
+        tokenizer=tok, chat_template=GEMMA_CHAT, image_seq_length=256,
+    )  # fmt: skip
+    processor.tokenizer.padding_side = "left"
+    config = medgemma_4b_config(
+        len(tok), vocab["<image_soft_token>"], vocab["<start_of_image>"], vocab["<end_of_image>"]
+    )
+    return processor, config
+
+
 def medgemma_4b_config(vocab_size: int, image_token: int, boi: int, eoi: int):  # noqa: ANN201
     """google/medgemma-4b-it: Gemma 3 4B + SigLIP 896 px (the real vocabulary size; ``vocab_size`` unused)."""
     from transformers import Gemma3Config
@@ -210,19 +228,10 @@ def medgemma_backend(args: argparse.Namespace) -> BenchMedGemma:
     if args.smoke:
         backend = tiny_backend(BenchMedGemma, build_medgemma, args.workdir)
     else:
-        from transformers import Gemma3ForConditionalGeneration, Gemma3Processor
-        from transformers.models.gemma3 import Gemma3ImageProcessorPil
+        from transformers import Gemma3ForConditionalGeneration
 
-        tok = gemma_tokenizer()
-        vocab = tok.get_vocab()
-        processor = Gemma3Processor(
-            image_processor=Gemma3ImageProcessorPil(size={"height": 896, "width": 896}, do_pan_and_scan=False),
-            tokenizer=tok, chat_template=GEMMA_CHAT, image_seq_length=256,
-        )  # fmt: skip
-        processor.tokenizer.padding_side = "left"
-        config = medgemma_4b_config(
-            len(tok), vocab["<image_soft_token>"], vocab["<start_of_image>"], vocab["<end_of_image>"]
-        )
+        processor, config = medgemma_4b_parts()
+        vocab = processor.tokenizer.get_vocab()
         backend = gpu_backend(BenchMedGemma, Gemma3ForConditionalGeneration, config, processor)
         backend.model.generation_config.eos_token_id = [vocab["<eos>"], vocab["<end_of_turn>"]]
         backend.model.generation_config.pad_token_id = vocab["<pad>"]

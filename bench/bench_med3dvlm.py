@@ -140,24 +140,14 @@ def main() -> int:
 def medgemma(args: argparse.Namespace, item: Any) -> None:  # noqa: ANN401
     """MedGemma-4B (random bf16) on the same CT: 85 sampled slices, three windows each, one turn."""
     import torch
-    from transformers import Gemma3ForConditionalGeneration, Gemma3Processor
-    from transformers.models.gemma3 import Gemma3ImageProcessorPil
+    from transformers import Gemma3ForConditionalGeneration
 
-    from bench.bench_inference import medgemma_4b_config
+    from bench.bench_inference import medgemma_4b_parts
     from inference_service.backends.base import ModelConfig
     from inference_service.backends.medgemma import MedGemmaBackend
-    from tests.unit.inference_service.tiny_checkpoints import GEMMA_CHAT, gemma_tokenizer
 
-    tok = gemma_tokenizer()
-    vocab = tok.get_vocab()
-    processor = Gemma3Processor(
-        image_processor=Gemma3ImageProcessorPil(size={"height": 896, "width": 896}, do_pan_and_scan=False),
-        tokenizer=tok, chat_template=GEMMA_CHAT, image_seq_length=256,
-    )  # fmt: skip
-    processor.tokenizer.padding_side = "left"
-    config = medgemma_4b_config(
-        len(tok), vocab["<image_soft_token>"], vocab["<start_of_image>"], vocab["<end_of_image>"]
-    )
+    processor, config = medgemma_4b_parts()
+    vocab = processor.tokenizer.get_vocab()
     with torch.device("cuda"):
         model = Gemma3ForConditionalGeneration(config).to(torch.bfloat16).eval()
     backend = MedGemmaBackend(ModelConfig(name="medgemma-4b-random", backend="medgemma", path=Path("/nonexistent"),
