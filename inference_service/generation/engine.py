@@ -275,8 +275,8 @@ class Engine:
         return admitted
 
     def _finish(self, run: _Running, error: BaseException | None = None) -> None:
-        self._running.pop(run.slot, None)
-        if run.slot >= 0:
+        if run.slot >= 0 and self._running.get(run.slot) is run:  # a slot is freed once, by its holder
+            del self._running[run.slot]
             self._free.append(run.slot)
             self._free.sort()
         if not run.future.done():

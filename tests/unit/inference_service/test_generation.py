@@ -370,3 +370,20 @@ def test_decode_through_the_graphs_static_buffers_stays_exact(medgemma: MedGemma
         got, [inputs[0], inputs[1], inputs[2]], (limits[0], limits[1], limits[2]), strict=True
     ):
         assert tokens == _plain(medgemma, x, n)[0]
+
+
+def test_a_slot_is_freed_once_even_if_a_request_is_finished_twice(medgemma: MedGemmaBackend) -> None:
+    """A request that ended at its first token and then sits in a failed prefill round must not
+    hand its slot back twice (two later requests would share it)."""
+    from concurrent.futures import Future
+
+    from inference_service.generation import Engine, EngineSettings
+    from inference_service.generation.engine import _Running
+
+    engine = Engine(medgemma.model, EngineSettings(slots=3, max_length=128, chunk=16))
+    run = _Running(GenRequest([1, 2, 3], 4, frozenset()), Future())
+    run.slot = engine._free.pop(0)
+    engine._running[run.slot] = run
+    engine._finish(run)
+    engine._finish(run, RuntimeError("the prefill round failed"))
+    assert sorted(engine._free) == [0, 1, 2] and run.future.result() == []
