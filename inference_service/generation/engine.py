@@ -342,7 +342,7 @@ class Engine:
     def _prefill(self, runs: list[_Running]) -> None:
         for run in [r for r in runs if r.request.prefix_length <= 0 and not r.request.input_ids]:
             self._finish(run, InvalidInput("Empty prompt."))
-        runs = [r for r in runs if r.slot in self._running]
+        runs = [r for r in runs if self._running.get(r.slot) is r]
         with_prefix = [r for r in runs if r.request.prefix_length > 0]
         if with_prefix:
             prefixes = self._prefixes_for(with_prefix)
@@ -351,7 +351,7 @@ class Engine:
                 run.length = run.request.prefix_length
                 if run.length == len(run.request.input_ids):
                     self._accept(run, prefix.logits)
-        rest = [r for r in runs if r.slot in self._running and r.length < len(r.request.input_ids)]
+        rest = [r for r in runs if self._running.get(r.slot) is r and r.length < len(r.request.input_ids)]
         if rest:
             self._extend(rest)
 
@@ -458,7 +458,11 @@ class Engine:
         logits = out.logits[:, -1].float()
         for i, ((key, r), row_logits) in enumerate(zip(items, logits, strict=True)):
             first = length - r.prefix_length
-            kv = [(layer.keys[i, :, first:], layer.values[i, :, first:]) for layer in cache.layers]
+            # Copies, not views: a view would keep the whole batch's tensors alive in the LRU.
+            kv = [
+                (layer.keys[i, :, first:].clone(), layer.values[i, :, first:].clone())
+                for layer in cache.layers
+            ]
             self._prefixes[key] = _Prefix(kv, row_logits)
 
     def _features_are_list(self) -> bool:
