@@ -9,10 +9,7 @@ Here the loops keep their code and their order; only *how they wait* changes:
 - the DUL thread waits in ``select`` on its socket and on a wake-up pipe that every put on its
   queues writes to (a primitive to send, an event), at most ``MAX_WAIT_S`` (ARTIM, kill);
 - the association thread waits on an Event set by every put on its DIMSE message queue and on
-  its DUL's to-user queue (a message, a release, an abort), also at most ``MAX_WAIT_S``;
-- a request method (``send_c_store`` and the like) waits until the reactor is really paused
-  before it sends (``_get_paused``): pynetdicom's own check can be passed while the reactor is
-  still about to read its queue, and then the reactor takes the response.
+  its DUL's to-user queue (a message, a release, an abort), also at most ``MAX_WAIT_S``.
 
 The hook points are names pynetdicom's association module looks up when it builds an
 Association (its DUL and DIMSE provider classes, its ``time``), so nothing of pynetdicom's is
@@ -163,61 +160,6 @@ class _ReactorClock:
             wake.wait(MAX_WAIT_S)
 
 
-class _Checkpoint(threading.Event):
-    """``Association._reactor_checkpoint`` that records, under its own lock, that the reactor went
-    through it (``passed``), so that ``_is_paused`` (below) is not read as True in between."""
-
-    passed = False
-
-    def wait(self, timeout: float | None = None) -> bool:
-        with self._cond:  # type: ignore[attr-defined]
-            signaled = self._flag or self._cond.wait_for(lambda: self._flag, timeout)  # type: ignore[attr-defined]
-            if signaled:
-                self.passed = True
-            return bool(signaled)
-
-
-def _get_checkpoint(assoc: Any) -> threading.Event:
-    state = assoc.__dict__  # an Association built before install() keeps its plain attribute
-    return state["_radbridge_checkpoint"] if "_radbridge_checkpoint" in state else state["_reactor_checkpoint"]
-
-
-def _set_checkpoint(assoc: Any, event: threading.Event) -> None:
-    if not isinstance(event, _Checkpoint):
-        replacement = _Checkpoint()
-        if event.is_set():
-            replacement.set()
-        event = replacement
-    assoc.__dict__["_radbridge_checkpoint"] = event
-
-
-def _get_paused(assoc: Any) -> bool:
-    """pynetdicom's send_*() clear the checkpoint, then wait until this is True, then send.
-
-    pynetdicom's reactor sets ``_is_paused = True`` *before* it waits on the checkpoint and False
-    after: if the checkpoint was still set, the reactor goes through, and a send_*() that clears
-    it in that moment reads True, sends, and the reactor's next look at the message queue takes
-    the peer's response as a request ("Received unexpected C-STORE service message", then a DIMSE
-    timeout). A peer that answers within a GIL switch (loopback, TCP_NODELAY) hits it. So for
-    other threads, a reactor that went through the checkpoint is not paused until it sets
-    ``_is_paused`` again at the top of its next pass, where it then waits.
-    """
-    paused = assoc.__dict__.get("_radbridge_paused", assoc.__dict__.get("_is_paused", False))
-    if not paused or threading.current_thread() is assoc:
-        return paused
-    checkpoint = assoc.__dict__.get("_radbridge_checkpoint")
-    return not getattr(checkpoint, "passed", False)
-
-
-def _set_paused(assoc: Any, value: bool) -> None:
-    if value:
-        checkpoint = assoc.__dict__.get("_radbridge_checkpoint")
-        if checkpoint is not None:
-            with checkpoint._cond:  # the same lock as wait(): a pass is counted or not, never half
-                checkpoint.passed = False
-    assoc.__dict__["_radbridge_paused"] = value
-
-
 class BulkRecvSocket(AssociationSocket):
     """pynetdicom's socket wrapper reading a PDU in large pieces rather than 4 KiB ones."""
 
@@ -244,8 +186,6 @@ def install() -> bool:
             extra={"event": "scp.reactor_not_installed", "pynetdicom": pynetdicom.__version__},
         )
         return False
-    association.Association._reactor_checkpoint = property(_get_checkpoint, _set_checkpoint)  # type: ignore[assignment]
-    association.Association._is_paused = property(_get_paused, _set_paused)  # type: ignore[assignment]
     association.DULServiceProvider = EventDrivenDUL  # type: ignore[misc]
     association.DIMSEServiceProvider = EventDrivenDIMSE  # type: ignore[misc]
     association.time = _ReactorClock()  # type: ignore[assignment]

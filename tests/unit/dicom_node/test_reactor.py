@@ -138,36 +138,3 @@ def test_bulk_recv_returns_what_arrived_when_the_peer_closes() -> None:
         assert sock.recv(10) == bytearray(b"abc")
     finally:
         left.close()
-
-
-def test_a_reactor_that_went_through_its_checkpoint_is_not_read_as_paused() -> None:
-    """pynetdicom's race, made deterministic: the reactor passes the checkpoint (still set) and,
-    before it looks at its queue, a send_*() in another thread clears it and reads _is_paused.
-    That read must say False; once the reactor is back at its checkpoint, True, and it waits."""
-    assoc = association.Association(AE(), "requestor")
-    assert isinstance(assoc._reactor_checkpoint, reactor._Checkpoint)
-    passed, resume, at_top = threading.Event(), threading.Event(), threading.Event()
-    blocked_again = threading.Event()
-
-    def reactor_pass() -> None:  # the lines of pynetdicom's _run_reactor, in the association's place
-        assoc._is_paused = True
-        assoc._reactor_checkpoint.wait()
-        passed.set()
-        resume.wait(5)  # here the reactor would read its message queue
-        assoc._is_paused = False
-        assoc._is_paused = True  # the next pass
-        at_top.set()
-        assoc._reactor_checkpoint.wait()
-        blocked_again.set()
-
-    thread = threading.Thread(target=reactor_pass)
-    thread.start()
-    assert passed.wait(5)
-    assoc._reactor_checkpoint.clear()  # a send_*() begins
-    assert assoc._is_paused is False, "pynetdicom would read True here and send"
-    resume.set()
-    assert at_top.wait(5)
-    assert assoc._is_paused is True and not blocked_again.wait(0.1)  # paused for real: it waits
-    assoc._reactor_checkpoint.set()  # the send_*() is done
-    assert blocked_again.wait(5)
-    thread.join(5)
