@@ -72,6 +72,7 @@ from dicom_node.group_commit import GroupCommitter
 from dicom_node.header import read_header
 from dicom_node.index import Index, ReceivedInstance
 from dicom_node.metrics import ASSOCIATIONS, BYTES_RECEIVED, INSTANCES_RECEIVED, INSTANCES_REFUSED
+from dicom_node.nodelay import set_nodelay
 from dicom_node.part10 import file_preamble
 from dicom_node.query import handle_find, handle_move
 from dicom_node.receivers import ReceiverPool
@@ -414,6 +415,7 @@ class GuardedAssociationServer(ThreadedAssociationServer):
             if refusal is None:
                 # As pynetdicom does for the sockets it connects: a stalled read or write ends.
                 request.settimeout(self.ae.network_timeout)
+                set_nodelay(request)  # responses are small writes: Nagle would hold them back
                 if self._serve_lean(request, peer):
                     pass
                 elif self.handoff is not None:
