@@ -166,7 +166,7 @@ def _associate(
             ae_title=source.ae_title,
             tls_args=tls_args(source),
             ext_neg=roles,
-            evt_handlers=[*nodelay.HANDLERS, *handlers],
+            evt_handlers=[*nodelay.HANDLERS, *(handlers or [])],
         )
     except Exception as exc:
         raise PullError(f"Cannot connect to {where}: {exc}") from exc
