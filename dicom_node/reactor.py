@@ -9,7 +9,11 @@ Here the loops keep their code and their order; only *how they wait* changes:
 - the DUL thread waits in ``select`` on its socket and on a wake-up pipe that every put on its
   queues writes to (a primitive to send, an event), at most ``MAX_WAIT_S`` (ARTIM, kill);
 - the association thread waits on an Event set by every put on its DIMSE message queue and on
-  its DUL's to-user queue (a message, a release, an abort), also at most ``MAX_WAIT_S``.
+  its DUL's to-user queue (a message, a release, an abort), also at most ``MAX_WAIT_S``;
+- the association thread's own look at its DIMSE queue takes nothing while a ``send_*()`` has
+  paused it (``EventDrivenDIMSE.get_msg``): pynetdicom's pause can be read as taken while the
+  reactor is past its checkpoint and about to read the queue, and a fast peer's response then
+  went to the reactor ("Received unexpected C-STORE service message", then a DIMSE timeout).
 
 The hook points are names pynetdicom's association module looks up when it builds an
 Association (its DUL and DIMSE provider classes, its ``time``), so nothing of pynetdicom's is
@@ -136,11 +140,39 @@ class EventDrivenDUL(DULServiceProvider):
 
 
 class EventDrivenDIMSE(DIMSEServiceProvider):
-    """pynetdicom's DIMSE provider whose completed messages wake the association reactor."""
+    """pynetdicom's DIMSE provider whose completed messages wake the association reactor, and
+    whose reactor never takes the response a ``send_*()`` is waiting for.
+
+    pynetdicom's reactor sets ``_is_paused = True``, waits on its checkpoint, sets it False and
+    then reads the queue. A ``send_*()`` clears the checkpoint and waits for ``_is_paused``: if it
+    does so while the reactor is between its wait and its read, it reads True, sends, and a peer
+    that answers within a GIL switch (loopback, TCP_NODELAY) has its response taken by the
+    reactor. Here the reactor's non-blocking read and the check that nobody paused it are one
+    step under ``_take_lock``, which ``send_msg`` also passes through: either the reactor read
+    before the request went out (so what it took is not the response), or it sees the cleared
+    checkpoint and leaves the queue to the ``send_*()``. Only the reactor's own non-blocking
+    reads are filtered; a blocking read (a ``send_*()``, also from a C-GET handler on the
+    reactor's thread) is pynetdicom's.
+    """
 
     def __init__(self, assoc: Any) -> None:
         super().__init__(assoc)
         self.msg_queue = _WakingQueue(_association_wake(assoc).set)
+        self._take_lock = threading.Lock()
+
+    def get_msg(self, block: bool = False) -> Any:
+        assoc = self._assoc
+        if block or threading.current_thread() is not assoc:
+            return super().get_msg(block)
+        with self._take_lock:
+            if not assoc._reactor_checkpoint.is_set():
+                return None, None  # paused by a send_*(): what arrives now is its response
+            return super().get_msg(False)
+
+    def send_msg(self, primitive: Any, context_id: int) -> None:
+        with self._take_lock:  # a reactor read under way finishes before the request goes out
+            pass
+        super().send_msg(primitive, context_id)
 
 
 class _ReactorClock:

@@ -138,3 +138,47 @@ def test_bulk_recv_returns_what_arrived_when_the_peer_closes() -> None:
         assert sock.recv(10) == bytearray(b"abc")
     finally:
         left.close()
+
+
+def _on_reactor_thread(assoc: association.Association, body: Any) -> Any:
+    """Run ``body`` on the association's own thread (where pynetdicom's reactor runs)."""
+    out: list[Any] = []
+    assoc.run = lambda: out.append(body())  # type: ignore[method-assign]
+    assoc.start()
+    assoc.join(5)
+    assert out, "the body did not finish"
+    return out[0]
+
+
+def test_a_paused_reactor_leaves_the_response_to_the_send() -> None:
+    """pynetdicom's race, made deterministic: the reactor is past its checkpoint when a send_*()
+    clears it and reads _is_paused as True; the peer's response is queued before the reactor
+    looks. The reactor must not take it; the send_*()'s blocking read does."""
+    assoc = association.Association(AE(), "requestor")
+    assoc._reactor_checkpoint.clear()  # the send_*() has begun
+    assoc.dimse.msg_queue.put((1, "C-STORE-RSP"))
+    assert _on_reactor_thread(assoc, lambda: assoc.dimse.get_msg(block=False)) == (None, None)
+    assert assoc.dimse.get_msg(block=True) == (1, "C-STORE-RSP")  # the send_*() gets it
+
+
+def test_a_running_reactor_still_serves_requests_and_blocking_reads_are_pynetdicoms() -> None:
+    assoc = association.Association(AE(), "requestor")
+    assoc.dimse.msg_queue.put((1, "N-EVENT-REPORT-RQ"))
+    assert _on_reactor_thread(assoc, lambda: assoc.dimse.get_msg(block=False)) == (1, "N-EVENT-REPORT-RQ")
+    other = association.Association(AE(), "acceptor")
+    other._reactor_checkpoint.clear()  # a C-GET handler's C-STORE on the reactor's own thread
+    other.dimse.msg_queue.put((3, "C-STORE-RSP"))
+    assert _on_reactor_thread(other, lambda: other.dimse.get_msg(block=True)) == (3, "C-STORE-RSP")
+
+
+def test_a_request_goes_out_only_after_a_reactor_read_under_way(monkeypatch: pytest.MonkeyPatch) -> None:
+    sent: list[str] = []
+    monkeypatch.setattr(reactor.DIMSEServiceProvider, "send_msg", lambda self, p, c: sent.append(p))
+    assoc = association.Association(AE(), "requestor")
+    with assoc.dimse._take_lock:  # the reactor is between its check and its take
+        sender = threading.Thread(target=assoc.dimse.send_msg, args=("C-STORE-RQ", 1))
+        sender.start()
+        sender.join(0.2)
+        assert sent == [] and sender.is_alive()
+    sender.join(5)
+    assert sent == ["C-STORE-RQ"]
