@@ -41,7 +41,18 @@ HTTP_AUTH_MODES = ("auto", "none", "token")
 DEFAULT_SESSION_TTL_S = 12 * 3600.0  # a browser login (cookie) lasts this long
 #: Keys refused wherever they appear: secrets are files or environment variables, never TOML.
 SECRET_KEYS = ("token", "tokens", "bearer_token", "password")
-SECTIONS = ("scp", "http", "viewer", "spool", "completion", "routing", "inference", "export", "worker", "logging")
+SECTIONS = (
+    "scp",
+    "http",
+    "viewer",
+    "spool",
+    "completion",
+    "routing",
+    "inference",
+    "export",
+    "worker",
+    "logging",
+)
 SECTIONS += ("deidentification",)  # the crosswalk key of de-identifying routes
 SECTIONS += ("pull",)  # PACS that `radbridge pull` fetches studies from (dicom_node.retrieve)
 PULL_RETRIEVE = ("move", "get")  # a "dicom" pull source: C-MOVE to our AE, or C-GET on one association
@@ -90,7 +101,11 @@ class ScpSection:
 
     def __post_init__(self) -> None:
         _check_ae(self.ae_title, "scp.ae_title")
-        if isinstance(self.receivers, bool) or not isinstance(self.receivers, int) or not 1 <= self.receivers <= 64:
+        if (
+            isinstance(self.receivers, bool)
+            or not isinstance(self.receivers, int)
+            or not 1 <= self.receivers <= 64
+        ):
             raise ValueError(f"scp.receivers must be a whole number from 1 to 64, not {self.receivers!r}.")
         if self.receivers > 1 and (self.tls_cert_file is not None or not self.lean_store):
             raise ValueError(
@@ -370,6 +385,13 @@ class ExportSection:
     max_attempts: int = 6
     backoff_s: float = 2.0
     max_backoff_s: float = 300.0
+    #: Export jobs run on this many threads, so a large SEG does not hold back the SRs of its
+    #: study (the report reaches the PACS first), nor a slow or unreachable PACS the others.
+    threads: int = 2
+
+    def __post_init__(self) -> None:
+        if self.threads < 1:
+            raise ValueError("export.threads must be at least 1.")
 
 
 @dataclass(frozen=True)
@@ -483,7 +505,7 @@ def _refuse_secrets(data: dict[str, Any]) -> None:
             if key in http:
                 raise ConfigError(
                     f"http.{key} is refused: tokens never go in the config. Put them in a file named"
-                    " by http.token_file (one a line, e.g. \"TOKEN read\") or in the environment"
+                    ' by http.token_file (one a line, e.g. "TOKEN read") or in the environment'
                     " variable RADBRIDGE_HTTP_TOKENS."
                 )
     viewer = data.get("viewer")

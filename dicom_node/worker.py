@@ -325,7 +325,13 @@ def run_export(job: Job, ctx: StepContext) -> None:
     paths = [Path(job.payload["path"])]
     if target.storage_commitment:
         export_committed(
-            ctx.index, job.id, job.study_instance_uid, job.payload["target"], target, paths, ctx.settings.scp.ae_title
+            ctx.index,
+            job.id,
+            job.study_instance_uid,
+            job.payload["target"],
+            target,
+            paths,
+            ctx.settings.scp.ae_title,
         )
         return
     export(paths, target, ctx.settings.scp.ae_title)
@@ -443,8 +449,9 @@ class Worker:
     """Background threads: study completion, analysis jobs, and a dedicated export lane.
 
     Completion runs on its own timer so a long analysis never delays other
-    studies' quiet windows; exports have their own thread so results already
-    written reach the PACS while the next series is being analysed.
+    studies' quiet windows; exports have their own threads (``export.threads``) so results
+    already written reach the PACS while the next series is being analysed, and a study's SRs
+    while its SEG is still being sent.
     """
 
     ANALYSIS_KINDS = (JobKind.ROUTE, JobKind.ANALYZE)
@@ -475,7 +482,10 @@ class Worker:
             (f"jobs-{i}", self._job_loop, (self.ANALYSIS_KINDS,))
             for i in range(max(1, self.ctx.settings.worker.threads))
         ]
-        loops += [("export", self._job_loop, (self.EXPORT_KINDS,))]
+        loops += [
+            (f"export-{i}", self._job_loop, (self.EXPORT_KINDS,))
+            for i in range(self.ctx.settings.export.threads)
+        ]
         if any(rule.pull_priors for rule in self.ctx.settings.routing.rules):
             loops += [("priors", self._job_loop, (self.PRIORS_KINDS,))]
         for name, target, args in loops:

@@ -163,6 +163,67 @@ def test_completion_and_exports_do_not_wait_behind_a_long_analysis(
         worker.stop()
 
 
+def test_an_export_stuck_on_one_pacs_does_not_hold_back_the_next(
+    tmp_path: Path, small_ct_files: list[Path]
+) -> None:
+    """Two export lanes (export.threads = 2): while one waits on a PACS that accepted the TCP
+    connection and never answers, the next export (here to an unreachable PACS: parked at once)
+    still runs. With one lane it would wait for the first association's timeout."""
+    import socket
+    import threading
+    from dataclasses import replace
+
+    from dicom_node.worker import Worker
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(4)
+    accepted: list[socket.socket] = []
+    threading.Thread(target=lambda: accepted.append(silent.accept()[0]), daemon=True).start()
+    settings = NodeSettings(
+        spool=SpoolSection(tmp_path / "spool"),
+        export=ExportSection(
+            targets={
+                "silent": ExportTarget(port=silent.getsockname()[1], ae_title="SILENT"),
+                "gone": ExportTarget(port=free_port(), ae_title="NOBODY"),
+            },
+            max_attempts=1,
+        ),
+    )
+    assert settings.export.threads == 2
+    ctx = replace(_ctx(tmp_path, settings), client_factory=lambda: pytest.fail("no inference"))
+    ctx.index.add_job(
+        JobKind.EXPORT, "a->silent", "1.2.3", {"path": str(small_ct_files[0]), "target": "silent"}
+    )
+    worker = Worker(ctx)
+    worker.start()
+    try:
+        deadline = time.time() + 10
+        while time.time() < deadline and not accepted:
+            time.sleep(0.02)
+        assert accepted, "the first export never connected"
+        ctx.index.add_job(
+            JobKind.EXPORT, "b->gone", "1.2.3", {"path": str(small_ct_files[1]), "target": "gone"}
+        )
+        worker._nudge()
+        states: dict[str, JobState] = {}
+        while time.time() < deadline:
+            states = {j.dedupe_key: j.state for j in ctx.index.jobs()}
+            if states.get("b->gone") is JobState.DEAD_LETTER:
+                break
+            time.sleep(0.02)
+        assert states == {"a->silent": JobState.RUNNING, "b->gone": JobState.DEAD_LETTER}
+    finally:
+        for sock in (*accepted, silent):
+            sock.close()  # the stuck association ends (connection closed) and the lane stops
+        worker.stop()
+
+
+def test_export_threads_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="export.threads"):
+        ExportSection(threads=0)
+
+
 @pytest.mark.parametrize("broken", [False, True])
 def test_key_images_follow_the_rule_and_never_hold_back_the_seg_and_sr(
     tmp_path: Path, small_ct_files: list[Path], monkeypatch: pytest.MonkeyPatch, broken: bool
@@ -277,7 +338,9 @@ def test_a_job_queued_by_another_lane_is_taken_at_once_not_after_the_poll(
     from dicom_node.config import WorkerSection
     from dicom_node.worker import Worker
 
-    settings = NodeSettings(spool=SpoolSection(tmp_path / "spool"), worker=WorkerSection(threads=1, poll_interval_s=30))
+    settings = NodeSettings(
+        spool=SpoolSection(tmp_path / "spool"), worker=WorkerSection(threads=1, poll_interval_s=30)
+    )
     ctx = _ctx(tmp_path, settings)
     ran: dict[JobKind, float] = {}
 
@@ -322,8 +385,13 @@ def test_a_study_completes_when_its_quiet_window_ends_not_a_poll_later(
     monkeypatch.setattr(worker_module, "run_job", lambda job, ctx: JobState.SUCCEEDED)  # no analysis here
     ds = pydicom.dcmread(small_ct_files[0], stop_before_pixels=True)
     ref = InstanceRef(
-        ds.SOPInstanceUID, ds.SOPClassUID, ds.StudyInstanceUID, ds.SeriesInstanceUID,
-        "1.2.840.10008.1.2.1", small_ct_files[0], 1,
+        ds.SOPInstanceUID,
+        ds.SOPClassUID,
+        ds.StudyInstanceUID,
+        ds.SeriesInstanceUID,
+        "1.2.840.10008.1.2.1",
+        small_ct_files[0],
+        1,
     )
     ctx.index.add_instance(ref, "CT", "SCU")
     received = time.time()
