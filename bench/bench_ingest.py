@@ -22,12 +22,16 @@ What each receiver does before it answers a C-STORE:
 - dcmtk storescp: writes the file, no fsync.
 
 Also measured, on the same file system: the durable-store floor, i.e. what the two syncs a
-durable spool cannot do without cost per instance (a file of the instance's size written and
-fsynced, then its directory fsynced), and from it the 1-association ceiling of a receiver that
-made those syncs at no CPU cost: 1 / (storescp's time per instance + the floor). storescu waits
-for each response before it sends the next instance, so no receiver that syncs before answering
-can beat that ceiling with one association. A synced one-row SQLite WAL commit is measured
-beside it (what a synced index row would add).
+durable spool cannot do without cost per instance, in two patterns: "in place" (a file of the
+instance's size created in its final directory, written, fsynced, then the directory fsynced)
+and "staged" (RadBridge's: the file made ahead in a staging directory, written, fsynced, renamed
+into its series directory, that directory fsynced). On ext4 without a journal the first fsync of a
+new file also writes its directory, so "in place" leaves the directory fsync almost nothing; the
+rename after the fsync dirties the series directory again. From each floor, the 1-association
+ceiling of a receiver that made those syncs at no CPU cost: 1 / (storescp's time per instance +
+the floor). storescu waits for each response before it sends the next instance, so no receiver
+that syncs before answering can beat that ceiling with one association. A synced one-row SQLite
+WAL commit is measured beside it (what a synced index row would add).
 
 Prints instances/s (median, min, max of the repeats), RadBridge's ratio to
 Orthanc and to storescp, RadBridge's ack latency (data set received -> status
@@ -175,7 +179,32 @@ def durable_floor(directory: Path, size: int, n: int = 100) -> dict[str, float]:
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=FULL")
     db.execute("CREATE TABLE t (k TEXT PRIMARY KEY, v TEXT)")
-    times: dict[str, list[float]] = {"file fsync": [], "directory fsync": [], "WAL commit": []}
+    times: dict[str, list[float]] = {
+        "file fsync": [], "directory fsync": [], "WAL commit": [], "staged file fsync": [], "staged rename + directory fsync": []
+    }  # fmt: skip
+    staging, series = directory / "staging", directory / "series"
+    staging.mkdir()
+    series.mkdir()
+    made_ahead = []  # as dicom_node.staging does, outside the timed part
+    for i in range(n):
+        path = staging / f"{i}.part"
+        made_ahead.append((path, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)))
+    series_fd = os.open(series, os.O_RDONLY)
+    try:
+        for i, (path, fd) in enumerate(made_ahead):
+            try:
+                os.write(fd, payload)
+                started = time.perf_counter()
+                os.fsync(fd)
+                times["staged file fsync"].append(time.perf_counter() - started)
+            finally:
+                os.close(fd)
+            started = time.perf_counter()
+            os.replace(path, series / f"{i}.dcm")
+            os.fsync(series_fd)
+            times["staged rename + directory fsync"].append(time.perf_counter() - started)
+    finally:
+        os.close(series_fd)
     dir_fd = os.open(directory, os.O_RDONLY)
     try:
         for i in range(n):
@@ -271,18 +300,23 @@ def main() -> None:
                     f" {rss[name, associations]:11.0f}"
                 )
             print(line)
-    floor_s = floor["file fsync"] + floor["directory fsync"]
-    print(
-        f"durable-store floor per instance: {1000 * floor_s:.2f} ms (file fsync {1000 * floor['file fsync']:.2f}"
-        f" + directory fsync {1000 * floor['directory fsync']:.2f} ms; medians, this disk); a synced SQLite"
-        f" WAL commit would add {1000 * floor['WAL commit']:.2f} ms"
-    )
     storescp_s = 1 / statistics.median(rates[STORESCP, 1])
-    ceiling = 1 / (storescp_s + floor_s)
-    line = f"1-association ceiling with that floor and no receiver CPU: {ceiling:.0f} inst/s"
-    if ORTHANC in receivers:
-        line += f" = {ceiling / statistics.median(rates[ORTHANC, 1]):.2f}x Orthanc"
-    print(line + f" = {ceiling * storescp_s:.2f}x storescp")
+    patterns = {
+        "in place": ("file fsync", "directory fsync"),
+        "staged (RadBridge's)": ("staged file fsync", "staged rename + directory fsync"),
+    }
+    for pattern, (first, second) in patterns.items():
+        floor_s = floor[first] + floor[second]
+        ceiling = 1 / (storescp_s + floor_s)
+        line = (
+            f"durable-store floor per instance, {pattern}: {1000 * floor_s:.2f} ms ({first} {1000 * floor[first]:.2f}"
+            f" + {second} {1000 * floor[second]:.2f} ms; medians, this disk); 1-association ceiling with no"
+            f" receiver CPU: {ceiling:.0f} inst/s"
+        )
+        if ORTHANC in receivers:
+            line += f" = {ceiling / statistics.median(rates[ORTHANC, 1]):.2f}x Orthanc"
+        print(line + f" = {ceiling * storescp_s:.2f}x storescp")
+    print(f"a synced SQLite WAL commit would add {1000 * floor['WAL commit']:.2f} ms")
 
 
 if __name__ == "__main__":
