@@ -66,11 +66,20 @@ class PackedMask:
         per_slice = self.size // self.shape[0]
         return self._bits(k * per_slice, (k + 1) * per_slice).reshape(self.shape[1:]).view(bool)
 
+    def packed_slices(self) -> np.ndarray | None:
+        """The packed bytes as (slices, bytes per slice), a read-only view (slice k starts at byte
+        k * voxels per slice / 8), or None when a slice's voxels are not a whole number of bytes.
+        Lets SEG frames be cut from the packed bytes without unpacking them."""
+        per_slice = self.size // self.shape[0]
+        if per_slice % 8:
+            return None
+        return self._packed[: self.size // 8].reshape(self.shape[0], per_slice // 8)
+
     def slice_counts(self) -> np.ndarray:
         """Set voxels per slice, counted on the packed bytes."""
-        per_slice = self.size // self.shape[0]
-        if per_slice % 8 == 0:
-            return _row_popcounts(self._packed[: self.size // 8].reshape(self.shape[0], per_slice // 8))
+        rows = self.packed_slices()
+        if rows is not None:
+            return _row_popcounts(rows)
         return np.array([np.count_nonzero(self[k]) for k in range(self.shape[0])], dtype=np.int64)
 
     def count(self) -> int:

@@ -124,9 +124,8 @@ class _Segment:
         self.per_slice = self.shape[1] * self.shape[2]
         self.aligned = self.per_slice % 8 == 0
         whole = len(planes) == self.shape[0] and bool((planes == np.arange(self.shape[0])).all())
-        if isinstance(mask, PackedMask) and self.aligned:
-            # PackedMask keeps slice k in bytes k * per_slice / 8 onward (C order): read them in place
-            rows = mask._packed[: mask.size // 8].reshape(self.shape[0], self.per_slice // 8)
+        rows = mask.packed_slices() if isinstance(mask, PackedMask) else None
+        if rows is not None:  # each slice's bits start on a byte: frames are read from them in place
             self._packed_rows = rows
             self.touched = self._rows_any(rows if whole else rows[planes])
         elif isinstance(mask, FractionalMask):  # any probability above 0 makes a frame

@@ -28,6 +28,13 @@ def test_packed_mask_reads_back_exactly(
     assert packed.nbytes == (mask.size + 7) // 8  # an eighth of the bool volume
     np.testing.assert_array_equal(np.stack([packed, packed], axis=-1)[..., 1], mask)
     np.testing.assert_array_equal(np.flatnonzero(np.asarray(packed, dtype=bool)), np.flatnonzero(mask))
+    rows = packed.packed_slices()
+    if shape[1] * shape[2] % 8:  # a slice's bits do not start on a byte
+        assert rows is None
+    else:
+        assert rows is not None and rows.shape == (shape[0], shape[1] * shape[2] // 8)
+        for k in range(shape[0]):
+            np.testing.assert_array_equal(np.unpackbits(rows[k]).reshape(shape[1:]).view(bool), mask[k])
 
 
 def test_packed_mask_refuses_bytes_of_another_shape() -> None:
