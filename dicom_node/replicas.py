@@ -7,8 +7,10 @@ another one instead of waiting on the dead one.
 
 With several replicas the pool also asks each one's gRPC health service every
 ``health_interval_s``: one that is down or NOT_SERVING is set aside before a job
-is sent to it, and one that answers SERVING again comes back at once rather
-than after its cooldown.
+is sent to it. One set aside because a job failed on it comes back early only if the health
+checks saw it go down and serve again (a restart); one that kept answering SERVING while its
+analyses failed (overloaded, a broken model) waits out its cooldown, so jobs are not sent back
+to it every ``health_interval_s``.
 """
 
 from __future__ import annotations
@@ -44,7 +46,9 @@ class ReplicaPool:
         self._cooldown_s = cooldown_s
         self._lock = threading.Lock()
         self._in_flight = dict.fromkeys(unique, 0)
-        self._failed_at = dict.fromkeys(unique, float("-inf"))
+        self._failed_at = dict.fromkeys(unique, float("-inf"))  # its last failed job
+        self._down = dict.fromkeys(unique, False)  # the health service's view: down or NOT_SERVING
+        self._restarted = dict.fromkeys(unique, False)  # seen down since its last failed job
         self._last_used = dict.fromkeys(unique, float("-inf"))
         self._stop = threading.Event()
         self._checker: threading.Thread | None = None
@@ -60,8 +64,13 @@ class ReplicaPool:
             healthy = probe.healthy(timeout_s)
             states[address] = healthy
             with self._lock:
-                was_down = time.monotonic() - self._failed_at[address] < self._cooldown_s
-                self._failed_at[address] = float("-inf") if healthy else time.monotonic()
+                was_down = self._down[address]
+                self._down[address] = not healthy
+                if not healthy:
+                    self._restarted[address] = True
+                elif self._restarted[address]:  # down, then serving again: its failed job is forgiven
+                    self._failed_at[address] = float("-inf")
+                    self._restarted[address] = False
             if healthy == was_down:
                 logger.info(
                     "inference replica health changed",
@@ -99,7 +108,7 @@ class ReplicaPool:
             address = min(
                 self.addresses,
                 key=lambda a: (
-                    now - self._failed_at[a] < self._cooldown_s,
+                    self._down[a] or now - self._failed_at[a] < self._cooldown_s,
                     self._in_flight[a],
                     self._last_used[a],
                 ),
@@ -113,6 +122,8 @@ class ReplicaPool:
             self._in_flight[address] -= 1
             if failed:
                 self._failed_at[address] = time.monotonic()
+                # Already seen down: the failure is that outage, and SERVING again ends it.
+                self._restarted[address] = self._down[address]
         if failed and len(self.addresses) > 1:
             logger.warning(
                 "inference replica set aside",

@@ -30,6 +30,18 @@ class FakeClient:
     def close(self) -> None:
         self._closed.append(self.address)
 
+    def healthy(self, timeout_s: float = 2.0) -> bool:
+        return SERVING.get(self.address, True)
+
+
+#: What each fake replica's grpc.health.v1 answers (SERVING unless set here).
+SERVING: dict[str, bool] = {}
+
+
+@pytest.fixture(autouse=True)
+def _all_serving() -> None:
+    SERVING.clear()
+
 
 def _pool(outcomes: dict[str, Exception | None] | None = None, cooldown_s: float = 30.0):
     closed: list[str] = []
@@ -106,3 +118,50 @@ def test_config_replicas_and_bad_addresses() -> None:
         InferenceSection(addresses=["gpu2"])
     with pytest.raises(ValueError, match="required"):
         ReplicaPool([], lambda a: FakeClient(a, {}, []))
+
+
+def _fail_a_job(pool: ReplicaPool, address: str) -> None:
+    client = pool.client()
+    assert client.address == address
+    with pytest.raises(InferenceUnavailable):
+        client.analyze_upload(object())
+    client.close()
+
+
+def test_a_replica_failing_jobs_while_serving_waits_out_its_cooldown() -> None:
+    """Health checks do not bring back a replica that answers SERVING while its analyses fail
+    (overloaded, a broken model): jobs would be sent back to it every health interval."""
+    pool, _ = _pool({"a:1": InferenceUnavailable("DEADLINE_EXCEEDED")})
+    _fail_a_job(pool, "a:1")
+    assert pool.check_health() == {"a:1": True, "b:2": True}
+    assert [pool.client().address for _ in range(3)] == ["b:2"] * 3  # a stays aside though idle
+
+
+def test_a_replica_seen_down_and_serving_again_comes_back_before_its_cooldown() -> None:
+    """A restart: its failed job is forgiven once the health checks see it down, then serving."""
+    for seen_down_during_the_job in (False, True):
+        pool, _ = _pool({"a:1": InferenceUnavailable("UNAVAILABLE")})
+        client = pool.client()
+        assert client.address == "a:1"
+        if seen_down_during_the_job:
+            SERVING["a:1"] = False
+            pool.check_health()
+        with pytest.raises(InferenceUnavailable):
+            client.analyze_upload(object())
+        client.close()
+        SERVING["a:1"] = False
+        assert pool.check_health() == {"a:1": False, "b:2": True}
+        assert pool.client().address == "b:2"
+        SERVING["a:1"] = True  # restarted
+        assert pool.check_health() == {"a:1": True, "b:2": True}
+        assert pool.client().address == "a:1", f"seen down during the job: {seen_down_during_the_job}"
+
+
+def test_a_replica_not_serving_is_set_aside_until_it_serves() -> None:
+    pool, _ = _pool()
+    SERVING["b:2"] = False
+    pool.check_health()
+    assert [pool.client().address for _ in range(2)] == ["a:1", "a:1"]  # b idle but not serving
+    SERVING["b:2"] = True
+    pool.check_health()
+    assert pool.client().address == "b:2"
