@@ -146,6 +146,7 @@ def run_demo(
             datasets = ct_series(n_slices=slices)
             study_uid = str(datasets[0].StudyInstanceUID)
             send_datasets(datasets, node.port, settings.scp.ae_title, progress)
+            del datasets  # the node has them now; holding the sender's copy would add the study's pixels to the peak
             deadline = time.monotonic() + timeout_s
             while time.monotonic() < deadline:
                 jobs = node.index.jobs(study_uid)
