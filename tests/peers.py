@@ -18,6 +18,7 @@ import struct
 import subprocess
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -84,6 +85,34 @@ def echoscu(
     """``extra``: more options, e.g. dcmtk's TLS ones (``+tls key crt``, ``+cf ca.crt``)."""
     args = ["echoscu", *(extra or []), "-aet", calling_aet, "-aec", called_aet, host, str(port)]
     return _run_dcmtk(args, 30)
+
+
+@contextlib.contextmanager
+def storescp(out: Path, aet: str = "STORESCP", extra: list[str] | None = None) -> Iterator[int]:
+    """dcmtk storescp on a free loopback port, writing into ``out``; yields the port once it
+    accepts connections, and stops it on exit."""
+    port = free_port()
+    out.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(
+        ["storescp", *(extra or []), "-aet", aet, "-od", str(out), str(port)],
+        env=dcmtk_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError("storescp did not start") from None
+                time.sleep(0.1)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 # -- hostile peers ------------------------------------------------------------------

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import logging
 import socket
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +19,8 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from dicom_node import nodelay, reactor
-from tests.peers import dcmtk_env, free_port, missing_tools
+from tests import peers
+from tests.peers import missing_tools
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -30,27 +29,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 def storescp(tmp_path: Path) -> Iterator[int]:
     if missing_tools("storescp"):
         pytest.skip("dcmtk storescp missing; apt-get install dcmtk")
-    port = free_port()
-    proc = subprocess.Popen(
-        ["storescp", "-od", str(tmp_path), str(port)],
-        env=dcmtk_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError("storescp did not start") from None
-                time.sleep(0.1)
+    with peers.storescp(tmp_path / "in") as port:
         yield port
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def test_thousands_of_fast_answers_all_reach_their_request(

@@ -10,9 +10,7 @@ the node to a dcmtk storescp; errors answer with their status.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +26,7 @@ from dicom_node.spool import Spool
 from dicom_node.volume import read_series
 from dicom_node.worker import keep_output
 from radbridge.cli import main
+from tests import peers
 from tests.conftest import StartScp
 from tests.peers import (
     DICOMWEB_PLUGIN,
@@ -288,28 +287,9 @@ def test_an_unreachable_pacs_is_named(tmp_path: Path) -> None:
 @pytest.fixture
 def storescp(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     """dcmtk storescp (AE STORESCP) on a free loopback port, writing into a directory."""
-    port, out = free_port(), tmp_path / "storescp"
-    out.mkdir()
-    proc = subprocess.Popen(
-        ["storescp", "-aet", "STORESCP", "-od", str(out), str(port)],
-        env=dcmtk_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError("storescp did not start") from None
-                time.sleep(0.1)
+    out = tmp_path / "storescp"
+    with peers.storescp(out) as port:
         yield port, out
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 @pytest.fixture
