@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pydicom
 import pytest
 
 from dicom_node.config import (
@@ -17,7 +18,7 @@ from dicom_node.config import (
     SpoolSection,
 )
 from dicom_node.index import Index, JobKind, JobState, StudyState
-from dicom_node.spool import Spool
+from dicom_node.spool import InstanceRef, Spool
 from dicom_node.worker import StepContext, run_job
 from tests.peers import free_port
 
@@ -27,6 +28,16 @@ def _ctx(tmp_path: Path, settings: NodeSettings) -> StepContext:
     return StepContext(
         settings, spool, Index(spool.index_path), client_factory=lambda: pytest.fail("no inference")
     )
+
+
+def _ref(path: Path) -> tuple[InstanceRef, pydicom.Dataset]:
+    """The spool reference of a test file, as the SCP would record it, and its header."""
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    ref = InstanceRef(
+        ds.SOPInstanceUID, ds.SOPClassUID, ds.StudyInstanceUID, ds.SeriesInstanceUID,
+        "1.2.840.10008.1.2.1", path, 1,
+    )  # fmt: skip
+    return ref, ds
 
 
 def test_export_to_a_dead_peer_backs_off_then_dead_letters(
@@ -67,20 +78,9 @@ def test_study_no_rule_matches_is_recorded_unrouted(tmp_path: Path, small_ct_fil
         routing=RoutingSection(rules=[RoutingRule(name="mr-only", match=RuleMatch(modality=["MR"]))]),
     )
     ctx = _ctx(tmp_path, settings)
-    import pydicom
 
-    from dicom_node.spool import InstanceRef
 
-    ds = pydicom.dcmread(small_ct_files[0], stop_before_pixels=True)
-    ref = InstanceRef(
-        ds.SOPInstanceUID,
-        ds.SOPClassUID,
-        ds.StudyInstanceUID,
-        ds.SeriesInstanceUID,
-        "1.2.840.10008.1.2.1",
-        small_ct_files[0],
-        1,
-    )
+    ref, ds = _ref(small_ct_files[0])
     ctx.index.add_instance(ref, "CT", "SCU", now=0.0)
     ctx.index.complete_study(ds.StudyInstanceUID, 1.0, now=10.0)
     assert run_job(ctx.index.claim_job(), ctx) is JobState.SUCCEEDED
@@ -95,8 +95,6 @@ def test_completion_and_exports_do_not_wait_behind_a_long_analysis(
     """A stuck analysis must not delay other studies' completion or pending exports."""
     import threading
     from dataclasses import replace
-
-    import pydicom
 
     from dicom_node.config import CompletionSection, WorkerSection
     from dicom_node.spool import InstanceRef
@@ -121,16 +119,7 @@ def test_completion_and_exports_do_not_wait_behind_a_long_analysis(
         ),
     )
     ctx = replace(_ctx(tmp_path, settings), client_factory=StuckClient)
-    ds = pydicom.dcmread(small_ct_files[0], stop_before_pixels=True)
-    ref = InstanceRef(
-        ds.SOPInstanceUID,
-        ds.SOPClassUID,
-        ds.StudyInstanceUID,
-        ds.SeriesInstanceUID,
-        "1.2.840.10008.1.2.1",
-        small_ct_files[0],
-        1,
-    )
+    ref, ds = _ref(small_ct_files[0])
     ctx.index.add_instance(ref, "CT", "SCU")
     worker = Worker(ctx)
     worker.start()
@@ -233,7 +222,6 @@ def test_key_images_follow_the_rule_and_never_hold_back_the_seg_and_sr(
     import pydicom
 
     from dicom_node.results import SERIES_NUMBERS, ResultWriter
-    from dicom_node.spool import InstanceRef
     from dicom_node.volume import read_series
     from tests.reference_run import analyze_reference
 
@@ -260,16 +248,7 @@ def test_key_images_follow_the_rule_and_never_hold_back_the_seg_and_sr(
 
     ctx = replace(_ctx(tmp_path, settings), client_factory=ReferenceClient)
     for path in small_ct_files:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        ref = InstanceRef(
-            ds.SOPInstanceUID,
-            ds.SOPClassUID,
-            ds.StudyInstanceUID,
-            ds.SeriesInstanceUID,
-            "1.2.840.10008.1.2.1",
-            path,
-            1,
-        )
+        ref, ds = _ref(path)
         ctx.index.add_instance(ref, "CT", "SCU", now=0.0)
     study = str(ds.StudyInstanceUID)
     ctx.index.complete_study(study, 1.0, now=10.0)
@@ -291,10 +270,7 @@ def test_a_resampled_series_is_named_once_in_the_history(tmp_path: Path, small_c
     """The gap is in the history before inference, and a retried attempt does not repeat it."""
     from dataclasses import replace
 
-    import pydicom
-
     from dicom_node.errors import InferenceUnavailable
-    from dicom_node.spool import InstanceRef
 
     class DownClient:
         address = "127.0.0.1:1"
@@ -311,11 +287,7 @@ def test_a_resampled_series_is_named_once_in_the_history(tmp_path: Path, small_c
     )
     ctx = replace(_ctx(tmp_path, settings), client_factory=DownClient)
     for path in small_ct_files[:10] + small_ct_files[11:]:  # slice 10 (z = -25) never arrived
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        ref = InstanceRef(
-            ds.SOPInstanceUID, ds.SOPClassUID, ds.StudyInstanceUID, ds.SeriesInstanceUID,
-            "1.2.840.10008.1.2.1", path, 1,
-        )  # fmt: skip
+        ref, ds = _ref(path)
         ctx.index.add_instance(ref, "CT", "SCU", now=0.0)
     study = str(ds.StudyInstanceUID)
     ctx.index.complete_study(study, 1.0, now=10.0)
@@ -369,11 +341,9 @@ def test_a_job_queued_by_another_lane_is_taken_at_once_not_after_the_poll(
 def test_a_study_completes_when_its_quiet_window_ends_not_a_poll_later(
     tmp_path: Path, small_ct_files: list[Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import pydicom
 
     import dicom_node.worker as worker_module
     from dicom_node.config import CompletionSection, WorkerSection
-    from dicom_node.spool import InstanceRef
     from dicom_node.worker import Worker
 
     settings = NodeSettings(
@@ -383,16 +353,7 @@ def test_a_study_completes_when_its_quiet_window_ends_not_a_poll_later(
     )
     ctx = _ctx(tmp_path, settings)
     monkeypatch.setattr(worker_module, "run_job", lambda job, ctx: JobState.SUCCEEDED)  # no analysis here
-    ds = pydicom.dcmread(small_ct_files[0], stop_before_pixels=True)
-    ref = InstanceRef(
-        ds.SOPInstanceUID,
-        ds.SOPClassUID,
-        ds.StudyInstanceUID,
-        ds.SeriesInstanceUID,
-        "1.2.840.10008.1.2.1",
-        small_ct_files[0],
-        1,
-    )
+    ref, ds = _ref(small_ct_files[0])
     ctx.index.add_instance(ref, "CT", "SCU")
     received = time.time()
     worker = Worker(ctx)
