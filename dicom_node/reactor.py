@@ -10,6 +10,9 @@ Here the loops keep their code and their order; only *how they wait* changes:
   queues writes to (a primitive to send, an event), at most ``MAX_WAIT_S`` (ARTIM, kill);
 - the association thread waits on an Event set by every put on its DIMSE message queue and on
   its DUL's to-user queue (a message, a release, an abort), also at most ``MAX_WAIT_S``;
+- a ``send_*()`` that pauses the reactor (clears its checkpoint) wakes it too
+  (``_WakingCheckpoint``): it had waited up to ``MAX_WAIT_S`` for the reactor to notice, 10 ms
+  per C-STORE of a C-MOVE's sub-operations, measured;
 - the association thread's own look at its DIMSE queue takes nothing while a ``send_*()`` has
   paused it (``EventDrivenDIMSE.get_msg``): pynetdicom's pause can be read as taken while the
   reactor is past its checkpoint and about to read the queue, and a fast peer's response then
@@ -106,8 +109,12 @@ class EventDrivenDUL(DULServiceProvider):
         self._pipe = _Pipe()
         weakref.finalize(self, _Pipe.close, self._pipe.read_fd, self._pipe.write_fd)
         self._run_loop_delay = 0  # its loop's sleep(0) only yields; the wait is in _idle_wait
-        self.to_provider_queue = _WakingQueue(self._pipe.wake)
-        self.event_queue = _WakingQueue(self._pipe.wake)
+        # A put writes to the pipe only while this thread is (about to be) in select: a data set
+        # goes out as one P-DATA PDU per max PDU length (16 KiB for dcmtk and Orthanc), and a pipe
+        # write for each was a tenth of a C-MOVE's sub-operation time (py-spy).
+        self._selecting = False
+        self.to_provider_queue = _WakingQueue(self._wake_if_selecting)
+        self.event_queue = _WakingQueue(self._wake_if_selecting)
         self.to_user_queue = _WakingQueue(_association_wake(assoc).set)
 
     def _is_transport_event(self) -> bool:
@@ -116,6 +123,10 @@ class EventDrivenDUL(DULServiceProvider):
             self._idle_wait()
         return super()._is_transport_event()
 
+    def _wake_if_selecting(self) -> None:
+        if self._selecting:
+            self._pipe.wake()
+
     def _idle_wait(self) -> None:
         fds: list[Any] = [self._pipe.read_fd]
         sock = getattr(self.socket, "socket", None)
@@ -123,10 +134,17 @@ class EventDrivenDUL(DULServiceProvider):
             return  # decrypted bytes already buffered: select would not see them
         if sock is not None and sock.fileno() >= 0:
             fds.append(sock)
+        # Announce the wait, then look again: a put before this look is seen here, one after it
+        # sees _selecting and writes to the pipe, so select never sleeps over queued work.
+        self._selecting = True
         try:
+            if not (self.to_provider_queue.empty() and self.event_queue.empty()) or self._kill_thread:
+                return
             select.select(fds, [], [], MAX_WAIT_S)
         except (OSError, ValueError):  # socket closed under us: the base class reports it
             return
+        finally:
+            self._selecting = False
         self._pipe.drain()
 
     def stop_dul(self) -> bool:
@@ -187,9 +205,47 @@ class _ReactorClock:
         if wake is None or seconds != _REACTOR_SLEEP_S:
             time.sleep(seconds)  # any other sleep, or an Association built before install
             return
-        wake.clear()  # then look: a put after this sets it again, so nothing is missed
-        if thread.dimse.msg_queue.empty() and thread.dul.to_user_queue.empty() and not thread._kill:
+        wake.clear()  # then look: a put or a pause after this sets it again, so nothing is missed
+        if (
+            thread.dimse.msg_queue.empty()
+            and thread.dul.to_user_queue.empty()
+            and not thread._kill
+            and thread._reactor_checkpoint.is_set()  # cleared: a send_*() waits for the reactor to pause
+        ):
             wake.wait(MAX_WAIT_S)
+
+
+class _WakingCheckpoint(threading.Event):
+    """``Association._reactor_checkpoint`` whose ``clear()`` also wakes the reactor.
+
+    A ``send_*()`` clears the checkpoint, then waits until the reactor reaches it and reports
+    itself paused; a reactor idle in ``_ReactorClock.sleep`` noticed only at the end of its wait
+    (``MAX_WAIT_S``). Only ``clear`` differs from ``threading.Event``.
+    """
+
+    def __init__(self, wake: threading.Event) -> None:
+        super().__init__()
+        self._wake = wake
+
+    def clear(self) -> None:
+        super().clear()
+        self._wake.set()
+
+
+def _get_checkpoint(assoc: Any) -> threading.Event:
+    state = assoc.__dict__  # an Association built before install() keeps its plain Event
+    return (
+        state["_radbridge_checkpoint"] if "_radbridge_checkpoint" in state else state["_reactor_checkpoint"]
+    )
+
+
+def _set_checkpoint(assoc: Any, event: threading.Event) -> None:
+    if not isinstance(event, _WakingCheckpoint):
+        waking = _WakingCheckpoint(_association_wake(assoc))
+        if event.is_set():
+            waking.set()
+        event = waking
+    assoc.__dict__["_radbridge_checkpoint"] = event
 
 
 class BulkRecvSocket(AssociationSocket):
@@ -218,6 +274,7 @@ def install() -> bool:
             extra={"event": "scp.reactor_not_installed", "pynetdicom": pynetdicom.__version__},
         )
         return False
+    association.Association._reactor_checkpoint = property(_get_checkpoint, _set_checkpoint)  # type: ignore[assignment]
     association.DULServiceProvider = EventDrivenDUL  # type: ignore[misc]
     association.DIMSEServiceProvider = EventDrivenDIMSE  # type: ignore[misc]
     association.time = _ReactorClock()  # type: ignore[assignment]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 from collections.abc import Iterator
@@ -41,6 +42,8 @@ class _FakeAssociation(threading.Thread):
         self.dimse = type("D", (), {"msg_queue": reactor._WakingQueue(self.wake.set)})()
         self.dul = type("U", (), {"to_user_queue": reactor._WakingQueue(self.wake.set)})()
         self._kill = False
+        self._reactor_checkpoint = threading.Event()
+        self._reactor_checkpoint.set()  # nobody is pausing the reactor
         self.results: list[int] = []
 
     def run(self) -> None:
@@ -54,13 +57,17 @@ class _FakeAssociation(threading.Thread):
         self.dul.to_user_queue.put("release")
         clock.sleep(0.001)  # a release/abort primitive is queued: no wait either
         self.results.append(len(self.wake.waits))
+        self.dul.to_user_queue.get()
+        self._reactor_checkpoint.clear()
+        clock.sleep(0.001)  # a send_*() waits for the reactor to pause: no wait
+        self.results.append(len(self.wake.waits))
 
 
 def test_reactor_clock_waits_only_when_nothing_is_queued() -> None:
     fake = _FakeAssociation()
     fake.start()
     fake.join(5)
-    assert fake.results == [1, 1, 1]
+    assert fake.results == [1, 1, 1, 1]
     assert fake.wake.waits == [reactor.MAX_WAIT_S]  # bounded: a kill or timeout is still seen
 
 
@@ -182,3 +189,45 @@ def test_a_request_goes_out_only_after_a_reactor_read_under_way(monkeypatch: pyt
         assert sent == [] and sender.is_alive()
     sender.join(5)
     assert sent == ["C-STORE-RQ"]
+
+
+def test_pausing_the_reactor_wakes_it() -> None:
+    """A send_*() clears the checkpoint: the reactor, idle in its wait for work, wakes at once
+    rather than at the end of MAX_WAIT_S (it had cost up to 10 ms per C-MOVE sub-operation)."""
+    assoc = association.Association(AE(), "requestor")
+    checkpoint = assoc._reactor_checkpoint
+    assert isinstance(checkpoint, reactor._WakingCheckpoint) and checkpoint.is_set()
+    wake = reactor._association_wake(assoc)
+    wake.clear()
+    checkpoint.clear()
+    assert wake.is_set() and not assoc._reactor_checkpoint.is_set()
+    checkpoint.set()
+    assert assoc._reactor_checkpoint is checkpoint  # pynetdicom's own set() keeps the same Event
+
+
+def _pipe_bytes(dul: Any) -> int:
+    try:
+        return len(os.read(dul._pipe.read_fd, 4096))
+    except BlockingIOError:
+        return 0
+
+
+def test_the_dul_pipe_is_written_only_while_its_thread_selects(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One pipe write per queued PDU cost a tenth of a C-MOVE sub-operation: a put writes only
+    when the DUL thread is (about to be) in select, and a put it would miss is seen by its look
+    at the queues after announcing the wait."""
+    dul = association.Association(AE(), "requestor").dul
+    dul.to_provider_queue.put("P-DATA")
+    assert _pipe_bytes(dul) == 0  # the DUL thread is busy: it will find the PDU on its own
+    dul.to_provider_queue.get()
+    dul._selecting = True
+    dul.event_queue.put("Evt")
+    assert _pipe_bytes(dul) == 1  # it may be asleep in select: woken
+    dul._selecting = False
+    selects: list[float] = []
+    monkeypatch.setattr(reactor.select, "select", lambda r, w, x, t: selects.append(t) or ([], [], []))
+    dul._idle_wait()  # something is queued: no select, and no longer announced
+    assert selects == [] and dul._selecting is False
+    dul.event_queue.get()
+    dul._idle_wait()
+    assert selects == [reactor.MAX_WAIT_S] and dul._selecting is False
