@@ -390,8 +390,8 @@ class ExportSection:
     threads: int = 2
 
     def __post_init__(self) -> None:
-        if self.threads < 1:
-            raise ValueError("export.threads must be at least 1.")
+        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1:
+            raise ValueError(f"export.threads must be a whole number of at least 1, not {self.threads!r}.")
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,9 @@ message queue, and its DUL thread sleeps 1 ms whenever a pass found nothing to d
 waits for the first, its response for the second and the next request for the second again.
 Here the loops keep their code and their order; only *how they wait* changes:
 
-- the DUL thread waits in ``select`` on its socket and on a wake-up pipe that every put on its
-  queues writes to (a primitive to send, an event), at most ``MAX_WAIT_S`` (ARTIM, kill);
+- the DUL thread waits in ``select`` on its socket and on a wake-up pipe that a put on its
+  queues (a primitive to send, an event) writes to while it waits, at most ``MAX_WAIT_S``
+  (ARTIM, kill);
 - the association thread waits on an Event set by every put on its DIMSE message queue and on
   its DUL's to-user queue (a message, a release, an abort), also at most ``MAX_WAIT_S``;
 - a ``send_*()`` that pauses the reactor (clears its checkpoint) wakes it too

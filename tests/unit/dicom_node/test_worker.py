@@ -208,9 +208,10 @@ def test_an_export_stuck_on_one_pacs_does_not_hold_back_the_next(
         worker.stop()
 
 
-def test_export_threads_must_be_positive() -> None:
+@pytest.mark.parametrize("threads", [0, -1, "2", True, 1.5])
+def test_export_threads_must_be_a_positive_whole_number(threads: object) -> None:
     with pytest.raises(ValueError, match="export.threads"):
-        ExportSection(threads=0)
+        ExportSection(threads=threads)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("broken", [False, True])
