@@ -878,9 +878,14 @@ class Index:
                 "ON CONFLICT(key) DO UPDATE SET value = 1"
             )
 
-    def indexed_paths(self) -> set[str]:
-        """The spool path of every indexed instance."""
-        return {row[0] for row in self._conn().execute("SELECT path FROM instances")}
+    def indexed_paths(self, study_uid: str) -> set[str]:
+        """The spool path of every indexed instance of one study."""
+        rows = self._conn().execute("SELECT path FROM instances WHERE study_instance_uid=?", (study_uid,))
+        return {row[0] for row in rows}
+
+    def indexed_study_uids(self) -> list[str]:
+        """Every study that has an indexed instance."""
+        return [row[0] for row in self._conn().execute("SELECT DISTINCT study_instance_uid FROM instances")]
 
     def starts(self) -> int:
         row = self._conn().execute("SELECT value FROM node WHERE key='starts'").fetchone()

@@ -22,7 +22,7 @@ from pydicom import dcmread
 
 from dicom_node.attributes import check_identifiers, identifiers, searchable_attributes
 from dicom_node.index import Index, ReceivedInstance
-from dicom_node.spool import INSTANCES, InstanceRef, Spool
+from dicom_node.spool import INSTANCES, InstanceRef, Spool, uid_key
 
 logger = logging.getLogger(__name__)
 
@@ -30,18 +30,21 @@ logger = logging.getLogger(__name__)
 BATCH = 500
 
 
-def _instance_files(spool: Spool) -> Iterator[Path]:
-    """instances/<study>/<series>/<instance>.dcm, without following links."""
-    root = spool.root / INSTANCES
-    for study in os.scandir(root):
-        if not study.is_dir(follow_symlinks=False):
+def _study_dirs(spool: Spool) -> Iterator[os.DirEntry[str]]:
+    """instances/<study key>/, without following links."""
+    for study in os.scandir(spool.root / INSTANCES):
+        if study.is_dir(follow_symlinks=False):
+            yield study
+
+
+def _instance_files(study: os.DirEntry[str]) -> Iterator[Path]:
+    """<study key>/<series>/<instance>.dcm, without following links."""
+    for series in os.scandir(study.path):
+        if not series.is_dir(follow_symlinks=False):
             continue
-        for series in os.scandir(study.path):
-            if not series.is_dir(follow_symlinks=False):
-                continue
-            for entry in os.scandir(series.path):
-                if entry.name.endswith(".dcm") and entry.is_file(follow_symlinks=False):
-                    yield Path(entry.path)
+        for entry in os.scandir(series.path):
+            if entry.name.endswith(".dcm") and entry.is_file(follow_symlinks=False):
+                yield Path(entry.path)
 
 
 def _received(path: Path) -> ReceivedInstance:
@@ -60,25 +63,31 @@ def _received(path: Path) -> ReceivedInstance:
 
 
 def reindex_spool(spool: Spool, index: Index) -> tuple[int, int]:
-    """Index every instance file the index lacks; (indexed, unreadable)."""
-    known = index.indexed_paths()
+    """Index every instance file the index lacks; (indexed, unreadable).
+
+    The index's paths are read one study at a time (a study's directory is named by its key), so
+    memory follows the largest study rather than the whole spool."""
+    study_uids = {uid_key(uid): uid for uid in index.indexed_study_uids()}
     batch: list[ReceivedInstance] = []
     indexed = unreadable = 0
     studies: set[str] = set()
-    for path in _instance_files(spool):
-        if str(path) in known:
-            continue
-        try:
-            item = _received(path)
-        except Exception:  # noqa: BLE001 - any damage: leave the file, count it, go on
-            unreadable += 1
-            continue
-        batch.append(item)
-        studies.add(item.ref.study_instance_uid)
-        if len(batch) >= BATCH:
-            index.add_instances(batch)
-            indexed += len(batch)
-            batch = []
+    for study_dir in _study_dirs(spool):
+        uid = study_uids.get(study_dir.name)
+        known = index.indexed_paths(uid) if uid is not None else set()  # a study whose every row was lost
+        for path in _instance_files(study_dir):
+            if str(path) in known:
+                continue
+            try:
+                item = _received(path)
+            except Exception:  # noqa: BLE001 - any damage: leave the file, count it, go on
+                unreadable += 1
+                continue
+            batch.append(item)
+            studies.add(item.ref.study_instance_uid)
+            if len(batch) >= BATCH:
+                index.add_instances(batch)
+                indexed += len(batch)
+                batch = []
     if batch:
         index.add_instances(batch)
         indexed += len(batch)

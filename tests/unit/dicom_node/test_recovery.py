@@ -13,7 +13,7 @@ from dicom_node.config import HttpSection, NodeSettings, ScpSection, SpoolSectio
 from dicom_node.index import Index
 from dicom_node.node import Node
 from dicom_node.recovery import recover, reindex_spool
-from dicom_node.spool import Spool
+from dicom_node.spool import InstanceRef, Spool
 from tests.conftest import StartScp
 from tests.peers import missing_tools, storescu
 
@@ -57,6 +57,28 @@ def test_lost_rows_are_indexed_again_from_the_files_as_they_were(
     study = str(pydicom.dcmread(small_ct_files[0], stop_before_pixels=True).StudyInstanceUID)
     recovered = [e for e in index.events(study) if e["event"] == "recovered"]
     assert [e["detail"] for e in recovered] == ["instances re-indexed from the spool after an unclean stop"]
+
+
+def test_a_study_whose_every_row_was_lost_comes_back_beside_one_that_lost_none(
+    received: tuple[Spool, Index, dict[str, tuple]],
+) -> None:
+    """Recovery reads the index's paths a study at a time: a study the index no longer knows at
+    all is scanned whole, and another study's known files are not read again."""
+    spool, index, before = received
+    study_b, series_b = "1.2.826.0.1.3680043.8.498.7", "1.2.826.0.1.3680043.8.498.7.1"
+    path_b = spool.instance_path(study_b, series_b, "1.2.826.0.1.3680043.8.498.7.1.1")
+    path_b.parent.mkdir(parents=True)
+    path_b.write_bytes(b"not read: its row is known")
+    index.add_instance(
+        InstanceRef("1.2.826.0.1.3680043.8.498.7.1.1", "1.2.840.10008.5.1.4.1.1.2", study_b, series_b,
+                    "1.2.840.10008.1.2.1", path_b, 26),
+        "CT", "SCU",
+    )  # fmt: skip
+    assert len(index.indexed_study_uids()) == 2 and index.indexed_paths(study_b) == {str(path_b)}
+    _lose_rows(index, sorted(before))  # every row of the CT study
+    assert reindex_spool(spool, index) == (8, 0)  # the other study's unreadable file was never opened
+    rows = _rows(index)
+    assert {k: v for k, v in rows.items() if k in before} == before
 
 
 def test_after_a_clean_stop_the_spool_is_not_scanned(received: tuple[Spool, Index, dict[str, tuple]]) -> None:
