@@ -24,7 +24,6 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.association import Association
 
-from dicom_node import nodelay
 from dicom_node.auth import read_bearer_token
 from dicom_node.config import ExportTarget
 from dicom_node.errors import (
@@ -93,11 +92,7 @@ def send_cstore(
     where = f"{target.ae_title}@{target.host}:{target.port}" + (" (TLS)" if tls else "")
     try:
         assoc = ae.associate(
-            target.host,
-            target.port,
-            ae_title=target.ae_title,
-            tls_args=tls,
-            evt_handlers=[*nodelay.HANDLERS, *handlers],
+            target.host, target.port, ae_title=target.ae_title, tls_args=tls, evt_handlers=list(handlers)
         )
     except Exception as exc:
         raise ExportError(f"Cannot connect to {where}: {exc}") from exc

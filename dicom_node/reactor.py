@@ -32,6 +32,7 @@ import logging
 import os
 import queue
 import select
+import socket
 import ssl
 import threading
 import time
@@ -44,6 +45,8 @@ from pynetdicom import ae, association, transport
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.transport import AssociationSocket
+
+from dicom_node import nodelay
 
 logger = logging.getLogger(__name__)
 
@@ -250,7 +253,20 @@ def _set_checkpoint(assoc: Any, event: threading.Event) -> None:
 
 
 class BulkRecvSocket(AssociationSocket):
-    """pynetdicom's socket wrapper reading a PDU in large pieces rather than 4 KiB ones."""
+    """pynetdicom's socket wrapper reading a PDU in large pieces rather than 4 KiB ones, with Nagle
+    off on every connection it makes or wraps (dicom_node.nodelay): export, pull, C-MOVE
+    sub-operations and commitment alike, and only together with this module's guard against the
+    pause race that fast answers expose (``EventDrivenDIMSE``)."""
+
+    def __init__(self, assoc: Any, client_socket: socket.socket | None = None, address: Any = None) -> None:
+        super().__init__(assoc, client_socket, address)
+        if client_socket is not None:  # accepted by pynetdicom's server
+            nodelay.set_nodelay(client_socket)
+
+    def _create_socket(self, address: Any) -> socket.socket:
+        sock = super()._create_socket(address)
+        nodelay.set_nodelay(sock)  # before connect (and a TLS wrap, which keeps it)
+        return sock
 
     def recv(self, nr_bytes: int) -> bytearray:
         sock = self.socket

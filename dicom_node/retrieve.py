@@ -39,7 +39,6 @@ from python_multipart.exceptions import MultipartParseError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from dicom_node import nodelay
 from dicom_node.attributes import check_uid
 from dicom_node.auth import read_bearer_token
 from dicom_node.config import HttpSection, NodeSettings, PullSource
@@ -166,7 +165,7 @@ def _associate(
             ae_title=source.ae_title,
             tls_args=tls_args(source),
             ext_neg=roles,
-            evt_handlers=[*nodelay.HANDLERS, *(handlers or [])],
+            evt_handlers=handlers,
         )
     except Exception as exc:
         raise PullError(f"Cannot connect to {where}: {exc}") from exc

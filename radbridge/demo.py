@@ -19,7 +19,6 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, evt
 from pynetdicom.presentation import AllStoragePresentationContexts, StoragePresentationContexts
 from tqdm import tqdm
 
-from dicom_node import nodelay
 from dicom_node.config import (
     CompletionSection,
     ExportSection,
@@ -85,7 +84,7 @@ def send_datasets(datasets: list[Dataset], port: int, called_ae: str, progress: 
     for cx in StoragePresentationContexts:
         if cx.abstract_syntax in {ds.SOPClassUID for ds in datasets}:
             ae.add_requested_context(cx.abstract_syntax)
-    assoc = ae.associate("127.0.0.1", port, ae_title=called_ae, evt_handlers=nodelay.HANDLERS)
+    assoc = ae.associate("127.0.0.1", port, ae_title=called_ae)
     if not assoc.is_established:
         raise RuntimeError("The node refused the association.")
     try:

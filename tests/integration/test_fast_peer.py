@@ -18,7 +18,7 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from dicom_node import nodelay, reactor
+from dicom_node import reactor
 from tests import peers
 from tests.peers import missing_tools
 
@@ -43,9 +43,9 @@ def test_thousands_of_fast_answers_all_reach_their_request(
     statuses: list[int | None] = []
     with caplog.at_level(logging.WARNING, logger="pynetdicom"):
         for _ in range(30):
-            assoc = ae.associate("127.0.0.1", storescp, ae_title="STORESCP", evt_handlers=nodelay.HANDLERS)
+            assoc = ae.associate("127.0.0.1", storescp, ae_title="STORESCP")
             assert assoc.is_established
-            sock = assoc.dul.socket.socket
+            sock = assoc.dul.socket.socket  # reactor's socket wrapper turned Nagle off
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
             for _ in range(200):
                 statuses.append(getattr(assoc.send_c_echo(), "Status", None))

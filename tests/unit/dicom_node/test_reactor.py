@@ -231,3 +231,25 @@ def test_the_dul_pipe_is_written_only_while_its_thread_selects(monkeypatch: pyte
     dul.event_queue.get()
     dul._idle_wait()
     assert selects == [reactor.MAX_WAIT_S] and dul._selecting is False
+
+
+def test_every_socket_the_node_makes_or_wraps_has_nagle_off() -> None:
+    """dicom_node.nodelay at the one place sockets are made: export, pull, C-MOVE sub-operations
+    and commitment associations alike (the C-MOVE one had been missed when it was per call)."""
+    from pynetdicom.transport import AddressInformation
+
+    made = reactor.BulkRecvSocket(
+        association.Association(AE(), "requestor"), address=AddressInformation("127.0.0.1", 0)
+    )
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname())
+    accepted, _ = listener.accept()
+    try:
+        assert made.socket is not None
+        assert made.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        reactor.BulkRecvSocket(association.Association(AE(), "acceptor"), client_socket=accepted)
+        assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    finally:
+        made.close()
+        for s in (client, accepted, listener):
+            s.close()
