@@ -18,7 +18,9 @@ A-RELEASE. This module serves exactly that, in the connection's own thread:
 - each data set fragment is written to the staged ``*.partial`` file as it arrives (preamble and
   File Meta first: the same file pynetdicom would stream), then ``dicom_node.scp.store_staged``
   does what the pynetdicom handler does (header, checks, fsync, rename, group commit) and its
-  status (0x0000 or a failure with an Error Comment) goes back in the C-STORE-RSP.
+  status (0x0000 or a failure with an Error Comment) goes back in the C-STORE-RSP. The index row
+  is recorded after the response (``after_response``, dicom_node.group_commit): the fsynced file
+  is what makes the instance safe, and the peer prepares its next instance meanwhile.
 
 Negotiation mirrors pynetdicom's for the same contexts (storage-like: the first proposed transfer
 syntax; Verification: the first one pynetdicom supports), so a peer sees the same answer on
@@ -355,8 +357,10 @@ class LeanStoreAssociation:
         new_staged: Callable[[], tuple[Path, int]],
         store: StoreFunction,
         prepare: PrepareFunction | None = None,
+        after_response: Callable[[], None] | None = None,
     ) -> None:
         self.sock = sock
+        self.after_response = after_response  # work that may wait until the peer has its C-STORE-RSP
         self.prepare = prepare
         self.rq = rq
         self.accepted = accepted
@@ -500,10 +504,16 @@ class LeanStoreAssociation:
             incoming.staged = None  # store_staged placed it or removed it
         self._incoming = None
         code, comment = (status, None) if isinstance(status, int) else (int(status.Status), status.get("ErrorComment"))
-        self._send(
-            incoming.context_id,
-            encode_response(0x8001, incoming.message_id, incoming.sop_class_uid, code, incoming.sop_instance_uid, comment),
-        )
+        try:
+            self._send(
+                incoming.context_id,
+                encode_response(
+                    0x8001, incoming.message_id, incoming.sop_class_uid, code, incoming.sop_instance_uid, comment
+                ),
+            )
+        finally:  # also when the peer is gone: what was stored stays stored (and gets its row)
+            if self.after_response is not None:
+                self.after_response()
 
     def _send(self, context_id: int, command: bytes) -> None:
         self.sock.sendall(p_data(context_id, command))

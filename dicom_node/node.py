@@ -131,13 +131,15 @@ class Node:
         return self
 
     def stop(self) -> None:
+        indexed = True
         if self._server is not None:
             self._server.shutdown()
+            indexed = self._server.all_indexed  # else the next start re-indexes from the spool
             self._server = None
         if self._http is not None:
             self._http.stop()
             self._http = None
-        if self.worker.stop():
+        if self.worker.stop() and indexed:
             self.index.mark_clean_stop()  # nothing is written any more: no recovery scan at the next start
         self.replicas.close()
         self.index.close()

@@ -45,6 +45,8 @@ logger = logging.getLogger(__name__)
 #: A receiver that is not listening this long after it was started is stopped, and start-up fails.
 READY_TIMEOUT_S = 30.0
 _READY = b"ready"
+#: A receiver's exit status when some instance it stored has no index row (dicom_node.group_commit).
+UNINDEXED_EXIT = 3
 _MAX_MESSAGE = 1024
 
 
@@ -69,6 +71,8 @@ class ReceiverPool:
         self._ends: list[socket.socket] = []
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
+        #: After ``stop``: every receiver ended on its own with all its instances indexed.
+        self.all_indexed = True
         port = int(server.server_address[1])
         root = logging.getLogger()
         level = logging.getLevelName(root.level) if root.level else "INFO"
@@ -157,6 +161,8 @@ class ReceiverPool:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+            if proc.returncode != 0:  # killed, or rows left unindexed (_serve): not a clean stop
+                self.all_indexed = False
         for end in self._ends:
             with contextlib.suppress(OSError):
                 end.close()
@@ -210,6 +216,8 @@ def _serve(spec: ReceiverSpec, end: socket.socket) -> None:
     stop.wait()
     server.shutdown()
     index.close()
+    if not server.all_indexed:
+        sys.exit(UNINDEXED_EXIT)
 
 
 def main(argv: list[str]) -> None:

@@ -257,6 +257,7 @@ def store_staged(
     owned: bool = True,
     head: bytes | bytearray | None = None,
     early: EarlyHeader | None = None,
+    index_now: bool = True,
 ) -> Dataset | int:
     """Spool one received instance durably, index it, then give the status to answer with.
 
@@ -264,7 +265,9 @@ def store_staged(
     if it is not placed. Both acceptors call this: pynetdicom's handler and dicom_node.lean_scp.
     ``head`` is the data set's first bytes, kept in memory by the lean acceptor: the header is read
     from them (dicom_node.header) where it can be, else from the file; ``early``: that header,
-    already read while the data set arrived (``early_header``).
+    already read while the data set arrived (``early_header``); ``index_now=False``: the index row
+    is left to ``committer.index_pending()``, which the caller calls once it has answered
+    (dicom_node.group_commit).
     """
     started = time.monotonic()
     log = _log_fields(peer_ae, sop_class_uid, transfer_syntax)
@@ -288,7 +291,7 @@ def store_staged(
             transfer_syntax_uid=transfer_syntax,
         )
         owned = False
-        committer.commit(ReceivedInstance(ref, values["Modality"], peer_ae, attributes))
+        committer.commit(ReceivedInstance(ref, values["Modality"], peer_ae, attributes), index_now=index_now)
     except Exception as exc:  # noqa: BLE001 - every failure becomes a DIMSE status, never success
         return _refused(exc, log)
     finally:
@@ -361,9 +364,14 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         lean: LeanAcceptor | None = None,
         reuse_port: bool = False,
         handoff: Callable[[socket.socket, Any], None] | None = None,
+        committer: GroupCommitter | None = None,
         **kwargs: Any,
     ) -> None:
         self.max_per_peer = max_per_peer
+        self.committer = committer
+        #: After the server is closed: whether every stored instance got its index row (here and in
+        #: the receiver processes); if not, the stop must not be marked clean (dicom_node.recovery).
+        self.all_indexed = True
         self.lean = lean
         self.reuse_port = reuse_port  # several processes accept on this port (dicom_node.receivers)
         self.handoff = handoff  # a receiver process: what the lean acceptor does not take goes to the node
@@ -485,9 +493,13 @@ class GuardedAssociationServer(ThreadedAssociationServer):
             for sock in self._lean_sockets:  # their reads fail: the association ends, no partial kept
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
-        super().server_close()
+        super().server_close()  # joins the association threads
         if self.lean is not None:
             self.lean.close()
+        if self.committer is not None and not self.committer.drain():
+            self.all_indexed = False
+        if self.receivers is not None and not self.receivers.all_indexed:
+            self.all_indexed = False
 
     def _done_waiting(self, peer: str) -> None:
         with self._lock:
@@ -656,6 +668,7 @@ class LeanAcceptor:
             new_staged=self.staging.take,
             store=self.store,
             prepare=early_header,
+            after_response=self.committer.index_pending,
         ).run()
 
     def store(
@@ -673,6 +686,7 @@ class LeanAcceptor:
             committer=self.committer,
             head=head,
             early=early,
+            index_now=False,  # the row after the C-STORE-RSP (LeanStoreAssociation's after_response)
         )
 
     def reject_busy(self, sock: socket.socket, rq: lean_scp.AssociateRq | None, peer: str) -> None:
@@ -791,6 +805,7 @@ def start_scp(
         else None,
         reuse_port=settings.receivers > 1,
         handoff=handoff,
+        committer=committer,
     )
     if settings.receivers > 1 and handoff is None:
         try:

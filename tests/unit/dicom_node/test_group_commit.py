@@ -95,3 +95,76 @@ def test_a_failed_group_fails_every_caller_and_indexes_none(
     committer.commit(received)  # the committer is usable after a failure
     assert index.count_instances() == 1
     index.close()
+
+
+def test_deferred_rows_are_recorded_by_index_pending(tmp_path: Path) -> None:
+    """``index_now=False`` (the lean acceptor): durable on return, the row after the answer."""
+    spool = Spool(tmp_path)
+    index = Index(spool.index_path)
+    committer = GroupCommitter(index)
+    first, second = _placed(spool, 2)
+    committer.commit(first, index_now=False)
+    committer.commit(second, index_now=False)
+    assert index.count_instances() == 0
+    committer.index_pending()
+    assert index.count_instances() == 2
+    assert committer.drain()
+    index.close()
+
+
+def test_a_failed_deferred_insert_is_kept_retried_and_refuses_while_it_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = Spool(tmp_path)
+    index = Index(spool.index_path)
+    committer = GroupCommitter(index)
+    a, b, c = _placed(spool, 3)
+
+    def broken_insert(items: list[ReceivedInstance], now: float | None = None, *, synced: bool = True) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(index, "add_instances", broken_insert)
+    committer.commit(a, index_now=False)  # durable: the peer is told so
+    committer.index_pending()  # fails; a's row is kept
+    with pytest.raises(StorageError, match="cannot index"):
+        committer.commit(b, index_now=False)  # the retry fails too: no more "stored" while so
+    assert not committer.drain()
+    monkeypatch.undo()
+    committer.commit(c, index_now=False)  # the retry succeeds: a is recorded first
+    assert index.indexed_paths("1.2.3") == {str(a.ref.path)}
+    committer.index_pending()
+    assert index.indexed_paths("1.2.3") == {str(a.ref.path), str(c.ref.path)}
+    assert committer.drain()
+    index.close()
+
+
+def test_rows_queued_while_another_thread_records_are_not_left_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = Spool(tmp_path)
+    index = Index(spool.index_path)
+    committer = GroupCommitter(index)
+    first, second = _placed(spool, 2)
+    real = index.add_instances
+    inside, gate = threading.Event(), threading.Event()
+    batches: list[int] = []
+
+    def slow_insert(items: list[ReceivedInstance], now: float | None = None, *, synced: bool = True) -> None:
+        batches.append(len(items))
+        inside.set()
+        gate.wait(5)
+        real(items, now, synced=synced)
+
+    monkeypatch.setattr(index, "add_instances", slow_insert)
+    committer.commit(first, index_now=False)
+    recorder = threading.Thread(target=committer.index_pending)
+    recorder.start()
+    assert inside.wait(5)
+    committer.commit(second, index_now=False)
+    committer.index_pending()  # returns at once: the other thread is recording, and looks again
+    assert index.count_instances() == 0
+    gate.set()
+    recorder.join(5)
+    assert batches == [1, 1]
+    assert index.count_instances() == 2
+    index.close()

@@ -8,8 +8,10 @@ whose PDUs are packed here from PS3.8, independently of the module under test.
 from __future__ import annotations
 
 import socket
+import sqlite3
 import struct
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -368,3 +370,63 @@ def test_a_header_longer_than_the_bytes_held_is_read_from_the_file(
     (stored,) = index.search_instances(ds.StudyInstanceUID)
     assert stored.attributes["00280010"] == {"vr": "US", "Value": [512]}  # Rows, past the private block
     assert answers == [None]  # the walk declined; pydicom read the file
+
+
+def test_the_response_goes_out_before_the_index_row(
+    start_node_scp: StartScp, small_ct_files: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The C-STORE-RSP is sent once the file and its directory are fsynced; the index row follows
+    (dicom_node.group_commit) and is in before the association reads its next PDU."""
+    port, _, index = start_node_scp()
+    real = index.add_instances
+    gate = threading.Event()
+    monkeypatch.setattr(
+        index, "add_instances", lambda items, now=None, *, synced=True: (gate.wait(10), real(items, now, synced=synced))
+    )
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", port, ae_title="RADBRIDGE")
+    assert assoc.is_established
+    try:
+        assert assoc.send_c_store(small_ct_files[0]).Status == 0x0000  # answered while the row waits
+        assert index.count_instances() == 0
+    finally:
+        gate.set()
+        assoc.release()
+    assert index.count_instances() == 1  # released: every instance of the association has its row
+
+
+def test_a_row_that_cannot_be_recorded_keeps_the_stop_unclean(
+    tmp_path: Path, small_ct_files: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An instance answered "stored" whose row never made it leaves ``all_indexed`` false, so the
+    node does not mark its stop clean and the next start re-indexes it from the spool."""
+    from dicom_node.config import ScpSection
+    from dicom_node.index import Index
+    from dicom_node.recovery import recover
+    from dicom_node.scp import start_scp
+
+    spool = Spool(tmp_path / "spool")
+    index = Index(spool.index_path)
+    index.mark_running()
+    server = start_scp(ScpSection(port=0, ae_title="RADBRIDGE"), spool, index)
+
+    def broken(items: object, now: object = None, *, synced: bool = True) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(index, "add_instances", broken)
+    try:
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", server.server_address[1], ae_title="RADBRIDGE")
+        assert assoc.send_c_store(small_ct_files[0]).Status == 0x0000  # durable in the spool
+        assert assoc.send_c_store(small_ct_files[1]).Status & 0xF000 == 0xA000  # refused while rows fail
+        assoc.release()
+    finally:
+        server.shutdown()
+    assert not server.all_indexed
+    monkeypatch.undo()
+    assert index.count_instances() == 0
+    recover(spool, index)  # what the next start does, the stop not being marked clean
+    assert index.count_instances() == 2  # the refused one was placed too: kept, as a resend would be
+    index.close()
