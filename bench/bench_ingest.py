@@ -33,8 +33,11 @@ the floor). storescu waits for each response before it sends the next instance, 
 that syncs before answering can beat that ceiling with one association. A synced one-row SQLite
 WAL commit is measured beside it (what a synced index row would add).
 
-Prints instances/s (median, min, max of the repeats), RadBridge's ratio to
-Orthanc and to storescp, RadBridge's ack latency (data set received -> status
+Prints instances/s (median, min, max of the repeats); the machine's CPU time per instance
+(every process: senders, receiver, kernel; /proc/stat) and how many of its cores that kept busy,
+which shows where a receiver is limited by the machine's CPU rather than by its own waits (once
+the cores are busy, two receivers' rates stand as the inverse of their CPU per instance);
+RadBridge's ratio to Orthanc and to storescp, RadBridge's ack latency (data set received -> status
 returned, measured around ``scp.store_staged``) p50/p99 over all repeats, and its
 peak RSS during ingest (VmHWM, reset before each run; this process also holds the
 bench's own state). The senders share this machine's cores: run it on a quiet one.
@@ -72,6 +75,19 @@ RADBRIDGE_RECEIVERS = "radbridge, 2 processes"
 
 #: Handler durations (s) of the current RadBridge run; filled only by the bench's wrapper below.
 ack_latencies: list[float] = []
+#: CPU seconds the whole machine spent (every process: senders, receiver, kernel) during the last
+#: ``_send``, from /proc/stat; NaN where that cannot be read.
+machine_cpu_s: list[float] = [float("nan")]
+
+
+def _cpu_ticks() -> tuple[int, int] | None:
+    """(busy, total) jiffies of all cores since boot (Linux /proc/stat), or None."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)
 
 
 def _timed_handler(handler: Callable[..., object]) -> Callable[..., object]:
@@ -88,6 +104,7 @@ def _timed_handler(handler: Callable[..., object]) -> Callable[..., object]:
 def _send(files: list[Path], port: int, aet: str, associations: int) -> float:
     """Seconds for ``associations`` concurrent storescu processes to send every file."""
     parts = [files[i::associations] for i in range(associations)]
+    ticks = _cpu_ticks()
     started = time.perf_counter()
     procs = [
         subprocess.Popen(
@@ -101,6 +118,11 @@ def _send(files: list[Path], port: int, aet: str, associations: int) -> float:
     ]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     elapsed = time.perf_counter() - started
+    after = _cpu_ticks()
+    if ticks is None or after is None or after[1] == ticks[1]:
+        machine_cpu_s[0] = float("nan")
+    else:  # the busy share of all cores' time, times the wall time and the cores
+        machine_cpu_s[0] = (after[0] - ticks[0]) / (after[1] - ticks[1]) * elapsed * (os.cpu_count() or 1)
     for proc, out in zip(procs, outputs, strict=True):
         errors = [ln for ln in out.splitlines() if ln.startswith(("E:", "F:"))]
         if proc.returncode != 0 or errors:
@@ -260,6 +282,7 @@ def main() -> None:
     rates: dict[tuple[str, int], list[float]] = {}
     latencies: dict[tuple[str, int], list[float]] = {}
     rss: dict[tuple[str, int], float] = {}
+    cpu: dict[tuple[str, int], list[tuple[float, float]]] = {}  # machine CPU s, cores busy; per run
     with tempfile.TemporaryDirectory() as tmp:
         files = write_series(ct_series(n_slices=args.instances), Path(tmp) / "ct")
         size_mb = sum(f.stat().st_size for f in files) / 1e6
@@ -272,6 +295,7 @@ def main() -> None:
                     ack_latencies.clear()
                     elapsed, peak = fn(files, work, associations)
                     rates.setdefault((name, associations), []).append(args.instances / elapsed)
+                    cpu.setdefault((name, associations), []).append((machine_cpu_s[0], machine_cpu_s[0] / elapsed))
                     if name in (RADBRIDGE, RADBRIDGE_PYNETDICOM):
                         latencies.setdefault((name, associations), []).extend(ack_latencies)
                         rss[name, associations] = max(rss.get((name, associations), 0.0), peak)
@@ -281,13 +305,18 @@ def main() -> None:
     )
     print(
         f"{'assoc':>5} {'receiver':24} {'inst/s':>8} {'min':>7} {'max':>7}"
-        f" {'/Orthanc':>9} {'/storescp':>9} {'ack p50 ms':>10} {'ack p99 ms':>10} {'peak RSS MB':>11}"
+        f" {'CPU ms':>7} {'busy':>5} {'/Orthanc':>9} {'/storescp':>9} {'ack p50 ms':>10} {'ack p99 ms':>10}"
+        f" {'peak RSS MB':>11}"
     )
     for associations in ASSOCIATIONS:
         medians = {name: statistics.median(rates[name, associations]) for name in receivers}
         for name in receivers:
             values = rates[name, associations]
             line = f"{associations:>5} {name:24} {medians[name]:8.1f} {min(values):7.1f} {max(values):7.1f}"
+            # The machine's CPU (senders, receiver, kernel) per instance, and the cores it kept busy.
+            cpu_s = statistics.median(c for c, _ in cpu[name, associations])
+            busy = statistics.median(b for _, b in cpu[name, associations])
+            line += f" {1000 * cpu_s / args.instances:7.2f} {busy:5.2f}"
             if name == RADBRIDGE_RECEIVERS:  # latency and RSS: only the node process's share is seen here
                 to_orthanc = medians[name] / medians[ORTHANC] if ORTHANC in medians else float("nan")
                 line += f" {to_orthanc:9.2f} {medians[name] / medians[STORESCP]:9.2f}"
