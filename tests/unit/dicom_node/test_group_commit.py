@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -97,11 +98,24 @@ def test_a_failed_group_fails_every_caller_and_indexes_none(
     index.close()
 
 
-def test_deferred_rows_are_recorded_by_index_pending(tmp_path: Path) -> None:
-    """``index_now=False`` (the lean acceptor): durable on return, the row after the answer."""
+Node = tuple[Spool, Index, GroupCommitter]
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[Node]:
     spool = Spool(tmp_path)
     index = Index(spool.index_path)
-    committer = GroupCommitter(index)
+    yield spool, index, GroupCommitter(index)
+    index.close()
+
+
+def _broken_insert(items: list[ReceivedInstance], now: float | None = None, *, synced: bool = True) -> None:
+    raise sqlite3.OperationalError("disk I/O error")
+
+
+def test_deferred_rows_are_recorded_by_index_pending(node: Node) -> None:
+    """``index_now=False`` (the lean acceptor): durable on return, the row after the answer."""
+    spool, index, committer = node
     first, second = _placed(spool, 2)
     committer.commit(first, index_now=False)
     committer.commit(second, index_now=False)
@@ -109,21 +123,14 @@ def test_deferred_rows_are_recorded_by_index_pending(tmp_path: Path) -> None:
     committer.index_pending()
     assert index.count_instances() == 2
     assert committer.drain()
-    index.close()
 
 
 def test_a_failed_deferred_insert_is_kept_retried_and_refuses_while_it_fails(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    node: Node, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    spool = Spool(tmp_path)
-    index = Index(spool.index_path)
-    committer = GroupCommitter(index)
+    spool, index, committer = node
     a, b, c = _placed(spool, 3)
-
-    def broken_insert(items: list[ReceivedInstance], now: float | None = None, *, synced: bool = True) -> None:
-        raise sqlite3.OperationalError("disk I/O error")
-
-    monkeypatch.setattr(index, "add_instances", broken_insert)
+    monkeypatch.setattr(index, "add_instances", _broken_insert)
     committer.commit(a, index_now=False)  # durable: the peer is told so
     committer.index_pending()  # fails; a's row is kept
     with pytest.raises(StorageError, match="cannot index"):
@@ -135,15 +142,12 @@ def test_a_failed_deferred_insert_is_kept_retried_and_refuses_while_it_fails(
     committer.index_pending()
     assert index.indexed_paths("1.2.3") == {str(a.ref.path), str(c.ref.path)}
     assert committer.drain()
-    index.close()
 
 
 def test_rows_queued_while_another_thread_records_are_not_left_behind(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    node: Node, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    spool = Spool(tmp_path)
-    index = Index(spool.index_path)
-    committer = GroupCommitter(index)
+    spool, index, committer = node
     first, second = _placed(spool, 2)
     real = index.add_instances
     inside, gate = threading.Event(), threading.Event()
@@ -167,4 +171,3 @@ def test_rows_queued_while_another_thread_records_are_not_left_behind(
     recorder.join(5)
     assert batches == [1, 1]
     assert index.count_instances() == 2
-    index.close()
