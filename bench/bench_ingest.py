@@ -10,11 +10,11 @@ What each receiver does before it answers a C-STORE:
 - RadBridge (in this process, ``dicom_node.scp.start_scp``): the data set is
   streamed to a staging file (made ahead by dicom_node.staging, its writeback started as it
   arrives); fsync(file), rename into the spool, fsync(dir) (grouped across concurrent
-  associations), and the index row committed (SQLite WAL, that commit not synced: the fsynced
-  file is the record, dicom_node.recovery) -- all before the status. Twice: as configured
+  associations) -- all before the status; the index row (SQLite WAL, that commit not synced: the
+  fsynced file is the record, dicom_node.recovery) right after it. Twice: as configured
   (storage-only associations on the lean acceptor, dicom_node.lean_scp) and with
-  ``scp.lean_store = false`` (every association through pynetdicom), so the two
-  paths are compared in the same run. And a third time with ``scp.receivers = 2``: a second
+  ``scp.lean_store = false`` (every association through pynetdicom, which commits the row before
+  the status), so the two paths are compared in the same run. And a third time with ``scp.receivers = 2``: a second
   process accepts on the same port (SO_REUSEPORT, dicom_node.receivers); its ack latency and
   RSS are not printed (this process sees only its own share).
 - Orthanc (tests.peers.OrthancServer, its defaults): one fdatasync per file
