@@ -13,14 +13,24 @@ enlarged to at least ``MIN_WIDTH`` columns so the labels stay legible, with the 
 (the same major components as the key-slice SR) and the boxes drawn in the segments' colours, and
 labelled in the pixels ("AI RESULT - NOT FOR PRIMARY DIAGNOSIS", model, legend) and in the header
 (BurnedInAnnotation YES, ImageType DERIVED\\SECONDARY, ConversionType WSD, an AI SeriesDescription).
-Text is drawn with Pillow (already a dependency), no other library.
+Text is drawn with Pillow (already a dependency), no other library. Pillow's own font draws ASCII
+only (not even "é"); a label with other characters (a bilingual model's Chinese finding names,
+accented Latin, Cyrillic) is drawn with an installed font that has every one of its glyphs: one of
+``FALLBACK_FONTS`` (Debian's fonts-dejavu-core, fonts-wqy-microhei, fonts-noto-cjk), else one that
+fontconfig's ``fc-list :charset=...`` names. With none, the label is drawn as before (empty boxes)
+and a warning says which package to install.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
+import shutil
+import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -29,12 +39,22 @@ from pydicom.dataset import Dataset
 
 from dicom_node._contours import major_components, outline
 
+logger = logging.getLogger(__name__)
+
 MAX_KEY_IMAGES = 8
 MIN_WIDTH = 512  # smaller images are enlarged (nearest neighbour) by an integer factor
 SOFT_TISSUE_WINDOW = (40.0, 400.0)  # CT centre / width in HU when the series names none
 BANNER = "AI RESULT - NOT FOR PRIMARY DIAGNOSIS"
 PALETTE = ((255, 64, 64), (64, 200, 255), (255, 200, 0), (80, 255, 80), (255, 64, 255), (255, 140, 0))
 BOX_COLOUR = (255, 255, 0)
+#: Fonts tried, in order, for a label that Pillow's own font cannot draw (Debian paths).
+FALLBACK_FONTS = (
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",  # fonts-dejavu-core: Latin, Greek, Cyrillic
+    "/usr/share/fonts/truetype/wqy/wqy-microhei.ttc",  # fonts-wqy-microhei: CJK
+    "/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc",  # fonts-noto-cjk
+)
+_NO_GLYPH = "\U0010fffd"  # a private-use code point no font draws: what a font's missing glyph looks like
+_PROBE_SIZE = 16
 
 
 @dataclass(frozen=True)
@@ -146,11 +166,76 @@ def slice_values(ds: Dataset) -> tuple[np.ndarray, bool]:
     return values, rescaled
 
 
-def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+Font = ImageFont.ImageFont | ImageFont.FreeTypeFont
+
+
+def _font(size: int) -> Font:
     try:
         return ImageFont.load_default(size=size)  # FreeType build of Pillow: a scalable font
     except (TypeError, ValueError, OSError):  # pragma: no cover - Pillow without FreeType
         return ImageFont.load_default()
+
+
+@functools.lru_cache(maxsize=64)
+def _sized(path: str, size: int) -> Font:
+    return _font(size) if not path else ImageFont.truetype(path, size)
+
+
+@functools.lru_cache(maxsize=4096)
+def _draws(path: str, char: str) -> bool:
+    """Whether the font at ``path`` ("" = Pillow's own) has a glyph for ``char``: its bitmap is
+    not the one drawn for a code point no font has."""
+    if char.isspace() or not char.isprintable():  # nothing to draw; no font search for controls
+        return True
+    font = _sized(path, _PROBE_SIZE)
+
+    def bitmap(c: str) -> tuple[tuple[int, int], bytes]:
+        mask = font.getmask(c)
+        return mask.size, bytes(mask)
+
+    return bitmap(char) != bitmap(_NO_GLYPH)
+
+
+def _fontconfig_files(chars: frozenset[str]) -> list[str]:
+    """Font files fontconfig says cover all of ``chars`` (regular styles first); none without fc-list."""
+    fc_list = shutil.which("fc-list")
+    if fc_list is None:
+        return []
+    query = ":charset=" + " ".join(f"{ord(c):x}" for c in sorted(chars))
+    try:
+        out = subprocess.run(
+            [fc_list, query, "file"], capture_output=True, text=True, timeout=10, check=False
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    files = sorted({line.split(":", 1)[0].strip() for line in out.splitlines() if line.strip()})
+    styled = ("bold", "italic", "oblique", "light", "condensed")
+    return sorted(files, key=lambda f: any(s in Path(f).name.lower() for s in styled))
+
+
+@functools.lru_cache(maxsize=256)
+def _font_file(chars: frozenset[str]) -> str:
+    """The font file that draws every one of ``chars``: "" for Pillow's own font, also when no
+    installed font can (the label is then drawn with missing glyphs, and a warning is logged)."""
+    if all(_draws("", c) for c in chars):
+        return ""
+    for path in (*FALLBACK_FONTS, *_fontconfig_files(chars)):
+        if Path(path).is_file() and all(_draws(path, c) for c in chars):
+            return path
+    logger.warning(
+        "key image label has characters no installed font draws",
+        extra={
+            "event": "keyimages.missing_glyphs",
+            "characters": len([c for c in chars if not _draws("", c)]),
+            "hint": "install fonts-wqy-microhei (CJK) or fonts-dejavu-core",
+        },
+    )
+    return ""
+
+
+def font_for(text: str, size: int) -> Font:
+    """A font of ``size`` pixels that draws every character of ``text`` (see the module docstring)."""
+    return _sized(_font_file(frozenset(text)), size)
 
 
 def render(
@@ -168,26 +253,26 @@ def render(
             points = outline(component, 400) * f
             draw.line([(float(x), float(y)) for x, y in points], fill=rgb, width=width)
     size = max(10, (cols * f) // 40)
-    font = _font(size)
     for label, rgb, (r0, c0, r1, c1) in overlay.boxes:
         draw.rectangle([c0 * f, r0 * f, c1 * f - 1, r1 * f - 1], outline=rgb, width=width)
-        draw.text((c0 * f + 2, max(0, r0 * f - size - 2)), label, fill=rgb, font=font)
+        draw.text((c0 * f + 2, max(0, r0 * f - size - 2)), label, fill=rgb, font=font_for(label, size))
     # Labels: the banner and model on a black band at the top, the legend at the bottom.
     band = (size + 4) * len(title_lines) + 4
     draw.rectangle([0, 0, cols * f, band], fill=(0, 0, 0))
     for i, line in enumerate(title_lines):
-        draw.text((4, 4 + i * (size + 4)), line, fill=(255, 255, 0) if i == 0 else (255, 255, 255), font=font)
+        colour = (255, 255, 0) if i == 0 else (255, 255, 255)
+        draw.text((4, 4 + i * (size + 4)), line, fill=colour, font=font_for(line, size))
     legend = [(label, rgb) for label, rgb, _ in overlay.outlines]
     for label, rgb, _ in overlay.boxes:  # each box is also labelled where it is drawn
         if (label, rgb) not in legend:
             legend.append((label, rgb))
     y = rows * f - (size + 4) * len(legend) - 4
     if legend:
-        width_px = max(draw.textlength(label, font=font) for label, _ in legend)
+        width_px = max(draw.textlength(label, font=font_for(label, size)) for label, _ in legend)
         draw.rectangle([0, y - 2, 12 + size + width_px, rows * f], fill=(0, 0, 0))
     for label, rgb in legend:
         draw.rectangle([4, y + 2, 4 + size - 4, y + size - 2], fill=rgb)
-        draw.text((8 + size, y), label, fill=(255, 255, 255), font=font)
+        draw.text((8 + size, y), label, fill=(255, 255, 255), font=font_for(label, size))
         y += size + 4
     return np.asarray(image, dtype=np.uint8)
 

@@ -20,7 +20,16 @@ if [ "$mode" = "test" ]; then
   if [ "${#need[@]}" -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q
-    apt-get install -y -q --no-install-recommends dcmtk dicom3tools orthanc orthanc-dicomweb chromium openssl
+    apt-get install -y -q --no-install-recommends dcmtk dicom3tools orthanc orthanc-dicomweb chromium openssl \
+      fontconfig fonts-dejavu-core fonts-wqy-microhei
+  fi
+  # CJK glyphs for key-image labels (dicom_node.keyimages). Not fatal: without them the CJK test
+  # skips, naming the package, and key images draw such labels as empty boxes.
+  fonts=(fontconfig fonts-dejavu-core fonts-wqy-microhei)
+  if [ ! -f /usr/share/fonts/truetype/wqy/wqy-microhei.ttc ]; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${fonts[@]}" \
+      || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${fonts[@]}"; } \
+      || echo "setup: ${fonts[*]} not installed (key-image labels in CJK need them)" >&2
   fi
 fi
 

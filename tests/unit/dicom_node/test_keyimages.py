@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import numpy as np
 import pytest
 from pydicom.dataset import Dataset
@@ -137,3 +140,50 @@ def test_writer_key_image_slices_follow_the_largest_areas_and_boxes() -> None:
 def test_slice_values_needs_pixels_or_a_file() -> None:
     with pytest.raises(ValueError, match="needs the source image's pixels"):
         ki.slice_values(_header(Modality="CT"))
+
+
+def _cjk_font() -> str | None:
+    chars = frozenset("肺结节骨折线")
+    for path in (*ki.FALLBACK_FONTS, *ki._fontconfig_files(chars)):
+        if Path(path).is_file() and all(ki._draws(path, c) for c in chars):
+            return path
+    return None
+
+
+def _label_pixels(label: str) -> np.ndarray:
+    grey = np.zeros((64, 64), dtype=np.uint8)
+    overlay = ki.Overlay([], [(label, ki.BOX_COLOUR, (40.0, 10.0, 60.0, 50.0))])
+    return ki.render(grey, overlay, [ki.BANNER])
+
+
+def test_a_chinese_box_label_is_drawn_with_its_glyphs() -> None:
+    """Pillow's own font has no CJK glyphs: every character would be the same empty box, so two
+    labels of as many characters would give the same pixels."""
+    if _cjk_font() is None:
+        pytest.skip("needs a CJK font: Debian fonts-wqy-microhei (scripts/setup.sh test installs it)")
+    assert ki._font_file(frozenset("肺结节 0.91")) != ""
+    assert not np.array_equal(_label_pixels("肺结节 0.91"), _label_pixels("骨折线 0.91"))
+
+
+def test_ascii_labels_keep_pillows_own_font_and_accents_get_one_that_draws_them() -> None:
+    assert ki._font_file(frozenset("Lesion 0.93")) == ""
+    accented = ki._font_file(frozenset("Läsion"))
+    if not accented:
+        pytest.skip("needs a font with Latin-1 glyphs: Debian fonts-dejavu-core")
+    assert all(ki._draws(accented, c) for c in "Läsion")
+
+
+def test_a_label_no_installed_font_draws_is_still_drawn_and_warned_about(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(ki, "FALLBACK_FONTS", ())
+    monkeypatch.setattr(ki, "_fontconfig_files", lambda chars: [])
+    ki._font_file.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="dicom_node.keyimages"):
+            rgb = _label_pixels("肺结节")
+    finally:
+        ki._font_file.cache_clear()
+    assert rgb.shape == (512, 512, 3)
+    (record,) = [r for r in caplog.records if getattr(r, "event", "") == "keyimages.missing_glyphs"]
+    assert record.characters == 3 and "fonts-wqy-microhei" in record.hint
