@@ -193,6 +193,21 @@ def bench_storescp(files: list[Path], work: Path, associations: int) -> tuple[fl
         proc.wait(10)
 
 
+def _timed(fn: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def _write_and_fsync(fd: int, payload: bytes) -> float:
+    """Write ``payload`` to the open file ``fd``, fsync and close it; the fsync's seconds."""
+    try:
+        os.write(fd, payload)
+        return _timed(lambda: os.fsync(fd))
+    finally:
+        os.close(fd)
+
+
 def durable_floor(directory: Path, size: int, n: int = 100) -> dict[str, float]:
     """Median seconds of each sync the durable store makes per instance, on ``directory``'s disk."""
     directory.mkdir(parents=True)
@@ -214,36 +229,19 @@ def durable_floor(directory: Path, size: int, n: int = 100) -> dict[str, float]:
     series_fd = os.open(series, os.O_RDONLY)
     try:
         for i, (path, fd) in enumerate(made_ahead):
-            try:
-                os.write(fd, payload)
-                started = time.perf_counter()
-                os.fsync(fd)
-                times["staged file fsync"].append(time.perf_counter() - started)
-            finally:
-                os.close(fd)
-            started = time.perf_counter()
-            os.replace(path, series / f"{i}.dcm")
-            os.fsync(series_fd)
-            times["staged rename + directory fsync"].append(time.perf_counter() - started)
+            times["staged file fsync"].append(_write_and_fsync(fd, payload))
+            times["staged rename + directory fsync"].append(
+                _timed(lambda path=path, i=i: (os.replace(path, series / f"{i}.dcm"), os.fsync(series_fd)))
+            )
     finally:
         os.close(series_fd)
     dir_fd = os.open(directory, os.O_RDONLY)
     try:
         for i in range(n):
             fd = os.open(directory / f"{i}.dcm", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                os.write(fd, payload)
-                started = time.perf_counter()
-                os.fsync(fd)
-                times["file fsync"].append(time.perf_counter() - started)
-            finally:
-                os.close(fd)
-            started = time.perf_counter()
-            os.fsync(dir_fd)
-            times["directory fsync"].append(time.perf_counter() - started)
-            started = time.perf_counter()
-            db.execute("INSERT INTO t VALUES (?, ?)", (str(i), "x" * 400))
-            times["WAL commit"].append(time.perf_counter() - started)
+            times["file fsync"].append(_write_and_fsync(fd, payload))
+            times["directory fsync"].append(_timed(lambda: os.fsync(dir_fd)))
+            times["WAL commit"].append(_timed(lambda i=i: db.execute("INSERT INTO t VALUES (?, ?)", (str(i), "x" * 400))))
     finally:
         os.close(dir_fd)
         db.close()
