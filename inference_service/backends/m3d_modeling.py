@@ -50,6 +50,7 @@ from transformers import (
     Phi3Config,
     Phi3ForCausalLM,
     Phi3Model,
+    PreTrainedConfig,
 )
 from transformers.models.llama.modeling_llama import LlamaPreTrainedModel
 from transformers.models.phi3.modeling_phi3 import Phi3PreTrainedModel
@@ -124,10 +125,11 @@ class LamedVisionMixin:
 
 
 @strict
-class LamedPhi3Config(LamedVisionMixin, Phi3Config):
-    """Phi-3 config + M3D-LaMed's vision keys (``model_type`` "lamed_phi3", as published)."""
-
-    model_type = "lamed_phi3"
+class LamedVisionFields(PreTrainedConfig):
+    """M3D-LaMed's vision keys with the published (ViT-B) defaults, declared once for both language
+    models. A config base, not a mixin, because transformers makes each config class a dataclass and
+    a dataclass takes fields only from bases that are dataclasses. Listed after the language
+    model's config in the bases, so that config's own defaults win for the keys they share."""
 
     image_channel: int = 1
     image_size: list[int] | tuple[int, ...] = (32, 256, 256)
@@ -147,6 +149,13 @@ class LamedPhi3Config(LamedVisionMixin, Phi3Config):
     vision_num_layers: int = 12
     vision_num_heads: int = 12
     vision_mlp_dim: int = 3072
+
+
+@strict
+class LamedPhi3Config(LamedVisionMixin, Phi3Config, LamedVisionFields):
+    """Phi-3 config + M3D-LaMed's vision keys (``model_type`` "lamed_phi3", as published)."""
+
+    model_type = "lamed_phi3"
 
     def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)
@@ -154,29 +163,10 @@ class LamedPhi3Config(LamedVisionMixin, Phi3Config):
 
 
 @strict
-class LamedLlamaConfig(LamedVisionMixin, LlamaConfig):
+class LamedLlamaConfig(LamedVisionMixin, LlamaConfig, LamedVisionFields):
     """Llama config + M3D-LaMed's vision keys (``model_type`` "lamed_llama", as published)."""
 
     model_type = "lamed_llama"
-
-    image_channel: int = 1
-    image_size: list[int] | tuple[int, ...] = (32, 256, 256)
-    patch_size: list[int] | tuple[int, ...] = (4, 16, 16)
-    vision_tower: str = "vit3d"
-    vision_select_layer: int = -1
-    vision_select_feature: str = "patch"
-    mm_hidden_size: int = 768
-    mm_projector_type: str = "spp"
-    proj_layer_type: str = "mlp"
-    proj_layer_num: int = 2
-    proj_pooling_type: str = "spatial"
-    proj_pooling_size: int = 2
-    segmentation_module: str | None = None
-    seg_token_id: int | None = None
-    img_token_id: int | None = None
-    vision_num_layers: int = 12
-    vision_num_heads: int = 12
-    vision_mlp_dim: int = 3072
 
     def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)
