@@ -220,8 +220,11 @@ def _font_file(chars: frozenset[str]) -> str:
     if all(_draws("", c) for c in chars):
         return ""
     for path in (*FALLBACK_FONTS, *_fontconfig_files(chars)):
-        if Path(path).is_file() and all(_draws(path, c) for c in chars):
-            return path
+        try:
+            if Path(path).is_file() and all(_draws(path, c) for c in chars):
+                return path
+        except OSError:  # not a font FreeType can open: the next one
+            continue
     logger.warning(
         "key image label has characters no installed font draws",
         extra={

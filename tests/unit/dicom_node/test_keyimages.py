@@ -187,3 +187,16 @@ def test_a_label_no_installed_font_draws_is_still_drawn_and_warned_about(
     assert rgb.shape == (512, 512, 3)
     (record,) = [r for r in caplog.records if getattr(r, "event", "") == "keyimages.missing_glyphs"]
     assert record.characters == 3 and "fonts-wqy-microhei" in record.hint
+
+
+def test_a_font_file_freetype_cannot_open_is_passed_over(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    broken = tmp_path / "broken.ttf"
+    broken.write_bytes(b"not a font")
+    monkeypatch.setattr(ki, "FALLBACK_FONTS", (str(broken),))
+    monkeypatch.setattr(ki, "_fontconfig_files", lambda chars: [])
+    ki._font_file.cache_clear()
+    try:
+        assert ki._font_file(frozenset("Läsion")) == ""  # Pillow's own font, as with none installed
+        assert _label_pixels("Läsion").shape == (512, 512, 3)
+    finally:
+        ki._font_file.cache_clear()
