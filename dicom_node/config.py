@@ -24,6 +24,10 @@ DEFAULT_MAX_ASSOCIATIONS = 10  # pynetdicom's own default
 DEFAULT_MAX_ASSOCIATIONS_PER_PEER = 8
 DEFAULT_FIRST_PDU_TIMEOUT_S = 5.0  # ARTIM: connection accepted -> whole A-ASSOCIATE-RQ received
 DEFAULT_MAX_FIRST_PDU_BYTES = 256 * 1024  # a 128-context A-ASSOCIATE-RQ is ~100 KiB at most in practice
+#: The largest P-DATA-TF the node announces it receives. The lean acceptor holds a PDU whole in
+#: memory, and pynetdicom sends a whole data set as one PDU to a peer that announces 0
+#: (unlimited); dcmtk sends at most 128 KiB whatever is announced, so this costs no speed.
+DEFAULT_MAX_PDU = 4 * 1024 * 1024
 DEFAULT_SPOOL = Path("radbridge-spool")
 DEFAULT_QUIET_WINDOW_S = 30.0
 DEFAULT_HTTP_PORT = 8080
@@ -71,7 +75,7 @@ class ScpSection:
     port: int = DEFAULT_SCP_PORT  # 0 = any free port
     ae_title: str = DEFAULT_AE_TITLE
     allowed_calling_aets: list[str] = field(default_factory=list)  # empty = any
-    max_pdu: int = 0  # 0 = unlimited
+    max_pdu: int = DEFAULT_MAX_PDU  # 0 = unlimited (a PDU is held whole: a peer could claim 4 GiB)
     max_associations: int = DEFAULT_MAX_ASSOCIATIONS  # beyond: A-ASSOCIATE-RJ "local limit exceeded"
     max_associations_per_peer: int = DEFAULT_MAX_ASSOCIATIONS_PER_PEER  # per IP address; beyond: closed
     first_pdu_timeout_s: float = DEFAULT_FIRST_PDU_TIMEOUT_S

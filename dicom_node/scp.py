@@ -228,6 +228,10 @@ class EarlyHeader:
     error: Exception | None = None
 
 
+_DIMSE_INSTANCES = INSTANCES_RECEIVED.labels(via="dimse")  # looked up once: .labels() hashes and locks
+_DIMSE_BYTES = BYTES_RECEIVED.labels(via="dimse")
+
+
 def early_header(head: bytes | bytearray, transfer_syntax: str, sop_instance_uid: str) -> EarlyHeader:
     """Read and check the header from ``head``; the lean acceptor calls this as soon as the first
     64 KiB have arrived, while the rest of the data set is still on its way."""
@@ -258,6 +262,7 @@ def store_staged(
     head: bytes | bytearray | None = None,
     early: EarlyHeader | None = None,
     index_now: bool = True,
+    fd: int | None = None,
 ) -> Dataset | int:
     """Spool one received instance durably, index it, then give the status to answer with.
 
@@ -267,7 +272,8 @@ def store_staged(
     from them (dicom_node.header) where it can be, else from the file; ``early``: that header,
     already read while the data set arrived (``early_header``); ``index_now=False``: the index row
     is left to ``committer.index_pending()``, which the caller calls once it has answered
-    (dicom_node.group_commit).
+    (dicom_node.group_commit); ``fd``: the staged file, still open for writing (its fsync needs no
+    second open; the caller closes it).
     """
     started = time.monotonic()
     log = _log_fields(peer_ae, sop_class_uid, transfer_syntax)
@@ -289,6 +295,7 @@ def store_staged(
             study_instance_uid=values["StudyInstanceUID"],
             series_instance_uid=values["SeriesInstanceUID"],
             transfer_syntax_uid=transfer_syntax,
+            fd=fd,
         )
         owned = False
         committer.commit(ReceivedInstance(ref, values["Modality"], peer_ae, attributes), index_now=index_now)
@@ -297,8 +304,8 @@ def store_staged(
     finally:
         if owned:
             staged.unlink(missing_ok=True)
-    INSTANCES_RECEIVED.labels(via="dimse").inc()
-    BYTES_RECEIVED.labels(via="dimse").inc(ref.size)
+    _DIMSE_INSTANCES.inc()
+    _DIMSE_BYTES.inc(ref.size)
     if not logger.isEnabledFor(logging.DEBUG):  # the line's fields cost a hash each: only when logged
         return 0x0000
     logger.debug(
@@ -673,7 +680,7 @@ class LeanAcceptor:
 
     def store(
         self, staged: Path, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, peer_ae: str,
-        head: bytearray, early: EarlyHeader | None = None,
+        head: bytearray, early: EarlyHeader | None = None, fd: int | None = None,
     ) -> Dataset | int:
         return store_staged(
             staged,
@@ -687,6 +694,7 @@ class LeanAcceptor:
             head=head,
             early=early,
             index_now=False,  # the row after the C-STORE-RSP (LeanStoreAssociation's after_response)
+            fd=fd,
         )
 
     def reject_busy(self, sock: socket.socket, rq: lean_scp.AssociateRq | None, peer: str) -> None:

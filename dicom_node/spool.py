@@ -32,6 +32,7 @@ STAGING = "staging"  # STOW-RS parts being received; never acknowledged until mo
 TMP_SUFFIX = ".partial"
 FILE_MODE = 0o600  # spool files, outputs, the index: owner only
 DIR_MODE = 0o700
+_SERIES_DIRS_KEPT = 1024  # Spool.series_dir's memory; cleared when full
 
 
 def uid_key(uid: str, length: int = 16) -> str:
@@ -43,9 +44,15 @@ def uid_key(uid: str, length: int = 16) -> str:
     return hashlib.sha256(uid.encode("utf-8", "surrogateescape")).hexdigest()[:length]
 
 
-def make_private_dirs(directory: Path) -> None:
+def make_private_dirs(directory: Path, *, durable: bool = False) -> None:
     """Create ``directory`` and its missing parents with mode 0700 (mkdir(parents=True) would
-    give the parents the umask's mode)."""
+    give the parents the umask's mode).
+
+    ``durable``: also fsync the parent of each directory that was missing, so the new entries
+    survive a power loss. Whoever then renames a file into ``directory`` fsyncs only
+    ``directory``; POSIX does not make that cover the directory's own entry in its parent (ext4
+    with a journal happens to, as does ext4 without one for a directory just made; other file
+    systems need not). Once per new study or series, so its cost does not matter."""
     missing = []
     while not directory.exists():
         missing.append(directory)
@@ -55,6 +62,9 @@ def make_private_dirs(directory: Path) -> None:
     for d in reversed(missing):
         with contextlib.suppress(FileExistsError):  # another thread made it first
             os.mkdir(d, DIR_MODE)
+    if durable:  # also where another thread made it: it may not have synced its parent yet
+        for d in reversed(missing):
+            fsync_dir(d.parent)
 
 
 def open_private(path: Path) -> BinaryIO:
@@ -117,7 +127,7 @@ def write_durably(path: Path, data: bytes) -> None:
     """tmp -> fsync -> rename -> fsync(dir). Raises StorageError on any failure."""
     tmp = path.with_name(path.name + TMP_SUFFIX)
     try:
-        make_private_dirs(path.parent)
+        make_private_dirs(path.parent, durable=True)
         with open_private(tmp) as fh:
             fh.write(data)
             fh.flush()
@@ -136,6 +146,7 @@ class Spool:
     def __init__(self, root: Path, min_free_bytes: int = 0) -> None:
         self.root = Path(root)
         self.min_free_bytes = int(min_free_bytes)
+        self._series_dirs: dict[tuple[str, str], Path] = {}
         for directory in (self.root, self.root / INSTANCES, self.root / OUTPUTS, self.root / STAGING):
             make_private_dirs(directory)
         with contextlib.suppress(PermissionError):  # a root we do not own keeps its mode
@@ -158,10 +169,19 @@ class Spool:
                 min_free_bytes=self.min_free_bytes,
             )
 
+    def series_dir(self, study_uid: str, series_uid: str) -> Path:
+        """instances/<study>/<series>: remembered per series, as every instance of one needs it
+        (two hashes and three path joins were a tenth of the C-STORE thread's own CPU)."""
+        key = (study_uid, series_uid)
+        directory = self._series_dirs.get(key)
+        if directory is None:
+            if len(self._series_dirs) >= _SERIES_DIRS_KEPT:
+                self._series_dirs.clear()
+            directory = self._series_dirs[key] = self.root / INSTANCES / uid_key(study_uid) / uid_key(series_uid)
+        return directory
+
     def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
-        return (
-            self.root / INSTANCES / uid_key(study_uid) / uid_key(series_uid) / f"{uid_key(sop_uid, 32)}.dcm"
-        )
+        return self.series_dir(study_uid, series_uid) / f"{uid_key(sop_uid, 32)}.dcm"
 
     def output_dir(self, study_uid: str) -> Path:
         return self.root / OUTPUTS / uid_key(study_uid)
@@ -231,22 +251,33 @@ class Spool:
         study_instance_uid: str,
         series_instance_uid: str,
         transfer_syntax_uid: str,
+        fd: int | None = None,
     ) -> InstanceRef:
         """fsync a fully written staged file and rename it into place. NOT yet durable: the
         caller must fsync ``ref.path.parent`` (store_staged, or a group commit that fsyncs each
-        directory once for many instances) before anyone is told "stored"."""
+        directory once for many instances) before anyone is told "stored". ``fd``: the staged
+        file, still open (the caller closes it), else it is opened here for its fsync."""
         self.check_space()
         path = self.instance_path(study_instance_uid, series_instance_uid, sop_instance_uid)
         try:
-            fd = os.open(staged, os.O_RDONLY)
-            try:
+            if fd is not None:
                 os.fsync(fd)
                 size = os.fstat(fd).st_size
-            finally:
-                os.close(fd)
-            make_private_dirs(path.parent)
+            else:
+                own = os.open(staged, os.O_RDONLY)
+                try:
+                    os.fsync(own)
+                    size = os.fstat(own).st_size
+                finally:
+                    os.close(own)
             try:
-                os.replace(staged, path)
+                try:
+                    os.replace(staged, path)
+                except FileNotFoundError:
+                    # The series' first instance (or its directory was removed since): tried
+                    # after the rename, so the other instances cost no stat.
+                    make_private_dirs(path.parent, durable=True)
+                    os.replace(staged, path)
             except OSError as exc:
                 if exc.errno != errno.EXDEV:
                     raise

@@ -430,3 +430,40 @@ def test_a_row_that_cannot_be_recorded_keeps_the_stop_unclean(
     recover(spool, index)  # what the next start does, the stop not being marked clean
     assert index.count_instances() == 2  # the refused one was placed too: kept, as a resend would be
     index.close()
+
+
+def test_a_pdu_longer_than_announced_is_aborted_unread(start_node_scp: StartScp) -> None:
+    """A P-DATA-TF claiming 1 GiB, past the 16 KiB the node announced: A-ABORT at once, nothing
+    allocated for it and nothing kept (the lean acceptor holds a PDU whole)."""
+    port, spool, index = start_node_scp(max_pdu=16384)
+    sock = _raw_association(port)
+    sock.sendall(struct.pack(">BBL", 4, 0, 1 << 30) + bytes(64))
+    kind, body = _read_pdu(sock)
+    assert (kind, body[2:3]) == (7, b"\x02")  # A-ABORT from the service provider
+    assert closed_by_peer(sock, within_s=5)
+    sock.close()
+    assert index.count_instances() == 0
+    assert _wait_for(lambda: not staged_data(spool.staging_dir))
+
+
+def test_one_pdu_larger_than_the_receive_buffer_then_small_ones(
+    start_node_scp: StartScp, small_ct_files: list[Path]
+) -> None:
+    """To a node announcing 0 (unlimited), pynetdicom sends each 512 KB data set as one PDU, twice
+    the lean acceptor's receive buffer: the buffer grows for it and is reused for what follows."""
+    from dicom_node.lean_scp import RECV_BYTES
+
+    port, _, index = start_node_scp(max_pdu=0)
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", port, ae_title="RADBRIDGE")
+    assert assoc.acceptor.maximum_length == 0
+    assert small_ct_files[4].stat().st_size > RECV_BYTES
+    for path in small_ct_files[4:8]:
+        assert assoc.send_c_store(path).Status == 0x0000
+    assoc.release()
+    rows = index.study_instances(pydicom.dcmread(small_ct_files[4]).StudyInstanceUID)
+    stored = {row.sop_instance_uid: pydicom.dcmread(row.path) for row in rows}
+    for path in small_ct_files[4:8]:
+        original = pydicom.dcmread(path)
+        assert stored[original.SOPInstanceUID] == original
