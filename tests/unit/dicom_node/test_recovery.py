@@ -115,3 +115,39 @@ def test_the_node_marks_a_clean_stop_and_a_kill_leaves_it_unmarked(tmp_path: Pat
         assert index.mark_running() is False  # this "run" was never stopped: as after a kill
     finally:
         index.close()
+
+
+def test_a_node_whose_rows_were_not_all_recorded_does_not_mark_its_stop_clean(
+    tmp_path: Path, small_ct_files: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Node.stop takes the server's ``all_indexed``: an instance answered "stored" whose row could
+    not be inserted leaves the stop unmarked, and the next start indexes it from the spool."""
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+    from pynetdicom import AE
+
+    settings = NodeSettings(
+        spool=SpoolSection(tmp_path / "spool"), scp=ScpSection(port=0), http=HttpSection(enabled=False)
+    )
+    node = Node(settings, "127.0.0.1:1").start()
+
+    def broken(items: object, now: object = None, *, synced: bool = True) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(node.index, "add_instances", broken)
+    try:
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", node.port, ae_title=settings.scp.ae_title)
+        assert assoc.is_established
+        assert assoc.send_c_store(small_ct_files[0]).Status == 0x0000  # the file is durable: "stored"
+        assoc.release()
+    finally:
+        node.stop()
+    monkeypatch.undo()
+
+    again = Node(settings, "127.0.0.1:1").start()  # recovery runs: the stop was not marked clean
+    try:
+        (row,) = again.index.study_instances(pydicom.dcmread(small_ct_files[0]).StudyInstanceUID)
+        assert row.sop_instance_uid == pydicom.dcmread(small_ct_files[0]).SOPInstanceUID
+    finally:
+        again.stop()
