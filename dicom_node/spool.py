@@ -171,7 +171,7 @@ class Spool:
 
     def series_dir(self, study_uid: str, series_uid: str) -> Path:
         """instances/<study>/<series>: remembered per series, as every instance of one needs it
-        (two hashes and three path joins were a tenth of the C-STORE thread's own CPU)."""
+        (its two hashes and three path joins were 2.6% of the C-STORE thread's samples)."""
         key = (study_uid, series_uid)
         directory = self._series_dirs.get(key)
         if directory is None:
