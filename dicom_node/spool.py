@@ -115,6 +115,16 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
         _SYNC_FILE_RANGE(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
+def _fsync_file(path: Path) -> int:
+    """fsync a file by its path; its size."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        return os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+
+
 def fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
@@ -264,12 +274,7 @@ class Spool:
                 os.fsync(fd)
                 size = os.fstat(fd).st_size
             else:
-                own = os.open(staged, os.O_RDONLY)
-                try:
-                    os.fsync(own)
-                    size = os.fstat(own).st_size
-                finally:
-                    os.close(own)
+                size = _fsync_file(staged)
             try:
                 try:
                     os.replace(staged, path)
@@ -286,11 +291,7 @@ class Spool:
                 tmp = path.with_name(path.name + TMP_SUFFIX)
                 with open(staged, "rb") as src, open_private(tmp) as dst:
                     shutil.copyfileobj(src, dst)
-                fd = os.open(tmp, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                _fsync_file(tmp)
                 os.replace(tmp, path)
         except OSError as exc:
             raise StorageError(f"Out of resources: cannot write spool ({exc.strerror})") from exc
