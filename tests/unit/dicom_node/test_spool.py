@@ -99,3 +99,28 @@ def test_a_staged_file_that_is_gone_is_a_storage_error(tmp_path: Path) -> None:
             spool.staging_path(), sop_instance_uid="1.2.3.4", sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
             study_instance_uid="1.2.3", series_instance_uid="1.2.3.5", transfer_syntax_uid="1.2.840.10008.1.2.1",
         )
+
+
+def test_a_staged_file_on_another_file_system_is_copied_into_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """rename(2) across file systems fails with EXDEV: the bytes are copied, fsynced and renamed."""
+    import errno
+    import os
+
+    real = os.replace
+    calls: list[tuple[str, str]] = []
+
+    def replace(src: object, dst: object) -> None:
+        calls.append((str(src), str(dst)))
+        if len(calls) == 1:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        real(src, dst)
+
+    spool = Spool(tmp_path / "spool")
+    (tmp_path / "spool" / "instances" / uid_key("1.2.3") / uid_key("1.2.3.5")).mkdir(parents=True)
+    monkeypatch.setattr(os, "replace", replace)
+    path = _place(spool, "1.2.3.5.9")
+    assert path.read_bytes() == b"1.2.3.5.9"
+    assert calls[1] == (str(path) + TMP_SUFFIX, str(path))  # the copy went through a tmp name
+    assert not list(path.parent.glob(f"*{TMP_SUFFIX}"))
