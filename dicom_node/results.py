@@ -38,6 +38,7 @@ from pydicom.uid import generate_uid
 from dicom_node import segwriter
 from dicom_node._contours import major_components, outline
 from dicom_node.masks import FractionalMask, PackedMask
+from dicom_node.patient_study import conform_sources
 from dicom_node.slices import SliceRef
 from dicom_node.text import SPECIFIC_CHARACTER_SET, clean, clean_language, raw
 from protos.radbridge.v1 import inference_pb2 as pb
@@ -288,7 +289,9 @@ class ResultWriter:
         """
         if not sources:
             raise ValueError("At least one source image is needed.")
-        self.sources = list(sources)
+        # highdicom refuses a malformed birth date, study date/time or sex: copies with those
+        # values repaired or emptied go to the builders (dicom_node.patient_study).
+        self.sources, self.repaired = conform_sources(sources)
         self.slices = list(slices) or [SliceRef(i) for i in range(len(self.sources))]
         if any(r.source is not None and not 0 <= r.source < len(self.sources) for r in self.slices):
             raise ValueError("A slice names a source image that is not among the sources.")

@@ -221,6 +221,13 @@ def _analyze(job: Job, ctx: StepContext, admit: Admit) -> None:
         slices=slices,
         geometry_note=geometry_note,
     )
+    if writer.repaired:  # the keywords only: the values are patient data
+        ctx.index.add_event(
+            job.study_instance_uid,
+            "source values repaired",
+            "not valid DICOM in the images, so repaired or left empty in the results: "
+            + ", ".join(writer.repaired),
+        )
     writer.previous = _previous_outputs(ctx.index, writer)
     if writer.previous:
         replaced = sum(len(v) for v in writer.previous.values())
@@ -259,6 +266,7 @@ def _analyze(job: Job, ctx: StepContext, admit: Admit) -> None:
             "objects": len(written),
             "study_key": uid_key(job.study_instance_uid),
             "inference_address": replica,
+            "repaired_values": ", ".join(writer.repaired),  # keywords; the JSON log keeps scalars
             **steps,  # read, send (gRPC upload), inference (service until the last mask), build, write
         },
     )

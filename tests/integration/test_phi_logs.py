@@ -4,7 +4,7 @@ A study whose patient has distinctive identifiers goes through the whole node
 (C-STORE by dcmtk, quiet window, routing, the embedded reference service, SEG +
 SRs written), together with the error paths: an instance refused for a hostile
 UID, one whose birth date and name are malformed (pydicom warns about such
-values, quoting them), a series that cannot form a volume (job FAILED), a STOW-RS
+values, quoting them; the results carry the birth date repaired), a series that cannot form a volume (job FAILED), a STOW-RS
 part that is not DICOM and one refused for its UID. Everything the process
 prints (stdout and stderr: JSON log lines, warnings, tracebacks) is searched for
 the identifiers, in the forms they may take.
@@ -119,7 +119,9 @@ def test_no_patient_identifier_in_any_log_line(tmp_path: Path, level: str) -> No
     cfg, scp_port, http_port = _config(tmp_path, level)
     ct = write_series(ct_series(n_slices=6, patient=PATIENT, seed=21), tmp_path / "ct")
     bad = write_series(ct_series(n_slices=8, patient=PATIENT, seed=22), tmp_path / "bad")
-    bad = bad[:3] + bad[5:]  # uneven slice gaps: no volume, the job fails with its reason
+    twin = pydicom.dcmread(bad[4])  # two images at one position with different pixels: no volume,
+    twin.ImagePositionPatient = pydicom.dcmread(bad[3], stop_before_pixels=True).ImagePositionPatient
+    twin.save_as(bad[4])  # so the job fails with its reason
     hostile = _variant(ct[0], tmp_path / "hostile.dcm", StudyInstanceUID="../../x")
     malformed = _variant(
         ct[0], tmp_path / "malformed.dcm", PatientBirthDate="1941-09-23", PatientName="Zzyzx^Quintessa" * 5
@@ -163,6 +165,7 @@ def test_no_patient_identifier_in_any_log_line(tmp_path: Path, level: str) -> No
             )
             assert stow.status_code == 409, stow.text
             _wait_for(log_path, '"analyze.written"', proc)
+            _wait_for(log_path, '"repaired_values": "PatientBirthDate"', proc)  # the malformed one's
             _wait_for(log_path, '"to": "FAILED"', proc)
         finally:
             proc.send_signal(signal.SIGTERM)

@@ -1,0 +1,163 @@
+"""The Patient and Study values a result copies from its source, made valid for their VR first.
+
+Why: every SEG, SR and key image is built by highdicom from its source's Patient and Study
+modules, and highdicom refuses a source whose birth date, study date or time, or sex is not
+valid DICOM ("1941-09-23", "2024/01/02", "25:61:00", "X"): the whole analysis of the series
+was lost to one badly formatted demographic. Archives take such images every day (ACR-NEMA-era
+date forms, modalities configured by hand), so the node must too.
+
+What a result gets, value by value (dates, times, ages, numbers and the sex; the attributes of
+the Patient module, group 0010, and the study's date and time):
+
+- a valid value: unchanged;
+- an unambiguous repair where one exists: ACR-NEMA's "1941.09.23" (and "-" or "/" between the
+  same fields) becomes "19410923", "10:20:30.5" becomes "102030.5", an age "45Y" or "45 y"
+  becomes "045Y", a sex "m" becomes "M";
+- otherwise the value is left empty. Each of these attributes is type 2 or 3 (PS3.3 C.7.1.1,
+  C.7.2.1, C.7.2.2), so empty is valid, and a guessed value would be worse than none.
+
+Names and IDs are kept as they are even where too long for their VR (highdicom only warns): the
+archive matches the result to its patient by them. Only the copies given to the writers change;
+the spooled images are not touched.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import math
+import re
+from collections.abc import Iterable, Sequence
+
+from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.tag import BaseTag
+
+#: The study's own values highdicom passes through DA()/TM(): StudyDate, StudyTime.
+STUDY_TAGS = frozenset({0x00080020, 0x00080030})
+CHECKED_VRS = frozenset({"DA", "TM", "DT", "AS", "DS", "IS"})
+SEX_TAG = BaseTag(0x00100040)  # Patient's Sex: M, F, O (PS3.3 C.7.1.1)
+SEX_VALUES = frozenset({"M", "F", "O"})
+
+_DA_SEPARATED = re.compile(r"(\d{4})[.\-/](\d{2})[.\-/](\d{2})")
+_TM = re.compile(r"(\d{2})(?:(\d{2})(?:(\d{2})(\.\d{1,6})?)?)?")
+_TM_COLONS = re.compile(r"(\d{2}):(\d{2})(?::(\d{2})(\.\d{1,6})?)?")
+_DT = re.compile(r"(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\.\d{1,6})?([+-]\d{4})?")
+_AS = re.compile(r"\d{3}[DWMY]")
+_AS_LOOSE = re.compile(r"(\d{1,3})\s*([DWMYdwmy])")
+_DS = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
+_IS = re.compile(r"[+-]?\d+")
+
+
+def _valid_date(year: str, month: str, day: str) -> bool:
+    try:
+        datetime.date(int(year), int(month), int(day))
+    except ValueError:
+        return False
+    return True
+
+
+def _valid_time(hh: str, mm: str | None, ss: str | None) -> bool:
+    return int(hh) < 24 and (mm is None or int(mm) < 60) and (ss is None or int(ss) < 61)
+
+
+def conform_value(vr: str, text: str) -> str:
+    """``text`` (one value of VR ``vr``) if valid, its repair if unambiguous, else ""."""
+    text = text.strip(" \x00")
+    if not text:
+        return ""
+    if vr == "DA":
+        if len(text) == 8 and text.isdigit() and _valid_date(text[:4], text[4:6], text[6:]):
+            return text
+        m = _DA_SEPARATED.fullmatch(text)
+        return "".join(m.groups()) if m and _valid_date(*m.groups()) else ""
+    if vr == "TM":
+        m = _TM.fullmatch(text)
+        if m and _valid_time(*m.groups()[:3]):
+            return text
+        m = _TM_COLONS.fullmatch(text)
+        if m and _valid_time(*m.groups()[:3]):
+            return "".join(g for g in m.groups() if g)
+        return ""
+    if vr == "DT":
+        m = _DT.fullmatch(text)
+        if not m or len(text) > 26:
+            return ""
+        year, month, day, hh, mm, ss = m.groups()[:6]
+        if (
+            not _valid_date(year, month or "01", day or "01")
+            or hh is not None
+            and not _valid_time(hh, mm, ss)
+        ):
+            return ""
+        return text
+    if vr == "AS":
+        if _AS.fullmatch(text):
+            return text
+        m = _AS_LOOSE.fullmatch(text)
+        return f"{int(m.group(1)):03d}{m.group(2).upper()}" if m else ""
+    if vr == "DS":
+        return text if len(text) <= 16 and _DS.fullmatch(text) and math.isfinite(float(text)) else ""
+    if vr == "IS":
+        return text if len(text) <= 12 and _IS.fullmatch(text) and -(2**31) <= int(text) < 2**31 else ""
+    return text
+
+
+def _texts(elem: DataElement | RawDataElement) -> list[str]:
+    """The element's values as text, without converting a raw element (a malformed DS would raise)."""
+    value = elem.value
+    if value is None:
+        return []
+    if isinstance(elem, RawDataElement):
+        raw = value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
+        return raw.rstrip(" \x00").split("\\") if raw.strip(" \x00") else []
+    if isinstance(value, MultiValue | list | tuple):
+        return [str(v) for v in value]
+    return [str(value)] if str(value) else []
+
+
+def _checked(ds: Dataset) -> Iterable[tuple[BaseTag, str]]:
+    for tag in ds.keys():  # noqa: SIM118 (iterating a Dataset converts every raw element)
+        # int arithmetic: BaseTag's comparisons are Python methods, and this runs per source image
+        if tag >> 16 != 0x0010 and tag not in STUDY_TAGS:
+            continue
+        elem = ds.get_item(tag)
+        if tag == SEX_TAG or elem.VR in CHECKED_VRS:
+            yield tag, elem.VR
+
+
+def conform_source(ds: Dataset) -> tuple[Dataset, list[str]]:
+    """``ds`` itself if its Patient and Study values are valid; else a copy with them repaired or
+    emptied, and the keywords of the values changed (for the study history; never the values)."""
+    changes: dict[BaseTag, tuple[str, str]] = {}
+    for tag, vr in _checked(ds):
+        elem = ds.get_item(tag)
+        texts = _texts(elem)
+        if tag == SEX_TAG:
+            fixed = [t.strip().upper() for t in texts]
+            fixed = fixed if len(fixed) == 1 and fixed[0] in SEX_VALUES else []
+        else:
+            fixed = [conform_value(vr, t) for t in texts]
+            fixed = fixed if all(fixed) else []  # one bad value of several: none is kept
+        if fixed != texts:
+            changes[tag] = (vr, "\\".join(fixed))
+    if not changes:
+        return ds, []
+    # copy.copy keeps the class, file meta and encoding but shares the element table:
+    out = copy.copy(ds)
+    out._dict = {tag: ds.get_item(tag) for tag in ds.keys()}  # noqa: SIM118 (its own table)
+    for tag, (vr, value) in changes.items():
+        out[tag] = DataElement(tag, vr, value or None)
+    return out, sorted({out[tag].keyword for tag in changes})
+
+
+def conform_sources(sources: Sequence[Dataset]) -> tuple[list[Dataset], list[str]]:
+    """:func:`conform_source` for each source; the union of the keywords changed."""
+    out: list[Dataset] = []
+    changed: set[str] = set()
+    for ds in sources:
+        fixed, keywords = conform_source(ds)
+        out.append(fixed)
+        changed.update(keywords)
+    return out, sorted(changed)

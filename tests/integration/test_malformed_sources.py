@@ -1,0 +1,122 @@
+"""A study whose images carry malformed Patient/Study values still gets its results, valid DICOM.
+
+Archives hold such images every day ("1941-09-23" for a birth date, "10:20:30" for a time, a
+lower-case or unknown sex). highdicom refuses them, which had lost the whole analysis of the
+series; the writers now get repaired values (dicom_node.patient_study). Here the analysis runs
+through the worker with the reference engine in process, key images included, and every object
+it writes passes dciodvfy (and dsrdump for the SRs) and reads back with highdicom.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import highdicom as hd
+import pydicom
+import pytest
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import RawDataElement
+from pydicom.tag import Tag
+
+from dicom_node.config import NodeSettings, RoutingRule, RoutingSection, RuleMatch, SpoolSection
+from dicom_node.index import Index, JobState
+from dicom_node.spool import InstanceRef, Spool
+from dicom_node.volume import read_series
+from dicom_node.worker import StepContext, run_job
+from radbridge.synth import ct_series, write_series
+from tests.peers import assert_valid_dicom_object
+from tests.reference_run import analyze_reference
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("require_dcmtk", "require_dicom3tools")]
+
+MALFORMED = {
+    "PatientBirthDate": "1941-09-23",
+    "PatientSex": "u",
+    "PatientAge": "45 y",
+    "PatientWeight": "72kg",
+    "StudyDate": "2024/01/02",
+    "StudyTime": "10:20:30",
+}
+EXPECTED = {  # what every result object carries instead
+    "PatientBirthDate": "19410923",
+    "PatientSex": None,
+    "StudyDate": "20240102",
+    "StudyTime": "102030",
+}
+
+
+def _malformed_series(directory: Path) -> list[Path]:
+    files = write_series(ct_series(n_slices=16, seed=5), directory)
+    for path in files:
+        ds = pydicom.dcmread(path)
+        for keyword, text in MALFORMED.items():
+            tag = Tag(tag_for_keyword(keyword))
+            value = text.encode() + b" " * (len(text) % 2)
+            ds[tag] = RawDataElement(tag, dictionary_VR(tag), len(value), value, 0, False, True)
+        ds.save_as(path, enforce_file_format=True)
+    return files
+
+
+class _InProcessClient:
+    """The reference engine's answer for the series, as the node's gRPC client would return it."""
+
+    address = "in-process"
+
+    def __init__(self, files: list[Path]) -> None:
+        self.outcome = analyze_reference(read_series(files))
+
+    def analyze_upload(self, *args: object, **kwargs: object):  # noqa: ANN201
+        return self.outcome
+
+    def close(self) -> None:
+        pass
+
+
+def test_malformed_patient_and_study_values_do_not_lose_the_results(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    files = _malformed_series(tmp_path / "ct")
+    client = _InProcessClient(files)
+    rule = RoutingRule(name="ct", match=RuleMatch(modality=["CT"]), key_images=True)
+    settings = NodeSettings(spool=SpoolSection(tmp_path / "spool"), routing=RoutingSection(rules=[rule]))
+    spool = Spool(tmp_path / "spool")
+    ctx = StepContext(settings, spool, Index(spool.index_path), client_factory=lambda: client)
+    for path in files:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        ref = InstanceRef(
+            ds.SOPInstanceUID, ds.SOPClassUID, ds.StudyInstanceUID, ds.SeriesInstanceUID,
+            "1.2.840.10008.1.2.1", path, 1,
+        )  # fmt: skip
+        ctx.index.add_instance(ref, "CT", "SCU", now=0.0)
+    study = str(ds.StudyInstanceUID)
+    ctx.index.complete_study(study, 1.0, now=10.0)
+
+    with caplog.at_level(logging.DEBUG):
+        assert run_job(ctx.index.claim_job(), ctx) is JobState.SUCCEEDED  # route
+        assert run_job(ctx.index.claim_job(), ctx) is JobState.SUCCEEDED  # analyze
+
+    outputs = sorted(ctx.spool.output_dir(study).iterdir())
+    kinds = {p.name.split("-")[0] for p in outputs}
+    assert {"seg", "measurements", "keyslices", "narrative", "keyimages"} <= kinds, kinds
+    for path in outputs:
+        assert_valid_dicom_object(path)
+        ds = pydicom.dcmread(path)
+        for keyword, value in EXPECTED.items():
+            assert keyword in ds and (ds[keyword].value or None) == value, (path.name, keyword)
+        assert ds.PatientID == pydicom.dcmread(files[0], stop_before_pixels=True).PatientID
+    seg = hd.seg.Segmentation.from_dataset(pydicom.dcmread(next(p for p in outputs if p.name.startswith("seg-"))))
+    assert seg.number_of_segments >= 1
+    sr = next(p for p in outputs if p.name.startswith("measurements-"))
+    assert hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(sr)).StudyDate == "20240102"
+
+    events = {e["event"]: e["detail"] for e in ctx.index.events(study)}
+    assert events["source values repaired"].endswith(", ".join(sorted(MALFORMED)))
+    ours = [r for r in caplog.records if r.name.startswith("dicom_node")]
+    logged = "\n".join(r.getMessage() + str(r.__dict__) for r in ours)
+    written = next(r for r in ours if getattr(r, "event", "") == "analyze.written")
+    assert written.repaired_values == ", ".join(sorted(MALFORMED))  # the keywords are said ...
+    for text in MALFORMED.values():  # ... the values are patient data and are not
+        if len(text) > 2:
+            assert text not in logged and text not in events["source values repaired"]
+    assert pydicom.dcmread(files[0]).get_item("PatientBirthDate").value == b"1941-09-23"  # spool untouched
