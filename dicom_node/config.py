@@ -13,7 +13,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from radbridge_common.settings import ConfigError, build, read_layers
 from radbridge_common.tls import check_pair
@@ -317,10 +317,17 @@ class InferenceSection:
         return self.tls or any(f is not None for f in (self.tls_ca_file, self.tls_cert_file))
 
 
+def _article(noun: str) -> str:
+    return "An" if noun[0] in "aeiou" else "A"
+
+
 @dataclass(frozen=True)
 class ExportTarget:
     """A destination: ``type = "dicom"`` (C-STORE SCU, optionally with Storage Commitment) or
     ``"dicomweb"`` (STOW-RS to ``url``)."""
+
+    #: What the errors call it (a pull source has the same keys and checks).
+    role: ClassVar[str] = "export target"
 
     type: str = "dicom"
     host: str = "127.0.0.1"
@@ -350,33 +357,32 @@ class ExportTarget:
     commitment_hold_s: float = DEFAULT_COMMITMENT_HOLD_S
 
     def __post_init__(self) -> None:
-        check_pair(self.tls_cert_file, self.tls_key_file, "An export target")
+        a = f"{_article(self.role)} {self.role}"  # "An export target", "A pull source"
+        check_pair(self.tls_cert_file, self.tls_key_file, a)
         if self.storage_commitment and self.type != "dicom":
-            raise ValueError("storage_commitment applies to dicom export targets only (C-STORE).")
+            raise ValueError(f"storage_commitment applies to dicom {self.role}s only (C-STORE).")
         for key in ("commitment_timeout_s", "commitment_hold_s"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-                raise ValueError(f"An export target's {key} must be a number >= 0, not {value!r}.")
+                raise ValueError(f"{a}'s {key} must be a number >= 0, not {value!r}.")
         if self.commitment_timeout_s <= 0:
-            raise ValueError("An export target's commitment_timeout_s must be positive.")
+            raise ValueError(f"{a}'s commitment_timeout_s must be positive.")
         if self.type == "dicomweb" and self.uses_tls and not self.url.startswith("https://"):
-            raise ValueError(
-                f"A dicomweb export target with tls_* keys needs an https url, not {self.url!r}."
-            )
+            raise ValueError(f"A dicomweb {self.role} with tls_* keys needs an https url, not {self.url!r}.")
         if self.type == "dicomweb" and self.tls_server_name:
             raise ValueError(
-                "tls_server_name applies to dicom export targets only (HTTPS checks the url's host)."
+                f"tls_server_name applies to dicom {self.role}s only (HTTPS checks the url's host)."
             )
         if self.type not in EXPORT_TYPES:
             raise ValueError(
-                f"Export target type {self.type!r} is not supported (known: {', '.join(EXPORT_TYPES)})."
+                f"{self.role.capitalize()} type {self.type!r} is not supported (known: {', '.join(EXPORT_TYPES)})."
             )
         if self.type == "dicom":
-            _check_ae(self.ae_title, "export target ae_title")
+            _check_ae(self.ae_title, f"{self.role} ae_title")
         elif not self.url.startswith(("http://", "https://")):
-            raise ValueError(f"A dicomweb export target needs an http(s) url, not {self.url!r}.")
+            raise ValueError(f"A dicomweb {self.role} needs an http(s) url, not {self.url!r}.")
         if self.token_file is not None and self.token_env:
-            raise ValueError("An export target takes token_file or token_env, not both.")
+            raise ValueError(f"{a} takes token_file or token_env, not both.")
 
     @property
     def uses_tls(self) -> bool:
@@ -403,6 +409,8 @@ class PullSource(ExportTarget):
     """A PACS `radbridge pull` fetches from, in an export target's shape: ``type = "dicom"``
     (C-FIND, then C-MOVE to ``move_destination`` or C-GET, per ``retrieve``) or ``"dicomweb"``
     (QIDO-RS, then WADO-RS from ``url``)."""
+
+    role: ClassVar[str] = "pull source"
 
     retrieve: str = "move"  # one of PULL_RETRIEVE
     #: The AE title the PACS moves to (it must know it, with our host and port); "" = scp.ae_title.

@@ -160,7 +160,11 @@ def test_settings_of_move_destinations_and_pull_sources() -> None:
         settings_from({"scp": {"move_destinations": {"WS": "10.0.0.5"}}})
     with pytest.raises(ConfigError, match="not one of move, get"):
         settings_from({"pull": {"sources": {"pacs": {"retrieve": "fetch"}}}})
-    with pytest.raises(ConfigError, match="needs an http"):
+    with pytest.raises(ConfigError, match="A dicomweb pull source needs an http"):
         settings_from({"pull": {"sources": {"web": {"type": "dicomweb", "url": "pacs/dicom-web"}}}})
+    with pytest.raises(ConfigError, match="A pull source's commitment_timeout_s"):  # not "export target"
+        settings_from({"pull": {"sources": {"pacs": {"commitment_timeout_s": 0}}}})
+    with pytest.raises(ConfigError, match="An export target's commitment_timeout_s"):
+        settings_from({"export": {"targets": {"pacs": {"commitment_timeout_s": 0}}}})
     with pytest.raises(ConfigError, match=r"pull\.sources\.web\.token is refused"):
         settings_from({"pull": {"sources": {"web": {"type": "dicomweb", "url": "http://p/", "token": "x"}}}})
