@@ -288,11 +288,13 @@ class Spool:
                     raise
                 # Staged on another file system (not this spool's staging dir): copy, then the
                 # same tmp -> fsync -> rename; the caller's fsync(dir) follows as for a rename.
+                # The staged file goes, as a rename would have taken it.
                 tmp = path.with_name(path.name + TMP_SUFFIX)
                 with open(staged, "rb") as src, open_private(tmp) as dst:
                     shutil.copyfileobj(src, dst)
                 _fsync_file(tmp)
                 os.replace(tmp, path)
+                Path(staged).unlink(missing_ok=True)
         except OSError as exc:
             raise StorageError(f"Out of resources: cannot write spool ({exc.strerror})") from exc
         return InstanceRef(

@@ -124,3 +124,4 @@ def test_a_staged_file_on_another_file_system_is_copied_into_place(
     assert path.read_bytes() == b"1.2.3.5.9"
     assert calls[1] == (str(path) + TMP_SUFFIX, str(path))  # the copy went through a tmp name
     assert not list(path.parent.glob(f"*{TMP_SUFFIX}"))
+    assert not [p for p in spool.staging_dir.iterdir() if p.read_bytes()]  # not left where it was staged
