@@ -10,7 +10,7 @@ client asks for that. Nothing here writes.
 
 from __future__ import annotations
 
-import fnmatch
+import functools
 import re
 import uuid
 from collections.abc import Iterable, Iterator
@@ -66,16 +66,18 @@ def _json_error(code: int, message: str) -> JSONResponse:
 
 
 # -- QIDO-RS ------------------------------------------------------------------------------
-def _query_terms(request: Request) -> tuple[dict[str, str], int, int]:
-    """Attribute filters (keyed by 8-hex tag), limit and offset from the query string."""
+def _query_terms(request: Request) -> tuple[dict[str, str], int, int, bool]:
+    """Attribute filters (keyed by 8-hex tag), limit, offset and fuzzymatching from the query string."""
     terms: dict[str, str] = {}
-    limit, offset = 0, 0
+    limit, offset, fuzzy = 0, 0, False
     for key, value in request.query_params.multi_items():
         lower = key.lower()
         if lower == "limit":
             limit = max(0, int(value)) if value.isdigit() else 0
         elif lower == "offset":
             offset = max(0, int(value)) if value.isdigit() else 0
+        elif lower == "fuzzymatching":
+            fuzzy = value.strip().lower() == "true"
         elif lower in _QUERY_CONTROL:
             continue
         else:
@@ -85,7 +87,7 @@ def _query_terms(request: Request) -> tuple[dict[str, str], int, int]:
                 tag = f"{number:08X}" if number is not None else None
             if tag is not None and value != "":
                 terms[tag] = value
-    return terms, limit, offset
+    return terms, limit, offset, fuzzy
 
 
 def _values(doc: dict[str, Any], tag: str) -> list[str]:
@@ -96,8 +98,25 @@ def _values(doc: dict[str, Any], tag: str) -> list[str]:
     return out
 
 
-def _matches(doc: dict[str, Any], terms: dict[str, str]) -> bool:
-    """PS3.4 C.2.2.2 matching, as much as a small archive needs: UID lists, wildcards, date ranges."""
+@functools.lru_cache(maxsize=256)
+def _wildcard(pattern: str, fold: bool) -> re.Pattern[str]:
+    """PS3.4 C.2.2.2.4: '*' any run of characters, '?' any one; every other character literal
+    (fnmatch's "[...]" classes are not DICOM's)."""
+    body = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
+    return re.compile(body, re.DOTALL | (re.IGNORECASE if fold else 0))
+
+
+def _person_name(value: str) -> str:
+    """Trailing empty components are not significant ("Doe^Jane^^" is "Doe^Jane")."""
+    return value.rstrip("^ ")
+
+
+def _matches(doc: dict[str, Any], terms: dict[str, str], fuzzy: bool = False) -> bool:
+    """PS3.4 C.2.2.2 matching, as much as a small archive needs: UID lists, wildcards, date ranges.
+
+    Values match exactly (with '*'/'?'), case-sensitively, except person names, which match
+    regardless of case (C.2.2.2.1 allows it for PN). ``fuzzy`` (QIDO-RS ``fuzzymatching=true``,
+    which OHIF sends): a person name matches as a prefix, and other text regardless of case."""
     for tag, wanted in terms.items():
         have = _values(doc, tag)
         vr = (doc.get(tag) or {}).get("vr", "")
@@ -115,11 +134,11 @@ def _matches(doc: dict[str, Any], terms: dict[str, str]) -> bool:
                 return False
         else:
             options = [w.strip() for w in wanted.split(",")] if vr == "CS" else [wanted]
-            if not any(
-                fnmatch.fnmatchcase(v.upper(), pattern.upper() + ("*" if vr == "PN" else ""))
-                for v in have
-                for pattern in options
-            ):
+            if vr == "PN":
+                have = [_person_name(v) for v in have]
+                options = [_person_name(o) + ("*" if fuzzy else "") for o in options]
+            fold = fuzzy or vr == "PN"
+            if not any(_wildcard(pattern, fold).fullmatch(v) for v in have for pattern in options):
                 return False
     return True
 
@@ -134,7 +153,7 @@ def _element(vr: str, *values: Any) -> dict[str, Any]:
 
 
 # -- matching, shared by QIDO-RS and the C-FIND/C-MOVE SCP (dicom_node.query) ----------------
-def study_matches(index: Index, terms: dict[str, str]) -> list[dict[str, Any]]:
+def study_matches(index: Index, terms: dict[str, str], fuzzy: bool = False) -> list[dict[str, Any]]:
     """Study-level DICOM JSON of every study matching ``terms`` (8-hex tag -> QIDO value), with
     ModalitiesInStudy and the numbers of related series and instances."""
     terms = dict(terms)
@@ -144,7 +163,7 @@ def study_matches(index: Index, terms: dict[str, str]) -> list[dict[str, Any]]:
     for study in index.search_studies():
         doc = {TAGS[k]: study.attributes[TAGS[k]] for k in STUDY_KEYWORDS if TAGS[k] in study.attributes}
         doc[TAGS["StudyInstanceUID"]] = _element("UI", study.study_instance_uid)
-        if not _matches(doc, terms):
+        if not _matches(doc, terms, fuzzy):
             continue
         if wanted and not wanted & set(study.modalities):
             continue
@@ -155,14 +174,16 @@ def study_matches(index: Index, terms: dict[str, str]) -> list[dict[str, Any]]:
     return out
 
 
-def series_matches(index: Index, study_uid: str, terms: dict[str, str]) -> list[dict[str, Any]]:
+def series_matches(
+    index: Index, study_uid: str, terms: dict[str, str], fuzzy: bool = False
+) -> list[dict[str, Any]]:
     """Series-level DICOM JSON of the series of one study matching ``terms``."""
     out = []
     for series in index.search_series(study_uid):
         doc = {k: v for k, v in series.attributes.items() if k not in _instance_tags()}
         doc[TAGS["StudyInstanceUID"]] = _element("UI", study_uid)
         doc[TAGS["SeriesInstanceUID"]] = _element("UI", series.series_instance_uid)
-        if not _matches(doc, terms):
+        if not _matches(doc, terms, fuzzy):
             continue
         doc["00201209"] = _element("IS", series.instances)
         out.append(doc)
@@ -170,13 +191,13 @@ def series_matches(index: Index, study_uid: str, terms: dict[str, str]) -> list[
 
 
 def instance_matches(
-    index: Index, study_uid: str, series_uid: str | None, terms: dict[str, str]
+    index: Index, study_uid: str, series_uid: str | None, terms: dict[str, str], fuzzy: bool = False
 ) -> list[tuple[StoredInstance, dict[str, Any]]]:
     """The instances of one study (or series) matching ``terms``, each with its DICOM JSON."""
     out = []
     for inst in index.search_instances(study_uid, series_uid):
         doc = dict(inst.attributes)
-        if _matches(doc, terms):
+        if _matches(doc, terms, fuzzy):
             out.append((inst, doc))
     return out
 
@@ -236,29 +257,30 @@ class DicomWeb:
 
     # -- QIDO ------------------------------------------------------------------------
     async def search_studies(self, request: Request) -> Response:
-        terms, limit, offset = _query_terms(request)
+        terms, limit, offset, fuzzy = _query_terms(request)
         base = self.base_url(request)
-        out = study_matches(self.index, terms)
+        out = study_matches(self.index, terms, fuzzy)
         for doc in out:
             doc["00081190"] = _element("UR", f"{base}/studies/{doc[TAGS['StudyInstanceUID']]['Value'][0]}")
         return JSONResponse(_page(out, limit, offset), media_type=DICOM_JSON)
 
     async def search_series(self, request: Request) -> Response:
-        terms, limit, offset = _query_terms(request)
+        terms, limit, offset, fuzzy = _query_terms(request)
         study_uid = request.path_params["study"]
         base = self.base_url(request)
-        out = series_matches(self.index, study_uid, terms)
+        out = series_matches(self.index, study_uid, terms, fuzzy)
         for doc in out:
             series_uid = doc[TAGS["SeriesInstanceUID"]]["Value"][0]
             doc["00081190"] = _element("UR", f"{base}/studies/{study_uid}/series/{series_uid}")
         return JSONResponse(_page(out, limit, offset), media_type=DICOM_JSON)
 
     async def search_instances(self, request: Request) -> Response:
-        terms, limit, offset = _query_terms(request)
+        terms, limit, offset, fuzzy = _query_terms(request)
         study_uid = request.path_params["study"]
         base = self.base_url(request)
         out = []
-        for inst, doc in instance_matches(self.index, study_uid, request.path_params.get("series"), terms):
+        series = request.path_params.get("series")
+        for inst, doc in instance_matches(self.index, study_uid, series, terms, fuzzy):
             doc["00081190"] = _element(
                 "UR",
                 f"{base}/studies/{study_uid}/series/{inst.series_instance_uid}/instances/{inst.sop_instance_uid}",

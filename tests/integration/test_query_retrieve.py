@@ -385,6 +385,11 @@ def test_findscu_finds_the_study_and_its_result_series(
     assert [str(s.SeriesInstanceUID) for s in segs] == [str(results["seg"].SeriesInstanceUID)]
     nothing = _findscu(port, tmp_path / "none", "QueryRetrieveLevel=STUDY", "StudyInstanceUID=1.2.3.999")
     assert nothing == []
+    name = str(pydicom.dcmread(small_ct_files[0], stop_before_pixels=True).PatientName)
+    prefix = _findscu(port, tmp_path / "prefix", "QueryRetrieveLevel=STUDY", f"PatientName={name[:-1]}")
+    assert prefix == []  # a person name matches exactly, not as a prefix (PS3.4 C.2.2.2.1)
+    exact = _findscu(port, tmp_path / "exact", "QueryRetrieveLevel=STUDY", f"PatientName={name.upper()}")
+    assert [str(s.StudyInstanceUID) for s in exact] == [study_uid]
 
 
 def test_movescu_moves_a_result_series_to_storescp(

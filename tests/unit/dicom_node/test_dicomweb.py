@@ -259,6 +259,27 @@ def test_search_studies_by_patient_name_wildcard(node: Node) -> None:
     assert client.search_for_studies(search_filters={"PatientName": "Smith*"}) == []
 
 
+def test_person_names_match_exactly_unless_fuzzy_matching_is_asked(node: Node) -> None:
+    """PS3.4 C.2.2.2.1: a value matches exactly (person names regardless of case); QIDO-RS
+    fuzzymatching=true (OHIF sends it) makes a name a prefix and other text case-blind."""
+    assert _qido(node, "/studies", PatientName="Doe") == []  # not "Doe^Jane" nor "Doe^John"
+    assert _qido(node, "/studies", PatientName="Doe^Ja") == []
+    assert _uids(_qido(node, "/studies", PatientName="doe^JANE")) == [node.uid("jane")]
+    assert _uids(_qido(node, "/studies", PatientName="Doe^Jane^^")) == [node.uid("jane")]  # empty components
+    fuzzy = {"fuzzymatching": "true"}
+    assert _uids(_qido(node, "/studies", PatientName="doe", **fuzzy)) == [node.uid("jane"), node.uid("john")]
+    assert _uids(_qido(node, "/studies", PatientName="Doe^Ja", **fuzzy)) == [node.uid("jane")]
+    assert _qido(node, "/studies", PatientName="doe", fuzzymatching="false") == []
+
+
+def test_other_text_matches_case_sensitively_and_brackets_are_literal(node: Node) -> None:
+    chest = _uids(_qido(node, "/studies", StudyDescription="*CHEST*"))
+    assert node.uid("jane") in chest
+    assert _qido(node, "/studies", StudyDescription="*chest*") == []
+    assert _uids(_qido(node, "/studies", StudyDescription="*chest*", fuzzymatching="true")) == chest
+    assert _qido(node, "/studies", PatientName="Doe^[JK]ane") == []  # not a character class
+
+
 def test_search_studies_by_study_date_range(node: Node) -> None:
     client = node.client()
 

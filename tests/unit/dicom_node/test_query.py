@@ -104,6 +104,11 @@ def test_image_level_find_matches_on_indexed_attributes(
     nobody = _find(port, QueryRetrieveLevel="STUDY", PatientName="NOSUCHPATIENT", StudyInstanceUID="")
     assert nobody == [(0x0000, None)]
 
+    name = str(first.PatientName)  # C.2.2.2.1: exact (regardless of case for a name), not a prefix
+    for key, found in ((name.lower(), 1), (name[:-1], 0), (name[:-1] + "*", 1)):
+        answers = _find(port, QueryRetrieveLevel="STUDY", PatientName=key, StudyInstanceUID="")
+        assert [s for s, _ in answers] == [0xFF00] * found + [0x0000], key
+
 
 def test_a_query_without_a_level_is_refused_with_a_comment(node: tuple[int, str]) -> None:
     port, study_uid = node
