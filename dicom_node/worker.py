@@ -128,7 +128,10 @@ def _queue_priors(job: Job, ctx: StepContext, rules: list[RoutingRule]) -> None:
 
 
 def _run_priors(job: Job, ctx: StepContext) -> None:
-    run_priors(job, ctx.settings, ctx.spool, ctx.index, _rule(ctx.settings, job.payload["rule"]))
+    rule = _rule(ctx.settings, job.payload["rule"])
+    if not rule.pull_priors:  # queued before the config changed: not to be fetched now
+        raise RadBridgeError(f"Routing rule {rule.name!r} no longer pulls priors.")
+    run_priors(job, ctx.settings, ctx.spool, ctx.index, rule)
 
 
 def _rule(settings: NodeSettings, name: str) -> RoutingRule:
@@ -494,12 +497,18 @@ class Worker:
             (f"export-{i}", self._job_loop, (self.EXPORT_KINDS,))
             for i in range(self.ctx.settings.export.threads)
         ]
-        if any(rule.pull_priors for rule in self.ctx.settings.routing.rules):
+        # Also when no rule pulls priors now but jobs from an earlier config wait: they end
+        # (failed, with the reason) instead of staying pending for ever.
+        if any(rule.pull_priors for rule in self.ctx.settings.routing.rules) or self._priors_waiting():
             loops += [("priors", self._job_loop, (self.PRIORS_KINDS,))]
         for name, target, args in loops:
             t = threading.Thread(target=target, args=args, name=f"radbridge-{name}", daemon=True)
             t.start()
             self._threads.append(t)
+
+    def _priors_waiting(self) -> bool:
+        counts = self.ctx.index.job_counts()
+        return any(counts.get((JobKind.PRIORS, state), 0) for state in (JobState.PENDING, JobState.RUNNING))
 
     def stop(self, timeout_s: float = 30.0) -> bool:
         """Finish the current jobs, then stop (the job table holds the rest); True if every lane

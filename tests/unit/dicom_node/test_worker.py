@@ -368,3 +368,32 @@ def test_a_study_completes_when_its_quiet_window_ends_not_a_poll_later(
         worker.stop(timeout_s=5)
     assert ctx.index.study(ds.StudyInstanceUID)["state"] != "RECEIVING"
     assert 0.45 < completed - received < 5  # the quiet window, not the 30 s poll
+
+
+@pytest.mark.parametrize("rules", ["pull_priors off", "rule removed"])
+def test_priors_jobs_of_an_earlier_config_end_with_their_reason(tmp_path: Path, rules: str) -> None:
+    """A prior fetch queued while a rule pulled priors, then the config changed: the priors lane
+    still starts for it, and the job fails with why instead of staying pending for ever."""
+    from dicom_node.config import WorkerSection
+    from dicom_node.worker import Worker
+
+    kept = [RoutingRule(name="ct", match=RuleMatch(modality=["CT"]))] if rules == "pull_priors off" else []
+    settings = NodeSettings(
+        spool=SpoolSection(tmp_path / "spool"),
+        routing=RoutingSection(rules=kept),
+        worker=WorkerSection(poll_interval_s=0.1),
+    )
+    ctx = _ctx(tmp_path, settings)
+    ctx.index.add_job(JobKind.PRIORS, "priors-ct", "1.2.3", {"rule": "ct", "source": "pacs"})
+    worker = Worker(ctx)
+    worker.start()
+    try:
+        deadline = time.monotonic() + 20
+        while ctx.index.jobs(kind=JobKind.PRIORS)[0].state is JobState.PENDING and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        worker.stop(timeout_s=5)
+    (job,) = ctx.index.jobs(kind=JobKind.PRIORS)
+    assert job.state is JobState.FAILED
+    why = "no longer pulls priors" if rules == "pull_priors off" else "no longer exists in the config"
+    assert why in job.last_error
