@@ -330,7 +330,7 @@ class DicomWeb:
             return _json_error(404, str(exc))
         except ValueError:
             return _json_error(400, "Frame numbers must be a comma-separated list of integers.")
-        wanted = _requested_syntax(request.headers.get("accept", ""))
+        wanted = _requested_syntaxes(request.headers.get("accept", ""))
         try:
             frames = [_frame(inst, n, wanted) for n in numbers]
         except NotFound as exc:
@@ -432,14 +432,17 @@ def _element_at(ds: Dataset, path: str) -> DataElement:
     return current[tag]
 
 
-def _requested_syntax(accept: str) -> str:
-    """'*' for any (as stored), else the transfer syntax UID asked for (default Explicit VR LE)."""
-    match = re.search(r"transfer-syntax\s*=\s*\"?([0-9.*]+)\"?", accept)
-    return match.group(1) if match else str(ExplicitVRLittleEndian)
+def _requested_syntaxes(accept: str) -> set[str]:
+    """The transfer syntaxes the Accept header allows: '*' for any (as stored), else UIDs; none
+    named means Explicit VR Little Endian (PS3.18 8.7.3.5)."""
+    found = set(re.findall(r"transfer-syntax\s*=\s*\"?([0-9.*]+)\"?", accept))
+    return found or {str(ExplicitVRLittleEndian)}
 
 
-def _frame(inst: StoredInstance, number: int, wanted: str) -> tuple[str, str, bytes]:
-    """(media type, transfer syntax, bytes) of frame ``number`` (1-based)."""
+def _frame(inst: StoredInstance, number: int, wanted: set[str]) -> tuple[str, str, bytes]:
+    """(media type, transfer syntax, bytes) of frame ``number`` (1-based): as stored, or decoded
+    to Explicit VR Little Endian; any other syntax asked for alone is NotAcceptable (406), never
+    answered in a syntax the client did not accept."""
     ds = pydicom.dcmread(inst.path)
     if "PixelData" not in ds:
         raise NotFound("The instance has no pixel data.")
@@ -447,8 +450,14 @@ def _frame(inst: StoredInstance, number: int, wanted: str) -> tuple[str, str, by
     if not 1 <= number <= frames:
         raise NotFound(f"Frame {number} does not exist (the instance has {frames}).")
     syntax = UID(inst.transfer_syntax_uid)
+    as_stored = "*" in wanted or str(syntax) in wanted
+    if not as_stored and str(ExplicitVRLittleEndian) not in wanted:
+        raise NotAcceptable(
+            f"Frames are served as stored ({syntax}) or as Explicit VR Little Endian "
+            f"(1.2.840.10008.1.2.1), not in {', '.join(sorted(wanted))}."
+        )
     if syntax.is_compressed:
-        if wanted == "*" or wanted == str(syntax):
+        if as_stored:
             data = next(_nth(generate_frames(ds.PixelData, number_of_frames=frames), number - 1))
             return FRAME_MEDIA.get(str(syntax), "application/octet-stream"), str(syntax), data
         reason = undecodable_reason(ds, syntax)

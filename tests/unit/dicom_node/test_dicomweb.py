@@ -497,6 +497,25 @@ def test_j2k_frame_decoded_by_default(node: Node) -> None:
         assert _parts(r) == [(f"application/octet-stream; transfer-syntax={EXPLICIT_LE}", expected)]
 
 
+JPEG_LS = "1.2.840.10008.1.2.4.80"
+
+
+@pytest.mark.parametrize("name", ["j2k", "jane"])
+def test_a_frame_in_a_syntax_we_do_not_produce_is_406_not_another_syntax(node: Node, name: str) -> None:
+    """PS3.18 8.7.3.5: a frame asked for only as JPEG-LS (neither stored so nor transcoded to) is
+    406 with a JSON reason; it was answered decoded, in a syntax the client had not accepted."""
+    ds = node.studies[name][0]
+    url = f"{_instance_url(node, ds)}/frames/1"
+    r = httpx.get(url, headers={"Accept": f'multipart/related; type="image/jls"; transfer-syntax={JPEG_LS}'})
+    assert r.status_code == 406 and JPEG_LS in r.json()["error"]["message"], r.text
+    both = (
+        f'multipart/related; type="image/jls"; transfer-syntax={JPEG_LS}, '
+        f'multipart/related; type="application/octet-stream"; transfer-syntax={EXPLICIT_LE}'
+    )
+    ((media, _),) = _parts(httpx.get(url, headers={"Accept": both}))  # the second choice is served
+    assert media == f"application/octet-stream; transfer-syntax={EXPLICIT_LE}"
+
+
 def test_binary_seg_frames_are_the_packed_bits_of_each_frame(node: Node) -> None:
     seg = node.outputs["seg"]
     frames, rows, cols = int(seg.NumberOfFrames), int(seg.Rows), int(seg.Columns)
