@@ -15,16 +15,14 @@ from pathlib import Path
 import highdicom as hd
 import pydicom
 import pytest
-from pydicom.datadict import dictionary_VR, tag_for_keyword
-from pydicom.dataelem import RawDataElement
-from pydicom.tag import Tag
 
 from dicom_node.config import NodeSettings, RoutingRule, RoutingSection, RuleMatch, SpoolSection
 from dicom_node.index import Index, JobState
-from dicom_node.spool import InstanceRef, Spool
+from dicom_node.spool import Spool
 from dicom_node.volume import read_series
 from dicom_node.worker import StepContext, run_job
 from radbridge.synth import ct_series, write_series
+from tests.dicom_fixtures import index_series, set_raw
 from tests.peers import assert_valid_dicom_object
 from tests.reference_run import analyze_reference
 
@@ -51,9 +49,7 @@ def _malformed_series(directory: Path) -> list[Path]:
     for path in files:
         ds = pydicom.dcmread(path)
         for keyword, text in MALFORMED.items():
-            tag = Tag(tag_for_keyword(keyword))
-            value = text.encode() + b" " * (len(text) % 2)
-            ds[tag] = RawDataElement(tag, dictionary_VR(tag), len(value), value, 0, False, True)
+            set_raw(ds, keyword, text)
         ds.save_as(path, enforce_file_format=True)
     return files
 
@@ -82,14 +78,7 @@ def test_malformed_patient_and_study_values_do_not_lose_the_results(
     settings = NodeSettings(spool=SpoolSection(tmp_path / "spool"), routing=RoutingSection(rules=[rule]))
     spool = Spool(tmp_path / "spool")
     ctx = StepContext(settings, spool, Index(spool.index_path), client_factory=lambda: client)
-    for path in files:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        ref = InstanceRef(
-            ds.SOPInstanceUID, ds.SOPClassUID, ds.StudyInstanceUID, ds.SeriesInstanceUID,
-            "1.2.840.10008.1.2.1", path, 1,
-        )  # fmt: skip
-        ctx.index.add_instance(ref, "CT", "SCU", now=0.0)
-    study = str(ds.StudyInstanceUID)
+    study = index_series(ctx.index, files)
     ctx.index.complete_study(study, 1.0, now=10.0)
 
     with caplog.at_level(logging.DEBUG):

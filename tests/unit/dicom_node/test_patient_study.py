@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
 from dicom_node.patient_study import conform_source, conform_sources, conform_value
 from radbridge.synth import ct_series, write_series
+from tests.dicom_fixtures import set_raw
 
 
 @pytest.mark.parametrize(
@@ -62,13 +62,6 @@ def test_values_are_kept_repaired_or_emptied(vr: str, text: str, expected: str) 
     assert conform_value(vr, text) == expected
 
 
-def _raw(ds: Dataset, keyword: str, text: str) -> None:
-    """Put ``text`` into ``ds`` as the bytes a file would hold, unchecked (as a modality sends it)."""
-    tag = Tag(tag_for_keyword(keyword))
-    value = text.encode() + b" " * (len(text) % 2)
-    ds[tag] = RawDataElement(tag, dictionary_VR(tag), len(value), value, 0, False, True)
-
-
 MALFORMED = {
     "PatientBirthDate": "1941-09-23",
     "PatientSex": "u",
@@ -92,9 +85,9 @@ def malformed(tmp_path: Path) -> Dataset:
     path = write_series(ct_series(n_slices=1), tmp_path)[0]
     ds = pydicom.dcmread(path)
     for keyword, text in MALFORMED.items():
-        _raw(ds, keyword, text)
-    _raw(ds, "SeriesDate", "20240230")  # not a Patient or Study value: not the results' to copy
-    _raw(ds, "PatientName", "Doe^" + "J" * 70)  # too long for PN: kept, the archive matches on it
+        set_raw(ds, keyword, text)
+    set_raw(ds, "SeriesDate", "20240230")  # not a Patient or Study value: not the results' to copy
+    set_raw(ds, "PatientName", "Doe^" + "J" * 70)  # too long for PN: kept, the archive matches on it
     ds.save_as(tmp_path / "malformed.dcm", enforce_file_format=True)
     return pydicom.dcmread(tmp_path / "malformed.dcm", stop_before_pixels=True)
 
@@ -119,7 +112,7 @@ def test_a_malformed_source_gives_a_repaired_copy_and_stays_as_it_was(malformed:
 
 def test_one_bad_value_of_several_empties_the_element() -> None:
     ds = Dataset()
-    _raw(ds, "PatientBirthDate", "19410923")
+    set_raw(ds, "PatientBirthDate", "19410923")
     ds[Tag(0x00101010)] = RawDataElement(Tag(0x00101010), "AS", 8, b"045Y\\X1Y", 0, False, True)
     fixed, keywords = conform_source(ds)
     assert keywords == ["PatientAge"] and fixed.PatientAge is None and fixed.PatientBirthDate == "19410923"

@@ -12,9 +12,10 @@ import pytest
 
 from dicom_node.config import NodeSettings, RoutingRule, RoutingSection, RuleMatch, SpoolSection
 from dicom_node.index import Index, Job, JobKind, JobState, StudyState
-from dicom_node.spool import InstanceRef, Spool, uid_key
+from dicom_node.spool import Spool, uid_key
 from dicom_node.status import StudyStatus, derive, describe
 from dicom_node.worker import StepContext, run_job
+from tests.dicom_fixtures import index_series
 
 STUDY = {"study_instance_uid": "1.2.3", "state": StudyState.COMPLETE, "reason": ""}
 
@@ -106,18 +107,6 @@ def test_rearmed_job_forgets_its_interruptions(tmp_path: Path) -> None:
     assert rearmed.state is JobState.PENDING and rearmed.interruptions == 0 and rearmed.attempts == 0
 
 
-def _spool_series(index: Index, files: list[Path]) -> str:
-    for path in files:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        ref = InstanceRef(
-            ds.SOPInstanceUID, ds.SOPClassUID, ds.StudyInstanceUID, ds.SeriesInstanceUID,
-            "1.2.840.10008.1.2.1", path, 1,
-        )  # fmt: skip
-        attributes = {"Modality": "CT", "SeriesNumber": int(ds.SeriesNumber)}
-        index.add_instance(ref, "CT", "SCU", now=0.0, attributes=attributes)
-    return str(ds.StudyInstanceUID)
-
-
 def test_a_series_that_cannot_be_analysed_is_failed_with_its_reason_in_status(
     tmp_path: Path, small_ct_files: list[Path]
 ) -> None:
@@ -136,7 +125,7 @@ def test_a_series_that_cannot_be_analysed_is_failed_with_its_reason_in_status(
     clash.ImagePositionPatient = pydicom.dcmread(small_ct_files[10]).ImagePositionPatient
     clash.SOPInstanceUID = pydicom.uid.generate_uid()
     clash.save_as(tmp_path / "clash.dcm")
-    study = _spool_series(ctx.index, [*small_ct_files, tmp_path / "clash.dcm"])
+    study = index_series(ctx.index, [*small_ct_files, tmp_path / "clash.dcm"], attributes=True)
     ctx.index.complete_study(study, 1.0, now=10.0)
     assert run_job(ctx.index.claim_job(), ctx) is JobState.SUCCEEDED  # route
     assert run_job(ctx.index.claim_job(), ctx) is JobState.FAILED  # analyze: not retryable
@@ -208,7 +197,7 @@ def test_a_series_over_the_memory_budget_is_refused_with_its_reason(
     ctx = StepContext(
         settings, spool, Index(spool.index_path), client_factory=lambda: pytest.fail("no inference")
     )
-    study = _spool_series(ctx.index, small_ct_files)
+    study = index_series(ctx.index, small_ct_files, attributes=True)
     ctx.index.complete_study(study, 1.0, now=10.0)
     assert run_job(ctx.index.claim_job(), ctx) is JobState.SUCCEEDED  # route
     assert run_job(ctx.index.claim_job(), ctx) is JobState.FAILED  # not retried: it will not shrink

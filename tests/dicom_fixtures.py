@@ -1,0 +1,37 @@
+"""Small DICOM helpers several test modules share: values as a modality may send them, and a
+series indexed as the SCP would have recorded it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydicom
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.tag import Tag
+
+from dicom_node.index import Index
+from dicom_node.spool import InstanceRef
+
+
+def set_raw(ds: Dataset, keyword: str, text: str) -> None:
+    """Put ``text`` into ``ds`` as the bytes a file would hold, unchecked (a malformed value as a
+    modality sends it; pydicom would refuse or convert it if set as a value)."""
+    tag = Tag(tag_for_keyword(keyword))
+    value = text.encode() + b" " * (len(text) % 2)
+    ds[tag] = RawDataElement(tag, dictionary_VR(tag), len(value), value, 0, False, True)
+
+
+def index_series(index: Index, files: list[Path], attributes: bool = False) -> str:
+    """Record ``files`` (one study) in ``index`` as the SCP would have; returns the study UID.
+    ``attributes``: with the Modality and SeriesNumber the status views read."""
+    for path in files:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        ref = InstanceRef(
+            ds.SOPInstanceUID, ds.SOPClassUID, ds.StudyInstanceUID, ds.SeriesInstanceUID,
+            "1.2.840.10008.1.2.1", path, 1,
+        )  # fmt: skip
+        extra = {"Modality": "CT", "SeriesNumber": int(ds.SeriesNumber)} if attributes else None
+        index.add_instance(ref, "CT", "SCU", now=0.0, attributes=extra)
+    return str(ds.StudyInstanceUID)
