@@ -14,6 +14,16 @@ from pydicom.tag import Tag
 from dicom_node.index import Index
 from dicom_node.spool import InstanceRef
 
+#: Patient and Study values as archives hold them, none valid for its VR (dicom_node.patient_study).
+MALFORMED = {
+    "PatientBirthDate": "1941-09-23",
+    "PatientSex": "u",
+    "PatientAge": "45 y",
+    "PatientWeight": "72kg",
+    "StudyDate": "2024/01/02",
+    "StudyTime": "10:20:30",
+}
+
 
 def set_raw(ds: Dataset, keyword: str, text: str) -> None:
     """Put ``text`` into ``ds`` as the bytes a file would hold, unchecked (a malformed value as a

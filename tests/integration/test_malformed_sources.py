@@ -22,20 +22,12 @@ from dicom_node.spool import Spool
 from dicom_node.volume import read_series
 from dicom_node.worker import StepContext, run_job
 from radbridge.synth import ct_series, write_series
-from tests.dicom_fixtures import index_series, set_raw
+from tests.dicom_fixtures import MALFORMED, index_series, set_raw
 from tests.peers import assert_valid_dicom_object
 from tests.reference_run import analyze_reference
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("require_dcmtk", "require_dicom3tools")]
 
-MALFORMED = {
-    "PatientBirthDate": "1941-09-23",
-    "PatientSex": "u",
-    "PatientAge": "45 y",
-    "PatientWeight": "72kg",
-    "StudyDate": "2024/01/02",
-    "StudyTime": "10:20:30",
-}
 EXPECTED = {  # what every result object carries instead
     "PatientBirthDate": "19410923",
     "PatientSex": None,
@@ -94,7 +86,9 @@ def test_malformed_patient_and_study_values_do_not_lose_the_results(
         for keyword, value in EXPECTED.items():
             assert keyword in ds and (ds[keyword].value or None) == value, (path.name, keyword)
         assert ds.PatientID == pydicom.dcmread(files[0], stop_before_pixels=True).PatientID
-    seg = hd.seg.Segmentation.from_dataset(pydicom.dcmread(next(p for p in outputs if p.name.startswith("seg-"))))
+    seg = hd.seg.Segmentation.from_dataset(
+        pydicom.dcmread(next(p for p in outputs if p.name.startswith("seg-")))
+    )
     assert seg.number_of_segments >= 1
     sr = next(p for p in outputs if p.name.startswith("measurements-"))
     assert hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(sr)).StudyDate == "20240102"

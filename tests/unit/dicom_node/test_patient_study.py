@@ -12,7 +12,7 @@ from pydicom.tag import Tag
 
 from dicom_node.patient_study import conform_source, conform_sources, conform_value
 from radbridge.synth import ct_series, write_series
-from tests.dicom_fixtures import set_raw
+from tests.dicom_fixtures import MALFORMED, set_raw
 
 
 @pytest.mark.parametrize(
@@ -62,14 +62,6 @@ def test_values_are_kept_repaired_or_emptied(vr: str, text: str, expected: str) 
     assert conform_value(vr, text) == expected
 
 
-MALFORMED = {
-    "PatientBirthDate": "1941-09-23",
-    "PatientSex": "u",
-    "PatientAge": "45 y",
-    "PatientWeight": "72kg",
-    "StudyDate": "2024/01/02",
-    "StudyTime": "10:20:30",
-}
 CONFORMED = {
     "PatientBirthDate": "19410923",
     "PatientSex": None,  # "U" is not M, F or O: unknown is empty
