@@ -38,8 +38,8 @@ from pydicom.uid import generate_uid
 from dicom_node import segwriter
 from dicom_node._contours import major_components, outline
 from dicom_node.masks import FractionalMask, PackedMask
-from dicom_node.patient_study import conform_sources
 from dicom_node.slices import SliceRef
+from dicom_node.source_values import conform_sources
 from dicom_node.text import SPECIFIC_CHARACTER_SET, clean, clean_language, raw
 from protos.radbridge.v1 import inference_pb2 as pb
 

@@ -45,6 +45,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from dicom_node._pixels import undecodable_reason
 from dicom_node.errors import VolumeError, VolumeTooLarge
 from dicom_node.slices import SliceRef
+from dicom_node.source_values import ds_float
 
 PROJECTION_MODALITIES = frozenset({"CR", "DX", "MG", "XA", "RF", "IO", "PX"})
 SPACING_TOLERANCE = 0.05  # relative deviation allowed between slice gaps
@@ -91,7 +92,7 @@ def _float_tuple(value: Sequence[object] | None, n: int) -> tuple[float, ...] | 
     try:
         if len(value) != n:
             return None
-        numbers = tuple(float(v) for v in value)  # type: ignore[arg-type]
+        numbers = tuple(ds_float(v) for v in value)  # a decimal comma is read as a point
     except (TypeError, ValueError):
         return None
     return numbers if all(math.isfinite(v) for v in numbers) else None
@@ -109,7 +110,7 @@ def _number(ds: Dataset, keyword: str, default: float | None = None) -> float | 
     if value is None or value == "":
         return default
     try:
-        number = float(value)
+        number = ds_float(value)
     except (TypeError, ValueError, OverflowError):
         raise VolumeError(f"{keyword} is not a number.") from None
     if not math.isfinite(number):

@@ -14,7 +14,8 @@ from pydicom.tag import Tag
 from dicom_node.index import Index
 from dicom_node.spool import InstanceRef
 
-#: Patient and Study values as archives hold them, none valid for its VR (dicom_node.patient_study).
+#: Values as archives hold them, none valid for its VR (dicom_node.source_values); the pixel
+#: spacing is the synthetic CT's own, written with a decimal comma.
 MALFORMED = {
     "PatientBirthDate": "1941-09-23",
     "PatientSex": "u",
@@ -22,7 +23,28 @@ MALFORMED = {
     "PatientWeight": "72kg",
     "StudyDate": "2024/01/02",
     "StudyTime": "10:20:30",
+    "PixelSpacing": "0,7\\0,7",
+    "SpecificCharacterSet": "ISO_IR 999",
 }
+#: What the results carry instead (None: left empty).
+CONFORMED = {
+    "PatientBirthDate": "19410923",
+    "PatientSex": None,  # "U" is not M, F or O: unknown is empty
+    "PatientAge": "045Y",
+    "PatientWeight": None,
+    "StudyDate": "20240102",
+    "StudyTime": "102030",
+    "PixelSpacing": [0.7, 0.7],
+    "SpecificCharacterSet": "ISO_IR 192",
+}
+#: pytest filters for the warnings pydicom gives while reading them.
+MALFORMED_WARNINGS = (
+    "ignore:Invalid value for VR:UserWarning",
+    "ignore:Unknown encoding 'ISO_IR 999':UserWarning",
+    "ignore:Incorrect value for Specific Character Set:UserWarning",
+    "ignore:The PN component:UserWarning",
+    "ignore:With tag:UserWarning",  # pydicom's wrapper around one of these while writing
+)
 
 
 def set_raw(ds: Dataset, keyword: str, text: str) -> None:

@@ -1,24 +1,31 @@
-"""The Patient and Study values a result copies from its source, made valid for their VR first.
+"""The values a result copies from its source images, made valid for their VR first.
 
 Why: every SEG, SR and key image is built by highdicom from its source's Patient and Study
-modules, and highdicom refuses a source whose birth date, study date or time, or sex is not
-valid DICOM ("1941-09-23", "2024/01/02", "25:61:00", "X"): the whole analysis of the series
-was lost to one badly formatted demographic. Archives take such images every day (ACR-NEMA-era
-date forms, modalities configured by hand), so the node must too.
+modules, its pixel geometry and its character set, and highdicom refuses a source whose birth
+date, study date or time, or sex is not valid DICOM ("1941-09-23", "2024/01/02", "25:61:00",
+"X"), whose pixel spacing has a decimal comma ("0,7\\0,7": a localised number format), or whose
+character set it does not know: the whole analysis of the series was lost to one badly
+formatted value. Archives take such images every day (ACR-NEMA-era date forms, modalities and
+workstations configured by hand), so the node must too.
 
-What a result gets, value by value (dates, times, ages, numbers and the sex; the attributes of
-the Patient module, group 0010, and the study's date and time):
+What a result gets, value by value:
 
 - a valid value: unchanged;
 - an unambiguous repair where one exists: ACR-NEMA's "1941.09.23" (and "-" or "/" between the
   same fields) becomes "19410923", "10:20:30.5" becomes "102030.5", an age "45Y" or "45 y"
-  becomes "045Y", a sex "m" becomes "M";
-- otherwise the value is left empty. Each of these attributes is type 2 or 3 (PS3.3 C.7.1.1,
-  C.7.2.1, C.7.2.2), so empty is valid, and a guessed value would be worse than none.
+  becomes "045Y", a sex "m" becomes "M", a decimal number "0,7" becomes "0.7" (DICOM separates
+  values with "\\", so a comma between digits can only be a decimal point);
+- for the dates, times, ages, numbers and sex of the Patient module (group 0010) and the study's
+  date and time, otherwise the value left empty: each of these is type 2 or 3 (PS3.3 C.7.1.1,
+  C.7.2.1, C.7.2.2), so empty is valid, and a guessed value would be worse than none;
+- an unknown Specific Character Set: "ISO_IR 192" (the results declare UTF-8 anyway; pydicom
+  has already decoded the text as well as it could).
 
-Names and IDs are kept as they are even where too long for their VR (highdicom only warns): the
-archive matches the result to its patient by them. Only the copies given to the writers change;
-the spooled images are not touched.
+The geometry (pixel spacing, positions, orientation, thickness) is only repaired, never emptied:
+the volume reader (dicom_node.volume) reads it with :func:`ds_float`, so the masks and the SEG
+agree. Names and IDs are kept as they are even where too long for their VR (highdicom only
+warns): the archive matches the result to its patient by them. Only the copies given to the
+writers change; the spooled images are not touched.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import math
 import re
 from collections.abc import Iterable, Sequence
 
+from pydicom.charset import python_encoding
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
@@ -36,9 +44,14 @@ from pydicom.tag import BaseTag
 
 #: The study's own values highdicom passes through DA()/TM(): StudyDate, StudyTime.
 STUDY_TAGS = frozenset({0x00080020, 0x00080030})
+#: Pixel Spacing, Imager Pixel Spacing, Slice Thickness, Spacing Between Slices, Image Position
+#: and Orientation (Patient): repaired (a decimal comma), never emptied.
+GEOMETRY_TAGS = frozenset({0x00280030, 0x00181164, 0x00180050, 0x00180088, 0x00200032, 0x00200037})
 CHECKED_VRS = frozenset({"DA", "TM", "DT", "AS", "DS", "IS"})
 SEX_TAG = BaseTag(0x00100040)  # Patient's Sex: M, F, O (PS3.3 C.7.1.1)
 SEX_VALUES = frozenset({"M", "F", "O"})
+CHARSET_TAG = BaseTag(0x00080005)
+UTF8 = "ISO_IR 192"
 
 _DA_SEPARATED = re.compile(r"(\d{4})[.\-/](\d{2})[.\-/](\d{2})")
 _TM = re.compile(r"(\d{2})(?:(\d{2})(?:(\d{2})(\.\d{1,6})?)?)?")
@@ -47,7 +60,20 @@ _DT = re.compile(r"(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\.\d{1,6})?([
 _AS = re.compile(r"\d{3}[DWMY]")
 _AS_LOOSE = re.compile(r"(\d{1,3})\s*([DWMYdwmy])")
 _DS = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
+_DS_COMMA = re.compile(r"[+-]?\d+,\d+([eE][+-]?\d+)?")
 _IS = re.compile(r"[+-]?\d+")
+
+
+def ds_float(value: object) -> float:
+    """``float(value)``, also for a decimal string written with a decimal comma ("0,7");
+    ValueError (or TypeError) otherwise, as float() raises."""
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except ValueError:
+        text = str(value).strip(" \x00")
+        if not _DS_COMMA.fullmatch(text):
+            raise
+        return float(text.replace(",", "."))
 
 
 def _valid_date(year: str, month: str, day: str) -> bool:
@@ -60,6 +86,14 @@ def _valid_date(year: str, month: str, day: str) -> bool:
 
 def _valid_time(hh: str, mm: str | None, ss: str | None) -> bool:
     return int(hh) < 24 and (mm is None or int(mm) < 60) and (ss is None or int(ss) < 61)
+
+
+def _ds(text: str) -> str:
+    if len(text) <= 16 and _DS.fullmatch(text) and math.isfinite(float(text)):
+        return text
+    if _DS_COMMA.fullmatch(text):
+        return _ds(text.replace(",", "."))
+    return ""
 
 
 def conform_value(vr: str, text: str) -> str:
@@ -85,20 +119,16 @@ def conform_value(vr: str, text: str) -> str:
         if not m or len(text) > 26:
             return ""
         year, month, day, hh, mm, ss = m.groups()[:6]
-        if (
-            not _valid_date(year, month or "01", day or "01")
-            or hh is not None
-            and not _valid_time(hh, mm, ss)
-        ):
+        if not _valid_date(year, month or "01", day or "01"):
             return ""
-        return text
+        return "" if hh is not None and not _valid_time(hh, mm, ss) else text
     if vr == "AS":
         if _AS.fullmatch(text):
             return text
         m = _AS_LOOSE.fullmatch(text)
         return f"{int(m.group(1)):03d}{m.group(2).upper()}" if m else ""
     if vr == "DS":
-        return text if len(text) <= 16 and _DS.fullmatch(text) and math.isfinite(float(text)) else ""
+        return _ds(text)
     if vr == "IS":
         return text if len(text) <= 12 and _IS.fullmatch(text) and -(2**31) <= int(text) < 2**31 else ""
     return text
@@ -120,26 +150,36 @@ def _texts(elem: DataElement | RawDataElement) -> list[str]:
 def _checked(ds: Dataset) -> Iterable[tuple[BaseTag, str]]:
     for tag in ds.keys():  # noqa: SIM118 (iterating a Dataset converts every raw element)
         # int arithmetic: BaseTag's comparisons are Python methods, and this runs per source image
-        if tag >> 16 != 0x0010 and tag not in STUDY_TAGS:
+        if tag >> 16 != 0x0010 and tag not in STUDY_TAGS and tag not in GEOMETRY_TAGS and tag != CHARSET_TAG:
             continue
         elem = ds.get_item(tag)
-        if tag == SEX_TAG or elem.VR in CHECKED_VRS:
+        if tag in (SEX_TAG, CHARSET_TAG) or elem.VR in CHECKED_VRS:
             yield tag, elem.VR
 
 
+def _known_charset(term: str) -> bool:
+    return not term.strip() or term.strip() in python_encoding
+
+
+def _conformed(tag: BaseTag, vr: str, texts: list[str]) -> list[str]:
+    if tag == SEX_TAG:
+        fixed = [t.strip().upper() for t in texts]
+        return fixed if len(fixed) == 1 and fixed[0] in SEX_VALUES else []
+    if tag == CHARSET_TAG:
+        return texts if all(_known_charset(t) for t in texts) else [UTF8]
+    fixed = [conform_value(vr, t) for t in texts]
+    if tag in GEOMETRY_TAGS:
+        return fixed if all(fixed) else texts  # repaired, or left for the reader to refuse
+    return fixed if all(fixed) else []  # one bad value of several: none is kept
+
+
 def conform_source(ds: Dataset) -> tuple[Dataset, list[str]]:
-    """``ds`` itself if its Patient and Study values are valid; else a copy with them repaired or
-    emptied, and the keywords of the values changed (for the study history; never the values)."""
+    """``ds`` itself if its values are valid; else a copy with them repaired (or emptied, see the
+    module), and the keywords of the values changed (for the study history; never the values)."""
     changes: dict[BaseTag, tuple[str, str]] = {}
     for tag, vr in _checked(ds):
-        elem = ds.get_item(tag)
-        texts = _texts(elem)
-        if tag == SEX_TAG:
-            fixed = [t.strip().upper() for t in texts]
-            fixed = fixed if len(fixed) == 1 and fixed[0] in SEX_VALUES else []
-        else:
-            fixed = [conform_value(vr, t) for t in texts]
-            fixed = fixed if all(fixed) else []  # one bad value of several: none is kept
+        texts = _texts(ds.get_item(tag))
+        fixed = _conformed(tag, vr, texts)
         if fixed != texts:
             changes[tag] = (vr, "\\".join(fixed))
     if not changes:

@@ -1,4 +1,4 @@
-"""Patient and Study values of a source: valid ones kept, unambiguous repairs made, others emptied."""
+"""Values a result copies from its source: valid ones kept, unambiguous repairs made, others emptied."""
 
 from __future__ import annotations
 
@@ -10,9 +10,12 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
-from dicom_node.patient_study import conform_source, conform_sources, conform_value
+from dicom_node.source_values import conform_source, conform_sources, conform_value, ds_float
+from dicom_node.volume import read_series
 from radbridge.synth import ct_series, write_series
-from tests.dicom_fixtures import MALFORMED, set_raw
+from tests.dicom_fixtures import CONFORMED, MALFORMED, MALFORMED_WARNINGS, set_raw
+
+pytestmark = pytest.mark.filterwarnings(*MALFORMED_WARNINGS)
 
 
 @pytest.mark.parametrize(
@@ -52,6 +55,11 @@ from tests.dicom_fixtures import MALFORMED, set_raw
         ("DS", "72kg", ""),
         ("DS", "1e400", ""),  # not finite
         ("DS", "12345678901234567", ""),  # over 16 characters
+        ("DS", "0,7", "0.7"),  # a decimal comma: "\\" separates values, so it can only be a point
+        ("DS", "-125,5", "-125.5"),
+        ("DS", "1,5e2", "1.5e2"),
+        ("DS", "1,2,3", ""),
+        ("DS", ",5", ""),
         ("IS", "3", "3"),
         ("IS", "3.0", ""),
         ("IS", "99999999999", ""),
@@ -60,16 +68,6 @@ from tests.dicom_fixtures import MALFORMED, set_raw
 )
 def test_values_are_kept_repaired_or_emptied(vr: str, text: str, expected: str) -> None:
     assert conform_value(vr, text) == expected
-
-
-CONFORMED = {
-    "PatientBirthDate": "19410923",
-    "PatientSex": None,  # "U" is not M, F or O: unknown is empty
-    "PatientAge": "045Y",
-    "PatientWeight": None,
-    "StudyDate": "20240102",
-    "StudyTime": "102030",
-}
 
 
 @pytest.fixture
@@ -100,6 +98,41 @@ def test_a_malformed_source_gives_a_repaired_copy_and_stays_as_it_was(malformed:
     assert fixed.get_item("SeriesDate").value == malformed.get_item("SeriesDate").value
     assert fixed.get_item("PatientName").value == ("Doe^" + "J" * 70).encode()
     assert fixed.SOPInstanceUID == malformed.SOPInstanceUID and fixed.file_meta is malformed.file_meta
+
+
+def test_ds_float_reads_a_decimal_comma_and_nothing_looser() -> None:
+    assert ds_float("0,7") == ds_float("0.7") == ds_float(0.7) == 0.7
+    for text in ("1,2,3", "0.7mm", "", "1 000"):
+        with pytest.raises(ValueError):
+            ds_float(text)
+
+
+def test_geometry_is_repaired_never_emptied_and_the_reader_agrees(tmp_path: Path) -> None:
+    files = write_series(ct_series(n_slices=3), tmp_path)
+    for path, spacing in zip(files, ("0,7\\0,7", "0.7\\0,7", "0,7\\0,7"), strict=True):
+        ds = pydicom.dcmread(path)
+        set_raw(ds, "PixelSpacing", spacing)
+        set_raw(ds, "SliceThickness", "2,5")
+        ds.save_as(path, enforce_file_format=True)
+    vol = read_series(files)
+    assert vol.spacing_mm == pytest.approx((2.5, 0.7, 0.7))  # before: (2.5, 0, 0), spacing unknown
+    fixed, keywords = conform_sources(vol.sources)
+    assert keywords == ["PixelSpacing", "SliceThickness"]
+    assert all(list(ds.PixelSpacing) == [0.7, 0.7] and ds.SliceThickness == 2.5 for ds in fixed)
+
+    unreadable = Dataset()
+    set_raw(unreadable, "PixelSpacing", "abc\\def")
+    assert conform_source(unreadable) == (unreadable, [])  # not emptied: type 1, the reader refuses it
+
+
+@pytest.mark.parametrize(
+    ("charset", "kept"), [("ISO_IR 100", True), ("\\ISO 2022 IR 87", True), ("ISO_IR 999", False)]
+)
+def test_an_unknown_character_set_becomes_utf8(charset: str, kept: bool) -> None:
+    ds = Dataset()
+    set_raw(ds, "SpecificCharacterSet", charset)
+    fixed, keywords = conform_source(ds)
+    assert (fixed is ds and keywords == []) if kept else (fixed.SpecificCharacterSet == "ISO_IR 192")
 
 
 def test_one_bad_value_of_several_empties_the_element() -> None:
