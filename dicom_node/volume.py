@@ -376,7 +376,7 @@ def read_series(
     shapes = [(int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)) for ds in datasets]
     if not all(rows > 0 and columns > 0 for rows, columns in shapes):
         raise VolumeError("An instance has no Rows or Columns (or zero): its pixels have no shape.")
-    modality = str(datasets[0].get("Modality", ""))
+    modality = str(datasets[0].get("Modality", "")).strip().upper()  # CS is upper case; "ct" is CT
     if not modality:
         raise VolumeError("The series has no Modality.")
 

@@ -11,6 +11,7 @@ from pydicom.data import get_testdata_file
 from dicom_node.errors import VolumeError
 from dicom_node.volume import read_series
 from radbridge.synth import cr_chest_path, phantom_hu
+from tests.dicom_fixtures import set_raw
 
 
 def test_shuffled_series_is_sorted_by_position(small_ct_files: list[Path]) -> None:
@@ -29,7 +30,9 @@ def test_shuffled_series_is_sorted_by_position(small_ct_files: list[Path]) -> No
 
 def test_two_missing_slices_are_interpolated(small_ct_files: list[Path]) -> None:
     """Two slices missing: resampled to the series' 2.5 mm, the received slices kept as they came."""
-    vol = read_series(small_ct_files[:5] + small_ct_files[7:10])  # z = 0..-10, then -17.5..-22.5 (ascending: -22.5 first)
+    vol = read_series(
+        small_ct_files[:5] + small_ct_files[7:10]
+    )  # z = 0..-10, then -17.5..-22.5 (ascending: -22.5 first)
     assert vol.voxels.shape == (10, 512, 512) and vol.spacing_mm[0] == pytest.approx(2.5)
     assert [r.source for r in vol.slices] == [0, 1, 2, None, None, 3, 4, 5, 6, 7]
     assert "2 missing slices between z=-17.50 and z=-10.00 mm" in vol.note and "2.50 mm" in vol.note
@@ -82,3 +85,18 @@ def test_no_pixel_data_is_refused(tmp_path: Path, small_ct_files: list[Path]) ->
     ds.save_as(p)
     with pytest.raises(VolumeError, match="No instance of the series has pixel data"):
         read_series([p])
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR CS:UserWarning")
+def test_a_lower_case_modality_is_read_as_its_upper_case_term(
+    tmp_path: Path, small_ct_files: list[Path]
+) -> None:
+    """CS values are upper case (PS3.5 6.2): a modality that sends "ct " means CT, which the
+    backends check against; the series was refused by the reference backend for 'ct'."""
+    files = []
+    for path in small_ct_files[:3]:
+        ds = pydicom.dcmread(path)
+        set_raw(ds, "Modality", "ct ")
+        ds.save_as(tmp_path / path.name, enforce_file_format=True)
+        files.append(tmp_path / path.name)
+    assert read_series(files).modality == "CT"
