@@ -289,8 +289,9 @@ class ResultWriter:
         """
         if not sources:
             raise ValueError("At least one source image is needed.")
-        # highdicom refuses a malformed birth date, study date/time or sex: copies with those
-        # values repaired or emptied go to the builders (dicom_node.patient_study).
+        # highdicom refuses a malformed birth date, study date/time, sex, decimal number or
+        # character set: copies with those values repaired (or emptied) go to the builders
+        # (dicom_node.source_values); ``repaired`` names them for the study history.
         self.sources, self.repaired = conform_sources(sources)
         self.slices = list(slices) or [SliceRef(i) for i in range(len(self.sources))]
         if any(r.source is not None and not 0 <= r.source < len(self.sources) for r in self.slices):

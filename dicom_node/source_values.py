@@ -42,6 +42,8 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag
 
+from dicom_node.text import SPECIFIC_CHARACTER_SET
+
 #: The study's own values highdicom passes through DA()/TM(): StudyDate, StudyTime.
 STUDY_TAGS = frozenset({0x00080020, 0x00080030})
 #: Pixel Spacing, Imager Pixel Spacing, Slice Thickness, Spacing Between Slices, Image Position
@@ -51,7 +53,6 @@ CHECKED_VRS = frozenset({"DA", "TM", "DT", "AS", "DS", "IS"})
 SEX_TAG = BaseTag(0x00100040)  # Patient's Sex: M, F, O (PS3.3 C.7.1.1)
 SEX_VALUES = frozenset({"M", "F", "O"})
 CHARSET_TAG = BaseTag(0x00080005)
-UTF8 = "ISO_IR 192"
 
 _DA_SEPARATED = re.compile(r"(\d{4})[.\-/](\d{2})[.\-/](\d{2})")
 _TM = re.compile(r"(\d{2})(?:(\d{2})(?:(\d{2})(\.\d{1,6})?)?)?")
@@ -166,7 +167,7 @@ def _conformed(tag: BaseTag, vr: str, texts: list[str]) -> list[str]:
         fixed = [t.strip().upper() for t in texts]
         return fixed if len(fixed) == 1 and fixed[0] in SEX_VALUES else []
     if tag == CHARSET_TAG:
-        return texts if all(_known_charset(t) for t in texts) else [UTF8]
+        return texts if all(_known_charset(t) for t in texts) else [SPECIFIC_CHARACTER_SET]
     fixed = [conform_value(vr, t) for t in texts]
     if tag in GEOMETRY_TAGS:
         return fixed if all(fixed) else texts  # repaired, or left for the reader to refuse
