@@ -183,11 +183,8 @@ def _analyze(job: Job, ctx: StepContext, admit: Admit) -> None:
 
     volume = read_series(paths, max_voxel_bytes=ctx.memory.max_voxel_bytes(), admit=admit)
     sources, slices, geometry_note = volume.sources, volume.slices, volume.note
-    if geometry_note and not any(  # the operator sees what was analysed (once, not per retry)
-        e["event"] == "geometry" and e["detail"] == geometry_note
-        for e in ctx.index.events(job.study_instance_uid)
-    ):
-        ctx.index.add_event(job.study_instance_uid, "geometry", geometry_note)
+    if geometry_note:  # the operator sees what was analysed
+        _event_once(ctx, job.study_instance_uid, "geometry", geometry_note)
     spec = make_spec(
         tasks,
         model=rule.model,
@@ -225,7 +222,8 @@ def _analyze(job: Job, ctx: StepContext, admit: Admit) -> None:
         geometry_note=geometry_note,
     )
     if writer.repaired:  # the keywords only: the values are patient data
-        ctx.index.add_event(
+        _event_once(
+            ctx,
             job.study_instance_uid,
             "source values repaired",
             "not valid DICOM in the images, so repaired or left empty in the results: "
@@ -273,6 +271,12 @@ def _analyze(job: Job, ctx: StepContext, admit: Admit) -> None:
             **steps,  # read, send (gRPC upload), inference (service until the last mask), build, write
         },
     )
+
+
+def _event_once(ctx: StepContext, study_uid: str, event: str, detail: str) -> None:
+    """A history line, unless the study already has it (an analysis retried says it once)."""
+    if not any(e["event"] == event and e["detail"] == detail for e in ctx.index.events(study_uid)):
+        ctx.index.add_event(study_uid, event, detail)
 
 
 def _deidentify_upload(

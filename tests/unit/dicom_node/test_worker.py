@@ -397,3 +397,59 @@ def test_priors_jobs_of_an_earlier_config_end_with_their_reason(tmp_path: Path, 
     assert job.state is JobState.FAILED
     why = "no longer pulls priors" if rules == "pull_priors off" else "no longer exists in the config"
     assert why in job.last_error
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR:UserWarning")
+def test_repaired_source_values_are_named_once_when_the_analysis_runs_again(
+    tmp_path: Path, small_ct_files: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The history names the repaired attributes (keywords only), once, though the analysis ran
+    twice: here its first results could not be written (a full disk), so it was retried."""
+    from dataclasses import replace
+
+    import dicom_node.worker as worker_module
+    from dicom_node.errors import StorageError
+    from dicom_node.volume import read_series
+    from tests.dicom_fixtures import index_series, set_raw
+    from tests.reference_run import analyze_reference
+
+    files = []
+    for path in small_ct_files:
+        ds = pydicom.dcmread(path)
+        set_raw(ds, "PatientBirthDate", "1941-09-23")
+        ds.save_as(tmp_path / path.name, enforce_file_format=True)
+        files.append(tmp_path / path.name)
+    outcome = analyze_reference(read_series(files))
+
+    class ReferenceClient:
+        address = "in-process"
+
+        def analyze_upload(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            return outcome
+
+        def close(self) -> None:
+            pass
+
+    real_keep = worker_module.keep_output
+    calls = []
+
+    def full_once(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls.append(1)
+        if len(calls) == 1:
+            raise StorageError("Out of resources: cannot write spool (No space left on device)")
+        return real_keep(*args, **kwargs)
+
+    monkeypatch.setattr(worker_module, "keep_output", full_once)
+    settings = NodeSettings(
+        spool=SpoolSection(tmp_path / "spool"),
+        routing=RoutingSection(rules=[RoutingRule(name="ct", match=RuleMatch(modality=["CT"]))]),
+    )
+    ctx = replace(_ctx(tmp_path, settings), client_factory=ReferenceClient)
+    study = index_series(ctx.index, files)
+    ctx.index.complete_study(study, 1.0, now=10.0)
+    assert run_job(ctx.index.claim_job(), ctx) is JobState.SUCCEEDED  # route
+    assert run_job(ctx.index.claim_job(), ctx) is JobState.PENDING  # analyze: the disk was full
+    job = ctx.index.claim_job(now=time.time() + 3600)
+    assert job is not None and run_job(job, ctx) is JobState.SUCCEEDED
+    repaired = [e["detail"] for e in ctx.index.events(study) if e["event"] == "source values repaired"]
+    assert repaired == ["not valid DICOM in the images, so repaired or left empty in the results: PatientBirthDate"]
