@@ -452,4 +452,6 @@ def test_repaired_source_values_are_named_once_when_the_analysis_runs_again(
     job = ctx.index.claim_job(now=time.time() + 3600)
     assert job is not None and run_job(job, ctx) is JobState.SUCCEEDED
     repaired = [e["detail"] for e in ctx.index.events(study) if e["event"] == "source values repaired"]
-    assert repaired == ["not valid DICOM in the images, so repaired or left empty in the results: PatientBirthDate"]
+    assert repaired == [
+        "not valid DICOM in the images, so repaired or left empty in the results: PatientBirthDate"
+    ]
