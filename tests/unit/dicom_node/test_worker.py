@@ -389,7 +389,9 @@ def test_priors_jobs_of_an_earlier_config_end_with_their_reason(tmp_path: Path, 
     worker.start()
     try:
         deadline = time.monotonic() + 20
-        while ctx.index.jobs(kind=JobKind.PRIORS)[0].state is JobState.PENDING and time.monotonic() < deadline:
+        while (
+            ctx.index.jobs(kind=JobKind.PRIORS)[0].state is JobState.PENDING and time.monotonic() < deadline
+        ):
             time.sleep(0.05)
     finally:
         worker.stop(timeout_s=5)
