@@ -139,6 +139,12 @@ class PriorFetchError(PullError):
 class ExportError(RadBridgeError):
     retryable = True
 
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        #: How long the destination asked us to wait (HTTP Retry-After): the retry waits at least
+        #: this long, whatever the backoff says.
+        self.retry_after_s = retry_after_s
+
 
 class PermanentExportError(ExportError):
     """The destination refused the objects in a way a retry cannot change (parked, not retried)."""

@@ -8,6 +8,8 @@ cannot change raises PermanentExportError, parked in DEAD_LETTER at once.
 
 from __future__ import annotations
 
+import datetime
+import email.utils
 import logging
 import ssl
 import time
@@ -203,6 +205,23 @@ def _describe(reason: int | None) -> str:
     return f"FailureReason 0x{reason:04X} ({FAILURE_REASONS.get(reason, 'unknown')})"
 
 
+def retry_after_s(value: str | None, now: float | None = None) -> float | None:
+    """Seconds an HTTP Retry-After header asks for (RFC 9110 10.2.3: delay-seconds or an
+    HTTP-date), or None when absent or unreadable."""
+    if not value or not value.strip():
+        return None
+    text = value.strip()
+    if text.isdigit():
+        return float(int(text))
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # an HTTP-date is GMT; a date without a zone is read as such
+        when = when.replace(tzinfo=datetime.UTC)
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
 def _stow_outcome(response: requests.Response, sent: Sequence[str], where: str) -> None:
     """Return if every instance sent is stored; else raise ExportError or PermanentExportError."""
     status = response.status_code
@@ -227,7 +246,10 @@ def _stow_outcome(response: requests.Response, sent: Sequence[str], where: str) 
             f"{head} but its ReferencedSOPSequence does not list {len(missing)} of {len(sent)} instance(s)."
         )
     if status in TRANSIENT_HTTP_STATUSES:
-        raise ExportError(detail)
+        wait = retry_after_s(response.headers.get("Retry-After"))
+        raise ExportError(
+            detail if wait is None else f"{detail} (Retry-After: {wait:g} s)", retry_after_s=wait
+        )
     if failed and (200 <= status < 300 or status == 409):
         # 202 (some stored) or 409 (none stored): the per-instance reasons decide. One permanent
         # failure parks the job: resending cannot get every instance stored.

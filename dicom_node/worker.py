@@ -48,6 +48,9 @@ from protos.radbridge.v1 import inference_pb2 as pb
 logger = logging.getLogger(__name__)
 #: Longest wait between two tries while a dependency (the inference service) is down.
 OUTAGE_MAX_BACKOFF_S = 60.0
+#: A destination's Retry-After is honoured up to this (a PACS asking for a day is retried in an
+#: hour); below it, the retry waits at least what it asked even where the backoff is shorter.
+RETRY_AFTER_MAX_S = 3600.0
 ProgressHook = Callable[[Job, float, str], None]
 
 
@@ -418,6 +421,9 @@ def run_job(job: Job, ctx: StepContext) -> JobState:
             _history(ctx, job, "waiting", f"retry in {delay:g} s, dependency down: {message}")
         elif retryable and job.attempts < max_attempts:
             delay = min(backoff * 2 ** (job.attempts - 1), cap)
+            asked = getattr(exc, "retry_after_s", None)  # the destination's Retry-After, if any
+            if asked is not None:
+                delay = max(delay, min(asked, RETRY_AFTER_MAX_S))
             ctx.index.finish_job(job.id, JobState.PENDING, message, time.time() + delay)
             state = JobState.PENDING
             _count(job, "retry", started)

@@ -26,7 +26,7 @@ from starlette.routing import Route
 
 from dicom_node.config import ExportSection, ExportTarget, NodeSettings, SpoolSection
 from dicom_node.errors import ExportError, PermanentExportError, failure_reason_is_transient
-from dicom_node.export import EXPORTERS, export, send_cstore, send_stow
+from dicom_node.export import EXPORTERS, export, retry_after_s, send_cstore, send_stow
 from dicom_node.index import Index, JobKind, JobState
 from dicom_node.spool import Spool
 from dicom_node.worker import StepContext, run_job
@@ -97,6 +97,9 @@ class StowPeer:
                 return _stow_response(409, [], [(ds, 0x0111) for ds in datasets])
             case "unavailable":
                 return Response(Dataset().to_json(), status_code=503, media_type=DICOM_JSON)
+            case "busy":  # 503 with how long to wait (RFC 9110 Retry-After, delay-seconds)
+                headers = {"Retry-After": "120"}
+                return Response(Dataset().to_json(), status_code=503, media_type=DICOM_JSON, headers=headers)
             case "media-type":
                 return Response(Dataset().to_json(), status_code=415, media_type=DICOM_JSON)
             case "web-page":  # not a STOW-RS service at all
@@ -215,6 +218,11 @@ class TestSendStow:
         assert type(info.value) is ExportError and info.value.retryable is True
         assert len(peer[1].received) == before + 1  # dicomweb-client's own retries are off
 
+    def test_503_with_retry_after_says_how_long(self, peer: tuple[str, StowPeer], two_files: list[Path]) -> None:
+        with pytest.raises(ExportError, match=r"HTTP 503.*\(Retry-After: 120 s\)") as info:
+            send_stow(two_files, _target(f"{peer[0]}/busy"), "RADBRIDGE")
+        assert info.value.retry_after_s == 120 and info.value.retryable is True
+
     def test_415_is_permanent(self, peer: tuple[str, StowPeer], two_files: list[Path]) -> None:
         with pytest.raises(PermanentExportError, match="HTTP 415"):
             send_stow(two_files, _target(f"{peer[0]}/media-type"), "RADBRIDGE")
@@ -236,6 +244,24 @@ class TestSendStow:
         assert type(info.value) is ExportError and "ConnectionError" in str(info.value)
         (record,) = [r for r in caplog.records if getattr(r, "event", "") == "export.stow"]
         assert record.levelno == logging.WARNING and record.status == "ConnectionError"
+
+
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [
+        ("120", 120.0),
+        (" 0 ", 0.0),
+        ("Wed, 21 Oct 2015 07:30:00 GMT", 120.0),  # an HTTP-date, two minutes after "now"
+        ("Wed, 21 Oct 2015 07:00:00 GMT", 0.0),  # already past: at once
+        (None, None),
+        ("", None),
+        ("-5", None),
+        ("soon", None),
+    ],
+)
+def test_retry_after_is_read_as_seconds_or_an_http_date(header: str | None, seconds: float | None) -> None:
+    now = 1445412480.0  # Wed, 21 Oct 2015 07:28:00 GMT
+    assert retry_after_s(header, now=now) == seconds
 
 
 class TestFailureReasons:
@@ -289,6 +315,18 @@ class TestRunJob:
         ctx.index.add_job(JobKind.EXPORT, "k", "1.2.3", {"path": str(two_files[0]), "target": "web"})
         assert run_job(ctx.index.claim_job(), ctx) is JobState.PENDING
         assert "HTTP 503" in ctx.index.jobs()[0].last_error
+
+    def test_the_retry_waits_as_long_as_the_pacs_asked(
+        self, tmp_path: Path, peer: tuple[str, StowPeer], two_files: list[Path]
+    ) -> None:
+        """Backoff here is 0.01 s; the PACS's Retry-After (120 s) sets the next try instead."""
+        ctx = self._ctx(tmp_path, f"{peer[0]}/busy")
+        ctx.index.add_job(JobKind.EXPORT, "k", "1.2.3", {"path": str(two_files[0]), "target": "web"})
+        before = time.time()
+        assert run_job(ctx.index.claim_job(), ctx) is JobState.PENDING
+        (job,) = ctx.index.jobs()
+        assert job.next_try_time >= before + 120 and "Retry-After: 120 s" in job.last_error
+        assert ctx.index.claim_job(now=before + 60) is None  # not before it asked
 
 
 class TestSendCstore:
