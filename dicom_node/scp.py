@@ -703,6 +703,7 @@ class LeanAcceptor:
             _, body = lean_scp._Reader(sock).pdu()  # take the request off the socket first
             del body
             sock.sendall(lean_scp.associate_rj(0x02, 0x03, 0x02))
+            _await_peer_close(sock, self.settings.first_pdu_timeout_s)
         except OSError:
             pass
         finally:
@@ -719,6 +720,22 @@ class LeanAcceptor:
                 "diagnostic": 0x02,
             },
         )
+
+
+def _await_peer_close(sock: socket.socket, timeout_s: float) -> None:
+    """After an A-ASSOCIATE-RJ: let the requestor close first, for at most ``timeout_s`` (the UL
+    state machine's Sta13, ARTIM). Closing at once with bytes of the peer still unread (it may
+    have sent more behind its request) makes the kernel send RST, and a peer that has not read
+    the RJ yet then gets "connection reset" instead of the rejection."""
+    sock.shutdown(socket.SHUT_WR)  # the RJ, then our FIN
+    deadline = time.monotonic() + timeout_s
+    while (left := deadline - time.monotonic()) > 0:
+        sock.settimeout(left)
+        try:
+            if not sock.recv(65536):
+                return  # the requestor closed
+        except TimeoutError:
+            return
 
 
 def scp_tls_context(settings: ScpSection) -> ssl.SSLContext | None:

@@ -7,6 +7,7 @@ whose PDUs are packed here from PS3.8, independently of the module under test.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import sqlite3
 import struct
@@ -278,6 +279,31 @@ def test_past_the_association_limit_the_answer_is_local_limit_exceeded(start_nod
     second.close()
     first.sendall(struct.pack(">BBL", 5, 0, 4) + bytes(4))
     assert _read_pdu(first)[0] == 6  # A-RELEASE-RP
+    first.close()
+
+
+def test_a_rejected_peer_that_sent_ahead_still_reads_the_rejection(start_node_scp: StartScp) -> None:
+    """A requestor that sent more behind its A-ASSOCIATE-RQ (here a P-DATA-TF, as a hasty SCU
+    does) and reads late: the node sends the RJ, half-closes and lets it close first (Sta13), so
+    its unread bytes do not make the kernel answer RST. Linux keeps the RJ readable after a
+    reset; a Windows peer drops unread data on one, the rejection with it."""
+    port, _, _ = start_node_scp(max_associations=1)
+    first = _raw_association(port)
+    second = socket.create_connection(("127.0.0.1", port), timeout=10)
+    second.sendall(_associate_rq())
+
+    def send_ahead() -> None:  # more than the node reads with the request: some stays unread
+        with contextlib.suppress(OSError):
+            second.sendall(_p_data(0x03, bytes(1_000_000)))
+
+    sender = threading.Thread(target=send_ahead, daemon=True)
+    sender.start()
+    time.sleep(0.5)  # the node has answered and, before, closed by now
+    kind, body = _read_pdu(second)
+    assert kind == 3 and tuple(body[1:4]) == (0x02, 0x03, 0x02)
+    # An orderly end (FIN), not a reset: a Windows peer loses unread data on a reset, the RJ too.
+    assert second.recv(1) == b""
+    second.close()
     first.close()
 
 
