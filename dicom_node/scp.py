@@ -700,26 +700,28 @@ class LeanAcceptor:
     def reject_busy(self, sock: socket.socket, rq: lean_scp.AssociateRq | None, peer: str) -> None:
         """A-ASSOCIATE-RJ "local limit exceeded", as pynetdicom answers past maximum_associations."""
         try:
-            _, body = lean_scp._Reader(sock).pdu()  # take the request off the socket first
-            del body
-            sock.sendall(lean_scp.associate_rj(0x02, 0x03, 0x02))
+            try:
+                _, body = lean_scp._Reader(sock).pdu()  # take the request off the socket first
+                del body
+                sock.sendall(lean_scp.associate_rj(0x02, 0x03, 0x02))
+            finally:  # logged when answered, not after the requestor's close (up to ARTIM later)
+                logger.warning(
+                    "Association rejected",
+                    extra={
+                        "event": "scp.association_rejected",
+                        "peer_address": peer,
+                        "peer_ae": rq.calling if rq is not None else "",
+                        "result": 0x02,
+                        "source": 0x03,
+                        "diagnostic": 0x02,
+                    },
+                )
             _await_peer_close(sock, self.settings.first_pdu_timeout_s)
         except OSError:
             pass
         finally:
             with contextlib.suppress(OSError):
                 sock.close()
-        logger.warning(
-            "Association rejected",
-            extra={
-                "event": "scp.association_rejected",
-                "peer_address": peer,
-                "peer_ae": rq.calling if rq is not None else "",
-                "result": 0x02,
-                "source": 0x03,
-                "diagnostic": 0x02,
-            },
-        )
 
 
 def _await_peer_close(sock: socket.socket, timeout_s: float) -> None:
