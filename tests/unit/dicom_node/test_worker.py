@@ -30,6 +30,21 @@ def _ctx(tmp_path: Path, settings: NodeSettings) -> StepContext:
     )
 
 
+class _AnswerClient:
+    """An inference client that answers every upload with one outcome (the reference run's)."""
+
+    address = "in-process"
+
+    def __init__(self, outcome: object) -> None:
+        self.outcome = outcome
+
+    def analyze_upload(self, *args: object, **kwargs: object) -> object:
+        return self.outcome
+
+    def close(self) -> None:
+        pass
+
+
 def _ref(path: Path) -> tuple[InstanceRef, pydicom.Dataset]:
     """The spool reference of a test file, as the SCP would record it, and its header."""
     ds = pydicom.dcmread(path, stop_before_pixels=True)
@@ -228,15 +243,6 @@ def test_key_images_follow_the_rule_and_never_hold_back_the_seg_and_sr(
 
     outcome = analyze_reference(read_series(small_ct_files))
 
-    class ReferenceClient:
-        address = "in-process"
-
-        def analyze_upload(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-            return outcome
-
-        def close(self) -> None:
-            pass
-
     if broken:
 
         def unreadable(self: ResultWriter) -> list:
@@ -247,7 +253,7 @@ def test_key_images_follow_the_rule_and_never_hold_back_the_seg_and_sr(
     settings = NodeSettings(spool=SpoolSection(tmp_path / "spool"), routing=RoutingSection(rules=[rule]))
     from dataclasses import replace
 
-    ctx = replace(_ctx(tmp_path, settings), client_factory=ReferenceClient)
+    ctx = replace(_ctx(tmp_path, settings), client_factory=lambda: _AnswerClient(outcome))
     for path in small_ct_files:
         ref, ds = _ref(path)
         ctx.index.add_instance(ref, "CT", "SCU", now=0.0)
@@ -423,15 +429,6 @@ def test_repaired_source_values_are_named_once_when_the_analysis_runs_again(
         files.append(tmp_path / path.name)
     outcome = analyze_reference(read_series(files))
 
-    class ReferenceClient:
-        address = "in-process"
-
-        def analyze_upload(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-            return outcome
-
-        def close(self) -> None:
-            pass
-
     real_keep = worker_module.keep_output
     calls = []
 
@@ -446,7 +443,7 @@ def test_repaired_source_values_are_named_once_when_the_analysis_runs_again(
         spool=SpoolSection(tmp_path / "spool"),
         routing=RoutingSection(rules=[RoutingRule(name="ct", match=RuleMatch(modality=["CT"]))]),
     )
-    ctx = replace(_ctx(tmp_path, settings), client_factory=ReferenceClient)
+    ctx = replace(_ctx(tmp_path, settings), client_factory=lambda: _AnswerClient(outcome))
     study = index_series(ctx.index, files)
     ctx.index.complete_study(study, 1.0, now=10.0)
     assert run_job(ctx.index.claim_job(), ctx) is JobState.SUCCEEDED  # route
