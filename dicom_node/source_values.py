@@ -50,9 +50,10 @@ STUDY_TAGS = frozenset({0x00080020, 0x00080030})
 #: and Orientation (Patient): repaired (a decimal comma), never emptied.
 GEOMETRY_TAGS = frozenset({0x00280030, 0x00181164, 0x00180050, 0x00180088, 0x00200032, 0x00200037})
 CHECKED_VRS = frozenset({"DA", "TM", "DT", "AS", "DS", "IS"})
-SEX_TAG = BaseTag(0x00100040)  # Patient's Sex: M, F, O (PS3.3 C.7.1.1)
+SEX_TAG = 0x00100040  # Patient's Sex: M, F, O (PS3.3 C.7.1.1)
 SEX_VALUES = frozenset({"M", "F", "O"})
-CHARSET_TAG = BaseTag(0x00080005)
+CHARSET_TAG = 0x00080005
+_OTHER_TAGS = STUDY_TAGS | GEOMETRY_TAGS | {CHARSET_TAG}  # checked outside group 0010
 
 _DA_SEPARATED = re.compile(r"(\d{4})[.\-/](\d{2})[.\-/](\d{2})")
 _TM = re.compile(r"(\d{2})(?:(\d{2})(?:(\d{2})(\.\d{1,6})?)?)?")
@@ -148,21 +149,31 @@ def _texts(elem: DataElement | RawDataElement) -> list[str]:
     return [str(value)] if str(value) else []
 
 
-def _checked(ds: Dataset) -> Iterable[tuple[BaseTag, str]]:
+def _checked(ds: Dataset) -> Iterable[tuple[BaseTag, DataElement | RawDataElement]]:
     for tag in ds.keys():  # noqa: SIM118 (iterating a Dataset converts every raw element)
-        # int arithmetic: BaseTag's comparisons are Python methods, and this runs per source image
-        if tag >> 16 != 0x0010 and tag not in STUDY_TAGS and tag not in GEOMETRY_TAGS and tag != CHARSET_TAG:
+        # plain ints: BaseTag's comparisons are Python methods, and this runs per source image
+        t = int(tag)
+        if t >> 16 != 0x0010 and t not in _OTHER_TAGS:
             continue
         elem = ds.get_item(tag)
-        if tag in (SEX_TAG, CHARSET_TAG) or elem.VR in CHECKED_VRS:
-            yield tag, elem.VR
+        if t in (SEX_TAG, CHARSET_TAG) or elem.VR in CHECKED_VRS and not _parsed_numbers(elem):
+            yield tag, elem
+
+
+def _parsed_numbers(elem: DataElement | RawDataElement) -> bool:
+    """Numbers pydicom has already parsed (it keeps a value it could not parse as text): valid,
+    nothing to check. The volume reader has read the geometry by now, so this is the usual case."""
+    if isinstance(elem, RawDataElement) or elem.VR not in ("DS", "IS"):
+        return False
+    values = elem.value if isinstance(elem.value, MultiValue | list | tuple) else [elem.value]
+    return all(isinstance(v, float | int) and math.isfinite(v) for v in values)
 
 
 def _known_charset(term: str) -> bool:
     return not term.strip() or term.strip() in python_encoding
 
 
-def _conformed(tag: BaseTag, vr: str, texts: list[str]) -> list[str]:
+def _conformed(tag: int, vr: str, texts: list[str]) -> list[str]:
     if tag == SEX_TAG:
         fixed = [t.strip().upper() for t in texts]
         return fixed if len(fixed) == 1 and fixed[0] in SEX_VALUES else []
@@ -178,11 +189,11 @@ def conform_source(ds: Dataset) -> tuple[Dataset, list[str]]:
     """``ds`` itself if its values are valid; else a copy with them repaired (or emptied, see the
     module), and the keywords of the values changed (for the study history; never the values)."""
     changes: dict[BaseTag, tuple[str, str]] = {}
-    for tag, vr in _checked(ds):
-        texts = _texts(ds.get_item(tag))
-        fixed = _conformed(tag, vr, texts)
+    for tag, elem in _checked(ds):
+        texts = _texts(elem)
+        fixed = _conformed(int(tag), elem.VR, texts)
         if fixed != texts:
-            changes[tag] = (vr, "\\".join(fixed))
+            changes[tag] = (elem.VR, "\\".join(fixed))
     if not changes:
         return ds, []
     # copy.copy keeps the class, file meta and encoding but shares the element table:
