@@ -703,8 +703,7 @@ class LeanAcceptor:
             try:
                 _, body = lean_scp._Reader(sock).pdu()  # take the request off the socket first
                 del body
-                sock.sendall(lean_scp.associate_rj(0x02, 0x03, 0x02))
-            finally:  # logged when answered, not after the requestor's close (up to ARTIM later)
+            finally:  # logged before the answer: not after the requestor's close (ARTIM later)
                 logger.warning(
                     "Association rejected",
                     extra={
@@ -716,6 +715,7 @@ class LeanAcceptor:
                         "diagnostic": 0x02,
                     },
                 )
+            sock.sendall(lean_scp.associate_rj(0x02, 0x03, 0x02))
             _await_peer_close(sock, self.settings.first_pdu_timeout_s)
         except OSError:
             pass
