@@ -143,7 +143,8 @@ def _texts(elem: DataElement | RawDataElement) -> list[str]:
         return []
     if isinstance(elem, RawDataElement):
         raw = value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
-        return raw.rstrip(" \x00").split("\\") if raw.strip(" \x00") else []
+        # DS, IS, DA and TM may carry leading or trailing spaces: not a value to repair
+        return [v.strip(" \x00") for v in raw.split("\\")] if raw.strip(" \x00") else []
     if isinstance(value, MultiValue | list | tuple):
         return [str(v) for v in value]
     return [str(value)] if str(value) else []

@@ -120,6 +120,11 @@ def test_geometry_is_repaired_never_emptied_and_the_reader_agrees(tmp_path: Path
     assert keywords == ["PixelSpacing", "SliceThickness"]
     assert all(list(ds.PixelSpacing) == [0.7, 0.7] and ds.SliceThickness == 2.5 for ds in fixed)
 
+    padded = Dataset()  # DS allows spaces around a value: nothing to repair
+    set_raw(padded, "PixelSpacing", " 0.7\\0.7 ")
+    set_raw(padded, "PatientWeight", " 72.5")
+    assert conform_source(padded) == (padded, [])
+
     unreadable = Dataset()
     set_raw(unreadable, "PixelSpacing", "abc\\def")
     assert conform_source(unreadable) == (unreadable, [])  # not emptied: type 1, the reader refuses it
