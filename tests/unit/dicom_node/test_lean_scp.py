@@ -304,6 +304,8 @@ def test_a_rejected_peer_that_sent_ahead_still_reads_the_rejection(start_node_sc
     # An orderly end (FIN), not a reset: a Windows peer loses unread data on a reset, the RJ too.
     assert second.recv(1) == b""
     second.close()
+    first.sendall(struct.pack(">BBL", 5, 0, 4) + bytes(4))  # released, not dropped (nothing logged late)
+    assert _read_pdu(first)[0] == 6
     first.close()
 
 
