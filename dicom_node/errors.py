@@ -141,8 +141,8 @@ class ExportError(RadBridgeError):
 
     def __init__(self, message: str, retry_after_s: float | None = None) -> None:
         super().__init__(message)
-        #: How long the destination asked us to wait (HTTP Retry-After): the retry waits at least
-        #: this long, whatever the backoff says.
+        #: How long the destination asked us to wait (its HTTP Retry-After): the export's retry
+        #: waits at least this long. Not SpoolFull's retry_after_s, which is what we ask of senders.
         self.retry_after_s = retry_after_s
 
 

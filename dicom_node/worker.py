@@ -421,9 +421,8 @@ def run_job(job: Job, ctx: StepContext) -> JobState:
             _history(ctx, job, "waiting", f"retry in {delay:g} s, dependency down: {message}")
         elif retryable and job.attempts < max_attempts:
             delay = min(backoff * 2 ** (job.attempts - 1), cap)
-            asked = getattr(exc, "retry_after_s", None)  # the destination's Retry-After, if any
-            if asked is not None:
-                delay = max(delay, min(asked, RETRY_AFTER_MAX_S))
+            if isinstance(exc, ExportError) and exc.retry_after_s is not None:  # the PACS asked
+                delay = max(delay, min(exc.retry_after_s, RETRY_AFTER_MAX_S))
             ctx.index.finish_job(job.id, JobState.PENDING, message, time.time() + delay)
             state = JobState.PENDING
             _count(job, "retry", started)

@@ -416,7 +416,7 @@ def test_repaired_source_values_are_named_once_when_the_analysis_runs_again(
     from dataclasses import replace
 
     import dicom_node.worker as worker_module
-    from dicom_node.errors import StorageError
+    from dicom_node.errors import SpoolFull
     from dicom_node.volume import read_series
     from tests.dicom_fixtures import index_series, set_raw
     from tests.reference_run import analyze_reference
@@ -435,7 +435,7 @@ def test_repaired_source_values_are_named_once_when_the_analysis_runs_again(
     def full_once(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         calls.append(1)
         if len(calls) == 1:
-            raise StorageError("Out of resources: cannot write spool (No space left on device)")
+            raise SpoolFull("Out of resources: spool disk below its free-space watermark")
         return real_keep(*args, **kwargs)
 
     monkeypatch.setattr(worker_module, "keep_output", full_once)
@@ -448,6 +448,9 @@ def test_repaired_source_values_are_named_once_when_the_analysis_runs_again(
     ctx.index.complete_study(study, 1.0, now=10.0)
     assert run_job(ctx.index.claim_job(), ctx) is JobState.SUCCEEDED  # route
     assert run_job(ctx.index.claim_job(), ctx) is JobState.PENDING  # analyze: the disk was full
+    # On the worker's backoff: SpoolFull's retry_after_s (60 s) is what the node asks of senders,
+    # not a wait a destination asked of the node (ExportError's).
+    assert ctx.index.jobs(kind=JobKind.ANALYZE)[0].next_try_time < time.time() + 30
     job = ctx.index.claim_job(now=time.time() + 3600)
     assert job is not None and run_job(job, ctx) is JobState.SUCCEEDED
     repaired = [e["detail"] for e in ctx.index.events(study) if e["event"] == "source values repaired"]
