@@ -30,6 +30,18 @@ pytestmark = [
 MAX_ATTEMPTS = 3
 
 
+def _started(index_path: Path, study_uid: str) -> int:
+    """How many "analyze started" lines the study's history has, read-only."""
+    db = sqlite3.connect(f"file:{index_path}?mode=ro", uri=True, timeout=5)
+    try:
+        return db.execute(
+            "SELECT COUNT(*) FROM study_events WHERE study_instance_uid=? AND event='analyze started'",
+            (study_uid,),
+        ).fetchone()[0]
+    finally:
+        db.close()
+
+
 def _analysis(index_path: Path, study_uid: str) -> tuple[str, int, int] | None:
     """(state, attempts, interruptions) of the study's analysis job, read-only."""
     if not index_path.exists():
@@ -69,7 +81,9 @@ def test_poison_study_is_failed_after_max_attempts_and_the_node_carries_on(
             state = _analysis(index_path, poison_uid)
             if state is not None and state[0] == "FAILED":
                 break
-            if state is not None and state[0] == "RUNNING":
+            # Killed once the attempt is under way: its "started" line follows the claim in a
+            # transaction of its own, and a kill between the two would leave it out.
+            if state is not None and state[0] == "RUNNING" and _started(index_path, poison_uid) == state[1]:
                 serve.proc.send_signal(signal.SIGKILL)  # as the OOM killer would
                 serve.proc.wait(30)
                 serve.stop()
